@@ -1,0 +1,99 @@
+//! Custom resource types of the `keygate.dev/v1alpha1` API.
+//!
+//! These types are the single source of the CRD schemas: `keygate crd` prints them and
+//! `crds/` holds the committed output (a test fails when the two drift apart). Everything
+//! that can be checked on one object alone is a CEL rule in the schema, so the API server,
+//! `keygate dev` and the admission webhook all reject the same input.
+
+mod client;
+mod policy;
+mod role;
+
+pub use client::*;
+pub use policy::*;
+pub use role::*;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResourceExt;
+
+/// The API group of every keygate resource.
+pub const GROUP: &str = "keygate.dev";
+/// The API version of every keygate resource.
+pub const VERSION: &str = "v1alpha1";
+/// The `type` of the condition every keygate resource reports.
+pub const READY: &str = "Ready";
+
+/// The CRDs of every keygate resource, in a stable order.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    vec![M2MRole::crd(), ApiClient::crd(), ScopePolicy::crd()]
+}
+
+/// All CRDs as one multi-document YAML stream, exactly as committed in `crds/`.
+pub fn crds_yaml() -> Result<String, serde_yaml_ng::Error> {
+    let mut out = String::new();
+    for crd in crds() {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml_ng::to_string(&crd)?);
+    }
+    Ok(out)
+}
+
+/// Builds a `Ready` condition for `generation`, keeping the previous transition time when
+/// the status did not change so that status writes stay idempotent.
+pub fn ready_condition(
+    ready: bool,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+    previous: &[Condition],
+    now: Time,
+) -> Condition {
+    let status = if ready { "True" } else { "False" };
+    let last_transition_time = previous
+        .iter()
+        .find(|c| c.type_ == READY && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or(now);
+    Condition {
+        type_: READY.to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+/// Whether `conditions` hold a `Ready=True` condition.
+pub fn is_ready(conditions: &[Condition]) -> bool {
+    conditions
+        .iter()
+        .any(|c| c.type_ == READY && c.status == "True")
+}
+
+/// CEL: an absolute URI (scheme `://` authority …) without a fragment, as RFC 8707 requires.
+pub(crate) const RESOURCE_URI_RULE: &str =
+    "self.matches('^[a-zA-Z][a-zA-Z0-9+.-]*://[^/#[:space:]]+[^#[:space:]]*$')";
+/// CEL: one well-formed scope token.
+pub(crate) const SCOPE_RULE: &str = "self.matches('^[A-Za-z0-9*][A-Za-z0-9_.:/*-]*$')";
+/// CEL: a list of well-formed scope tokens.
+pub(crate) const SCOPE_LIST_RULE: &str =
+    "self.all(s, s.matches('^[A-Za-z0-9*][A-Za-z0-9_.:/*-]*$'))";
+/// CEL: a DNS subdomain name (RFC 1123), as Kubernetes object names are.
+pub(crate) const NAME_RULE: &str =
+    "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')";
+/// CEL: a list of DNS subdomain names.
+pub(crate) const NAME_LIST_RULE: &str =
+    "self.all(n, n.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$'))";
+/// CEL: a rule name.
+pub(crate) const RULE_NAME_RULE: &str = "self.matches('^[A-Za-z0-9][A-Za-z0-9_-]*$')";
+/// CEL: an access-token lifetime between one minute and one day.
+pub(crate) const TOKEN_LIFETIME_RULE: &str =
+    "duration(self) >= duration('1m') && duration(self) <= duration('24h')";
+
+/// Parses a duration in the Go/Kubernetes form the CRDs use (`90s`, `15m`, `1h30m`, `720h`).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration such as 15m or 1h30m: {e}"))
+}

@@ -1,0 +1,3 @@
+fn main() {
+    print!("{}", keygate::api::crds_yaml().expect("crds"));
+}
