@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
     singular = "apiclient",
     shortname = "kgc",
     category = "keygate",
+    doc = "An ApiClient is one machine identity; the operator keeps its credentials in a Secret and the token server issues it access tokens.",
     namespaced,
     status = "ApiClientStatus",
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
     singular = "scopepolicy",
     shortname = "sp",
     category = "keygate",
+    doc = "A ScopePolicy declares one API resource, the scopes it defines, who may get tokens for it and which scopes each route needs.",
     namespaced,
     status = "ScopePolicyStatus",
     printcolumn(name = "Resource", type_ = "string", json_path = ".spec.resource"),

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
     singular = "m2mrole",
     shortname = "m2mr",
     category = "keygate",
+    doc = "An M2MRole is a named set of permissions: scopes on API resources, granted to the ApiClients that list it.",
     namespaced,
     status = "M2MRoleStatus",
     printcolumn(name = "Resources", type_ = "string", json_path = ".spec.permissions[*].resource"),

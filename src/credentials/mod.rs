@@ -2,10 +2,12 @@
 //! Snowflake-style key-pair JWTs. Pure functions over bytes and PEM; no I/O but the OS RNG.
 
 mod keypair_jwt;
+mod material;
 mod keys;
 mod secret;
 
 pub use keypair_jwt::*;
+pub use material::*;
 pub use keys::*;
 pub use secret::*;
 

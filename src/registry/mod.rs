@@ -1,0 +1,248 @@
+//! The in-memory index of clients, roles and policies that every request path reads.
+//!
+//! Writers (Kubernetes watches in the operator, YAML files in `keygate dev`) change the
+//! [`Inputs`]; each change rebuilds an immutable [`Snapshot`] that readers get through a
+//! `watch` channel. No request ever calls the Kubernetes API.
+
+mod resolve;
+mod revocation;
+
+pub use resolve::*;
+pub use revocation::*;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::api::{ApiClientSpec, Grant, IneffectiveGrant, M2MRoleSpec, ScopePolicySpec, parse_duration};
+use crate::credentials::{ClientMaterial, CredentialData};
+use crate::grants::AllowedScopes;
+
+/// Namespace and name of an object.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { namespace: namespace.into(), name: name.into() }
+    }
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// An ApiClient as the registry needs it.
+#[derive(Debug, Clone, Default)]
+pub struct ClientInput {
+    pub spec: ApiClientSpec,
+    /// The client's credentials (the Secret's data); absent until they exist.
+    pub credentials: Option<CredentialData>,
+}
+
+/// A ScopePolicy as the registry needs it.
+#[derive(Debug, Clone)]
+pub struct PolicyInput {
+    pub spec: ScopePolicySpec,
+    /// Creation time (Unix seconds) when known: the first policy to declare a resource owns
+    /// it, so a later one cannot take over another team's API.
+    pub created: Option<i64>,
+}
+
+/// Everything the registry is built from.
+#[derive(Debug, Clone, Default)]
+pub struct Inputs {
+    pub roles: BTreeMap<ObjectKey, M2MRoleSpec>,
+    pub clients: BTreeMap<ObjectKey, ClientInput>,
+    pub policies: BTreeMap<ObjectKey, PolicyInput>,
+    pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// One client as the token server and policy builder see it.
+#[derive(Debug, Clone)]
+pub struct ClientView {
+    pub key: ObjectKey,
+    pub client_id: String,
+    pub disabled: bool,
+    /// The lifetime the client asked for; the token server caps it.
+    pub token_lifetime: Option<Duration>,
+    pub material: ClientMaterial,
+    /// Effective scopes per resource.
+    pub grants: AllowedScopes,
+    pub ineffective: Vec<IneffectiveGrant>,
+}
+
+impl ClientView {
+    /// The grants in the form the ApiClient status shows.
+    pub fn status_grants(&self) -> Vec<Grant> {
+        self.grants
+            .iter()
+            .map(|(resource, scopes)| Grant {
+                resource: resource.clone(),
+                scopes: scopes.iter().cloned().collect(),
+            })
+            .collect()
+    }
+}
+
+/// A problem with one object that keeps it (or part of it) out of the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub kind: &'static str,
+    pub key: ObjectKey,
+    pub message: String,
+}
+
+/// An immutable view of everything, rebuilt on each change.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Clients with credentials, by client id.
+    pub clients: HashMap<String, Arc<ClientView>>,
+    /// Every client by object key, with or without credentials yet.
+    pub clients_by_key: BTreeMap<ObjectKey, Arc<ClientView>>,
+    /// Declared resources by resource indicator.
+    pub resources: BTreeMap<String, ResourceView>,
+    /// Policies by key (including ones that lost a resource conflict).
+    pub policies: BTreeMap<ObjectKey, PolicyInput>,
+    pub problems: Vec<Problem>,
+}
+
+impl Snapshot {
+    /// Builds the snapshot: resources from policies (first declaration wins), then each
+    /// client's effective grants under the trust model.
+    pub fn build(inputs: &Inputs) -> Self {
+        let mut problems = Vec::new();
+        let mut ordered: Vec<(&ObjectKey, &PolicyInput)> = inputs.policies.iter().collect();
+        ordered.sort_by_key(|(key, p)| (p.created.unwrap_or(i64::MIN), (*key).clone()));
+        let mut resources = BTreeMap::new();
+        for (key, policy) in ordered {
+            if let Some(owner) = resources.get(&policy.spec.resource).map(|r: &ResourceView| r.policy.clone()) {
+                problems.push(Problem {
+                    kind: "ScopePolicy",
+                    key: key.clone(),
+                    message: format!(
+                        "resource {} is already declared by ScopePolicy {owner}",
+                        policy.spec.resource
+                    ),
+                });
+                continue;
+            }
+            resources.insert(
+                policy.spec.resource.clone(),
+                ResourceView {
+                    policy: key.clone(),
+                    matching: policy.spec.scope_matching,
+                    defined: policy.spec.scopes.iter().map(|s| s.name.clone()).collect(),
+                    client_namespaces: policy.spec.client_namespaces.clone(),
+                },
+            );
+        }
+
+        let no_labels = BTreeMap::new();
+        let mut clients = HashMap::new();
+        let mut clients_by_key = BTreeMap::new();
+        for (key, client) in &inputs.clients {
+            let labels = inputs.namespace_labels.get(&key.namespace).unwrap_or(&no_labels);
+            let (grants, ineffective) = resolve_grants(
+                &key.namespace,
+                labels,
+                &client.spec.roles,
+                |role| inputs.roles.get(&ObjectKey::new(&key.namespace, role)),
+                &resources,
+            );
+            let material = match client.credentials.as_ref().map(ClientMaterial::from_data) {
+                Some(Ok(material)) => Some(material),
+                Some(Err(e)) => {
+                    problems.push(Problem { kind: "ApiClient", key: key.clone(), message: e.to_string() });
+                    None
+                }
+                None => None,
+            };
+            let token_lifetime = match client.spec.token_lifetime.as_deref().map(parse_duration) {
+                Some(Ok(d)) => Some(d),
+                Some(Err(e)) => {
+                    problems.push(Problem { kind: "ApiClient", key: key.clone(), message: e });
+                    None
+                }
+                None => None,
+            };
+            let view = Arc::new(ClientView {
+                key: key.clone(),
+                client_id: material.as_ref().map(|m| m.client_id.clone()).unwrap_or_default(),
+                disabled: client.spec.disabled,
+                token_lifetime,
+                material: material.clone().unwrap_or_default(),
+                grants,
+                ineffective,
+            });
+            if material.is_some_and(|m| !m.client_id.is_empty()) {
+                clients.insert(view.client_id.clone(), view.clone());
+            }
+            clients_by_key.insert(key.clone(), view);
+        }
+        Self {
+            clients,
+            clients_by_key,
+            resources,
+            policies: inputs.policies.clone(),
+            problems,
+        }
+    }
+
+    /// Clients with an effective grant on `resource`, with their scopes there.
+    pub fn clients_of(&self, resource: &str) -> impl Iterator<Item = &Arc<ClientView>> {
+        self.clients.values().filter(move |c| c.grants.contains_key(resource))
+    }
+}
+
+/// The registry: inputs behind a lock, snapshots behind a watch channel.
+#[derive(Debug)]
+pub struct Registry {
+    inputs: Mutex<Inputs>,
+    tx: watch::Sender<Arc<Snapshot>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new(Inputs::default())
+    }
+}
+
+impl Registry {
+    pub fn new(inputs: Inputs) -> Self {
+        let snapshot = Arc::new(Snapshot::build(&inputs));
+        Self { inputs: Mutex::new(inputs), tx: watch::Sender::new(snapshot) }
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    /// A receiver that sees every new snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.tx.subscribe()
+    }
+
+    /// Changes the inputs and publishes the rebuilt snapshot.
+    pub fn update(&self, change: impl FnOnce(&mut Inputs)) {
+        // A poisoned lock means a writer panicked mid-change; the inputs are still a
+        // consistent value (every change is a plain map edit), so keep serving them.
+        let mut inputs = self.inputs.lock().unwrap_or_else(|p| p.into_inner());
+        change(&mut inputs);
+        let snapshot = Arc::new(Snapshot::build(&inputs));
+        self.tx.send_replace(snapshot);
+    }
+
+    /// Replaces every input at once (a reload of all files, a relist).
+    pub fn replace(&self, inputs: Inputs) {
+        self.update(|current| *current = inputs);
+    }
+}
