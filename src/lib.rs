@@ -1,5 +1,11 @@
 //! keygate: machine-to-machine API authentication for Kubernetes.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod api;
 pub mod credentials;
+pub mod grants;
+pub mod policy;
+pub mod registry;
+pub mod sidecar;
+pub mod token;

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
     category = "keygate",
     doc = "An ApiClient is one machine identity; the operator keeps its credentials in a Secret and the token server issues it access tokens.",
     namespaced,
+    cel,
     status = "ApiClientStatus",
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Client ID", type_ = "string", json_path = ".status.clientId"),

@@ -5,8 +5,13 @@
 //! that can be checked on one object alone is a CEL rule in the schema, so the API server,
 //! `keygate dev` and the admission webhook all reject the same input.
 
+// kube's `printcolumn(...)` repeats `type_ = ...` by design; clippy mistakes that for a
+// duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
 mod client;
+#[allow(clippy::duplicated_attributes)]
 mod policy;
+#[allow(clippy::duplicated_attributes)]
 mod role;
 
 pub use client::*;

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
     category = "keygate",
     doc = "A ScopePolicy declares one API resource, the scopes it defines, who may get tokens for it and which scopes each route needs.",
     namespaced,
+    cel,
     status = "ScopePolicyStatus",
     printcolumn(name = "Resource", type_ = "string", json_path = ".spec.resource"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),

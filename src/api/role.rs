@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
     category = "keygate",
     doc = "An M2MRole is a named set of permissions: scopes on API resources, granted to the ApiClients that list it.",
     namespaced,
+    cel,
     status = "M2MRoleStatus",
     printcolumn(name = "Resources", type_ = "string", json_path = ".spec.permissions[*].resource"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),

@@ -1,0 +1,1274 @@
+//! Reverse-proxy half of the sidecar: forwards an already authorized request to the
+//! workload on `127.0.0.1:<port>` and streams the answer back.
+//!
+//! Authentication and authorization happen before this module is called; here we only
+//! make the request safe to hand to the workload:
+//!
+//! - hop-by-hop headers are removed in both directions (RFC 9110 §7.6.1), except that an
+//!   HTTP/1.1 `Upgrade` handshake (WebSocket and friends) is passed through and, on a
+//!   `101 Switching Protocols`, both connections are spliced together;
+//! - every incoming `X-Keygate-*` header is dropped, because the workload trusts those
+//!   headers as the sidecar's verdict, and then the verified identity is written;
+//! - credentials (`Authorization`, `X-API-Key`) are removed unless the route asks to keep
+//!   them, so a workload cannot leak or replay a caller's token by accident;
+//! - `X-Forwarded-For`/`-Proto`/`-Host` describe the original request.
+//!
+//! Bodies are streamed in both directions; nothing is buffered whole. Every upstream
+//! failure becomes a short JSON 502/504 and never echoes request contents.
+
+use std::error::Error as StdError;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::{BoxBody, UnsyncBoxBody};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Bytes};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+/// Boxed error used for request bodies of any origin (hyper, axum, tests).
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// Body of every response produced by the forwarder: the upstream's streamed body, or a
+/// small JSON error document.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// Request body as sent to the upstream. Not `Sync`, so that bodies such as axum's can be
+/// forwarded without a copy.
+type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
+
+type UpstreamClient = Client<HttpConnector, UpstreamBody>;
+
+/// Headers that only describe one hop and never travel end to end (RFC 9110 §7.6.1, plus
+/// the non-standard `Keep-Alive` and `Proxy-Connection` that old clients still send).
+/// `TE` is handled separately because `TE: trailers` must survive.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+];
+
+/// Prefix reserved for the sidecar's own identity headers.
+const KEYGATE_HEADER_PREFIX: &str = "x-keygate-";
+
+/// Header carrying the authenticated client id.
+pub const CLIENT_ID_HEADER: HeaderName = HeaderName::from_static("x-keygate-client-id");
+/// Header carrying the granted scopes, space-delimited as in OAuth 2.0.
+pub const SCOPES_HEADER: HeaderName = HeaderName::from_static("x-keygate-scopes");
+/// Header carrying how the client authenticated (e.g. `jwt`, `keypair_jwt`, `api_key`).
+pub const AUTH_METHOD_HEADER: HeaderName = HeaderName::from_static("x-keygate-auth-method");
+
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// How to reach the workload and how long to wait for it.
+#[derive(Clone, Debug)]
+pub struct ForwardConfig {
+    /// Workload address, normally `127.0.0.1:<upstream.port>`.
+    pub upstream: SocketAddr,
+    /// Speak HTTP/2 without negotiation (h2c prior knowledge), e.g. for gRPC workloads.
+    /// Upgrade handshakes still use HTTP/1.1 because HTTP/2 has no `Upgrade`.
+    pub http2_prior_knowledge: bool,
+    /// Limit for establishing the TCP connection.
+    pub connect_timeout: Duration,
+    /// Limit from sending the request until the response head arrives (includes connecting).
+    pub response_header_timeout: Duration,
+    /// How long an unused pooled connection is kept.
+    pub pool_idle_timeout: Duration,
+    /// Upper bound on idle pooled connections; the upstream is a single host.
+    pub pool_max_idle: usize,
+}
+
+impl ForwardConfig {
+    /// Defaults suited to a loopback workload: connecting is near-instant, answers may take
+    /// a while.
+    pub fn new(upstream: SocketAddr) -> Self {
+        Self {
+            upstream,
+            http2_prior_knowledge: false,
+            connect_timeout: Duration::from_secs(2),
+            response_header_timeout: Duration::from_secs(60),
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle: 64,
+        }
+    }
+}
+
+/// Verified caller identity, written to the `X-Keygate-*` headers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// ApiClient id.
+    pub client_id: String,
+    /// Granted scopes, space-delimited.
+    pub scopes: String,
+    /// Credential kind the caller used, e.g. `jwt`, `keypair_jwt`, `api_key`.
+    pub auth_method: &'static str,
+}
+
+/// Why a request could not be forwarded; `as_label` gives a stable metrics label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum ForwardError {
+    /// The workload refused or reset the connection, or is not listening.
+    #[error("upstream connection failed")]
+    Connect,
+    /// Connecting or waiting for the response head took longer than configured.
+    #[error("upstream timed out")]
+    Timeout,
+    /// The workload answered with something that is not valid HTTP, or hung up mid-way.
+    #[error("upstream protocol error")]
+    Protocol,
+    /// The normalized path handed in by the caller is not an origin-form request target.
+    #[error("invalid request target")]
+    InvalidTarget,
+    /// The identity contains bytes that cannot be carried in an HTTP header.
+    #[error("identity cannot be encoded as a header")]
+    InvalidIdentity,
+}
+
+impl ForwardError {
+    /// Stable, low-cardinality label for metrics.
+    pub fn as_label(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Timeout => "timeout",
+            Self::Protocol => "protocol",
+            Self::InvalidTarget => "invalid_target",
+            Self::InvalidIdentity => "invalid_identity",
+        }
+    }
+
+    /// HTTP status the caller receives.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::Connect | Self::Protocol => StatusCode::BAD_GATEWAY,
+            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::InvalidTarget => StatusCode::BAD_REQUEST,
+            // Identity comes from our own verification, so a bad one is our fault.
+            Self::InvalidIdentity => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Short JSON error response. The text is fixed per variant: request contents and
+    /// low-level error details are never echoed to the caller.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let (code, description) = match self {
+            Self::Connect => (
+                "upstream_unavailable",
+                "the upstream service is unavailable",
+            ),
+            Self::Timeout => (
+                "upstream_timeout",
+                "the upstream service did not answer in time",
+            ),
+            Self::Protocol => (
+                "upstream_error",
+                "the upstream service sent an invalid response",
+            ),
+            Self::InvalidTarget => ("invalid_request", "the request target is invalid"),
+            Self::InvalidIdentity => ("server_error", "the request could not be forwarded"),
+        };
+        let body = serde_json::json!({ "error": code, "error_description": description });
+        let mut response = Response::new(full_body(Bytes::from(body.to_string())));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        response
+    }
+}
+
+/// Pooled HTTP client bound to one workload. Cheap to clone; clones share the pool.
+#[derive(Clone, Debug)]
+pub struct Forwarder {
+    client: UpstreamClient,
+    /// HTTP/1.1 client for `Upgrade` handshakes; the same as `client` unless the upstream
+    /// speaks h2c, which cannot carry an upgrade.
+    upgrade_client: UpstreamClient,
+    /// `host:port` of the workload, used to build absolute request URIs.
+    authority: String,
+    http2: bool,
+    response_header_timeout: Duration,
+}
+
+impl Forwarder {
+    /// Builds the client. No connection is opened until the first request.
+    pub fn new(cfg: ForwardConfig) -> Self {
+        let client = build_client(&cfg, cfg.http2_prior_knowledge);
+        let upgrade_client = if cfg.http2_prior_knowledge {
+            build_client(&cfg, false)
+        } else {
+            client.clone()
+        };
+        Self {
+            client,
+            upgrade_client,
+            authority: cfg.upstream.to_string(),
+            http2: cfg.http2_prior_knowledge,
+            response_header_timeout: cfg.response_header_timeout,
+        }
+    }
+
+    /// Forwards `req` and always returns a response: the upstream's, or a JSON error from
+    /// [`ForwardError::into_response`]. Use [`Forwarder::try_forward`] to observe the error.
+    ///
+    /// See `try_forward` for the meaning of the arguments.
+    pub async fn forward<B>(
+        &self,
+        req: Request<B>,
+        path_and_query: &str,
+        identity: Option<&Identity>,
+        client_addr: SocketAddr,
+        forward_authorization: bool,
+    ) -> Response<ProxyBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        match self
+            .try_forward(
+                req,
+                path_and_query,
+                identity,
+                client_addr,
+                forward_authorization,
+            )
+            .await
+        {
+            Ok(response) => response,
+            Err(error) => error.into_response(),
+        }
+    }
+
+    /// Forwards `req` to the workload.
+    ///
+    /// - `path_and_query`: the normalized origin-form target (`/a/b?x=1`) that the policy
+    ///   was evaluated against; it replaces the request's own URI so that the workload
+    ///   sees exactly what was authorized.
+    /// - `identity`: the verified caller, `None` on public routes.
+    /// - `client_addr`: the TCP peer, appended to `X-Forwarded-For`.
+    /// - `forward_authorization`: keep `Authorization` and `X-API-Key`.
+    ///
+    /// For WebSocket-style upgrades the inbound connection must be served with upgrades
+    /// enabled (`serve_connection_with_upgrades` / `.with_upgrades()`), otherwise the
+    /// tunnel is torn down right after the `101`.
+    pub async fn try_forward<B>(
+        &self,
+        req: Request<B>,
+        path_and_query: &str,
+        identity: Option<&Identity>,
+        client_addr: SocketAddr,
+        forward_authorization: bool,
+    ) -> Result<Response<ProxyBody>, ForwardError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        if !path_and_query.starts_with('/') {
+            return Err(ForwardError::InvalidTarget);
+        }
+        let uri: Uri = format!("http://{}{}", self.authority, path_and_query)
+            .parse()
+            .map_err(|_| ForwardError::InvalidTarget)?;
+
+        let (mut parts, body) = req.into_parts();
+        let upgrade = is_upgrade_request(parts.version, &parts.headers);
+        let inbound_upgrade: Option<OnUpgrade> = if upgrade {
+            parts.extensions.remove::<OnUpgrade>()
+        } else {
+            None
+        };
+
+        let mut headers = parts.headers;
+        // An HTTP/2 caller carries the host in `:authority`; keep it visible as `Host`.
+        if !headers.contains_key(header::HOST)
+            && let Some(authority) = parts.uri.authority()
+            && let Ok(value) = HeaderValue::from_str(authority.as_str())
+        {
+            headers.insert(header::HOST, value);
+        }
+        prepare_request_headers(
+            &mut headers,
+            upgrade,
+            identity,
+            client_addr.ip(),
+            forward_authorization,
+        )?;
+
+        let (client, version) = if upgrade {
+            (&self.upgrade_client, Version::HTTP_11)
+        } else if self.http2 {
+            (&self.client, Version::HTTP_2)
+        } else {
+            (&self.client, Version::HTTP_11)
+        };
+
+        // Build a fresh request so that server-side extensions never leak into the client.
+        let mut upstream_req = Request::new(body.map_err(Into::into).boxed_unsync());
+        *upstream_req.method_mut() = parts.method;
+        *upstream_req.uri_mut() = uri;
+        *upstream_req.version_mut() = version;
+        *upstream_req.headers_mut() = headers;
+
+        let mut response = match tokio::time::timeout(
+            self.response_header_timeout,
+            client.request(upstream_req),
+        )
+        .await
+        {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => {
+                let classified = classify_client_error(&error);
+                tracing::debug!(error = %error_chain(&error), kind = classified.as_label(), "upstream request failed");
+                return Err(classified);
+            }
+            Err(_elapsed) => {
+                tracing::debug!("upstream response header timeout");
+                return Err(ForwardError::Timeout);
+            }
+        };
+
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(inbound_upgrade) = inbound_upgrade else {
+                // A 101 we did not ask for cannot be relayed meaningfully.
+                return Err(ForwardError::Protocol);
+            };
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(splice_upgraded(inbound_upgrade, upstream_upgrade));
+            remove_hop_by_hop(response.headers_mut(), true);
+        } else {
+            remove_hop_by_hop(response.headers_mut(), false);
+        }
+
+        // The response goes out on the inbound connection, whatever version the upstream
+        // spoke; hyper's server writes its own status line.
+        *response.version_mut() = Version::HTTP_11;
+        Ok(response.map(BodyExt::boxed))
+    }
+}
+
+fn build_client(cfg: &ForwardConfig, http2_only: bool) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(cfg.connect_timeout));
+    // Small request/response heads would otherwise wait on Nagle's algorithm.
+    connector.set_nodelay(true);
+    connector.enforce_http(true);
+
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .pool_idle_timeout(cfg.pool_idle_timeout)
+        .pool_max_idle_per_host(cfg.pool_max_idle)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .http2_only(http2_only);
+    builder.build(connector)
+}
+
+/// Joins both upgraded connections and copies bytes until either side closes.
+async fn splice_upgraded(inbound: OnUpgrade, upstream: OnUpgrade) {
+    let (inbound, upstream) = match tokio::try_join!(inbound, upstream) {
+        Ok(pair) => pair,
+        Err(error) => {
+            tracing::debug!(%error, "upgrade failed");
+            return;
+        }
+    };
+    let mut inbound = TokioIo::new(inbound);
+    let mut upstream = TokioIo::new(upstream);
+    match tokio::io::copy_bidirectional(&mut inbound, &mut upstream).await {
+        Ok((from_client, from_upstream)) => {
+            tracing::debug!(from_client, from_upstream, "upgraded connection closed");
+        }
+        Err(error) => tracing::debug!(%error, "upgraded connection failed"),
+    }
+}
+
+/// Turns a client error into the caller-facing class. Timeouts are detected through the
+/// source chain because the connector reports its connect timeout as an `io::Error`.
+fn classify_client_error(error: &hyper_util::client::legacy::Error) -> ForwardError {
+    let mut source: Option<&(dyn StdError + 'static)> = error.source();
+    while let Some(current) = source {
+        if let Some(io) = current.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::TimedOut
+        {
+            return ForwardError::Timeout;
+        }
+        if let Some(hyper_error) = current.downcast_ref::<hyper::Error>()
+            && hyper_error.is_timeout()
+        {
+            return ForwardError::Timeout;
+        }
+        source = current.source();
+    }
+    if error.is_connect() {
+        ForwardError::Connect
+    } else {
+        ForwardError::Protocol
+    }
+}
+
+/// Flattens an error and its sources for logging (upstream errors only; they never
+/// contain request data).
+fn error_chain(error: &dyn StdError) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(current) = source {
+        text.push_str(": ");
+        text.push_str(&current.to_string());
+        source = current.source();
+    }
+    text
+}
+
+fn full_body(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+/// Whether the header list names `token` in any `Connection` value.
+fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {
+    connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+}
+
+/// An HTTP/1.1 protocol upgrade handshake (RFC 9110 §7.8). HTTP/2 has no `Upgrade`.
+fn is_upgrade_request(version: Version, headers: &HeaderMap) -> bool {
+    version == Version::HTTP_11
+        && headers.contains_key(header::UPGRADE)
+        && connection_has_token(headers, "upgrade")
+}
+
+/// Removes hop-by-hop headers. With `keep_upgrade`, `Upgrade` and `Connection: upgrade`
+/// survive so that an upgrade handshake can pass through.
+fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Read what survives before removing anything: compliant senders list `TE` and
+    // `Upgrade` in `Connection`, which would otherwise delete them first.
+    let upgrade_values: Vec<HeaderValue> = if keep_upgrade {
+        headers.get_all(header::UPGRADE).iter().cloned().collect()
+    } else {
+        Vec::new()
+    };
+    // `TE: trailers` announces that the caller accepts trailers (gRPC needs this); any
+    // transfer coding it lists only applies to this hop.
+    let accepts_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|coding| {
+            coding
+                .split(';')
+                .next()
+                .is_some_and(|c| c.trim().eq_ignore_ascii_case("trailers"))
+        });
+
+    let nominated: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+        // `Connection: host` would otherwise let a caller hide the original host.
+        .filter(|name| *name != header::HOST)
+        .collect();
+    for name in &nominated {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::TE);
+    if accepts_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+
+    if !upgrade_values.is_empty() {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        for value in upgrade_values {
+            headers.append(header::UPGRADE, value);
+        }
+    }
+}
+
+/// Applies every request-side header rule; see the module documentation.
+fn prepare_request_headers(
+    headers: &mut HeaderMap,
+    upgrade: bool,
+    identity: Option<&Identity>,
+    client_ip: IpAddr,
+    forward_authorization: bool,
+) -> Result<(), ForwardError> {
+    remove_hop_by_hop(headers, upgrade);
+
+    // Spoofed identity headers are dropped on every route, public ones included, so a
+    // workload can rely on their presence meaning "verified by keygate".
+    let spoofed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with(KEYGATE_HEADER_PREFIX))
+        .cloned()
+        .collect();
+    for name in &spoofed {
+        headers.remove(name);
+    }
+
+    if !forward_authorization {
+        headers.remove(header::AUTHORIZATION);
+        headers.remove(X_API_KEY);
+    }
+
+    append_forwarded_for(headers, client_ip);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    match headers.get(header::HOST).cloned() {
+        Some(host) => {
+            headers.insert(X_FORWARDED_HOST, host);
+        }
+        None => {
+            headers.remove(X_FORWARDED_HOST);
+        }
+    }
+
+    if let Some(identity) = identity {
+        let header_value =
+            |s: &str| HeaderValue::from_str(s).map_err(|_| ForwardError::InvalidIdentity);
+        headers.insert(CLIENT_ID_HEADER, header_value(&identity.client_id)?);
+        headers.insert(SCOPES_HEADER, header_value(&identity.scopes)?);
+        headers.insert(AUTH_METHOD_HEADER, header_value(identity.auth_method)?);
+    }
+    Ok(())
+}
+
+/// Appends the peer to `X-Forwarded-For`, folding repeated header lines into one list.
+fn append_forwarded_for(headers: &mut HeaderMap, client_ip: IpAddr) {
+    // Dual-stack listeners report IPv4 peers as `::ffff:a.b.c.d`.
+    let client_ip = client_ip.to_canonical();
+    let previous: Vec<&str> = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .map(str::trim)
+        .filter(|value| !value.is_empty())
+        .collect();
+    let combined = if previous.is_empty() {
+        client_ip.to_string()
+    } else {
+        format!("{}, {client_ip}", previous.join(", "))
+    };
+    // Both parts are visible ASCII, so this only fails if that invariant breaks; then
+    // the peer alone is still better than a list we cannot vouch for.
+    let value =
+        HeaderValue::from_str(&combined).or_else(|_| HeaderValue::from_str(&client_ip.to_string()));
+    headers.remove(X_FORWARDED_FOR);
+    if let Ok(value) = value {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use futures::SinkExt;
+    use http::Method;
+    use http_body_util::{Empty, StreamBody};
+    use hyper::body::{Frame, Incoming};
+    use hyper::service::service_fn;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// What the fake workload saw for one request.
+    #[derive(Clone, Debug)]
+    struct Seen {
+        method: Method,
+        uri: Uri,
+        version: Version,
+        headers: HeaderMap,
+    }
+
+    /// A loopback workload that records requests and echoes bodies while streaming.
+    struct Upstream {
+        addr: SocketAddr,
+        accepted: Arc<AtomicUsize>,
+        seen: Arc<Mutex<Vec<Seen>>>,
+    }
+
+    impl Upstream {
+        fn last(&self) -> Seen {
+            self.seen
+                .lock()
+                .expect("lock")
+                .last()
+                .cloned()
+                .expect("a request reached the upstream")
+        }
+    }
+
+    async fn upstream_service(
+        req: Request<Incoming>,
+        seen: Arc<Mutex<Vec<Seen>>>,
+    ) -> Result<Response<Incoming>, Infallible> {
+        seen.lock().expect("lock").push(Seen {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        });
+        let mut req = req;
+        if req.headers().contains_key(header::UPGRADE) {
+            let on_upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let upgraded = on_upgrade.await.expect("upstream upgrade");
+                let (mut reader, mut writer) = tokio::io::split(TokioIo::new(upgraded));
+                let _ = tokio::io::copy(&mut reader, &mut writer).await;
+            });
+            // An empty `Incoming` is not constructible, so reuse the (empty) request body.
+            let mut response = Response::new(req.into_body());
+            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let h = response.headers_mut();
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            h.insert("sec-websocket-accept", HeaderValue::from_static("fake"));
+            return Ok(response);
+        }
+        let version = req.version();
+        let mut response = Response::new(req.into_body());
+        let h = response.headers_mut();
+        h.insert("x-upstream-e2e", HeaderValue::from_static("kept"));
+        if version == Version::HTTP_11 {
+            h.insert(
+                header::CONNECTION,
+                HeaderValue::from_static("x-upstream-hop"),
+            );
+            h.insert("x-upstream-hop", HeaderValue::from_static("secret"));
+            h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+            h.insert(
+                header::PROXY_AUTHENTICATE,
+                HeaderValue::from_static("Basic"),
+            );
+        }
+        Ok(response)
+    }
+
+    async fn spawn_upstream(http2: bool) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (acc, s) = (accepted.clone(), seen.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                acc.fetch_add(1, Ordering::SeqCst);
+                let s = s.clone();
+                let svc = service_fn(move |req| upstream_service(req, s.clone()));
+                tokio::spawn(async move {
+                    let io = TokioIo::new(stream);
+                    if http2 {
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, svc)
+                            .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .with_upgrades()
+                            .await;
+                    }
+                });
+            }
+        });
+        Upstream {
+            addr,
+            accepted,
+            seen,
+        }
+    }
+
+    /// The sidecar's side in miniature: an auto (HTTP/1.1 + h2c) server that forwards
+    /// everything, as the lead's request handler will after authorization.
+    async fn spawn_front(
+        forwarder: Forwarder,
+        identity: Option<Identity>,
+        forward_authorization: bool,
+    ) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, peer)) = listener.accept().await else {
+                    return;
+                };
+                let forwarder = forwarder.clone();
+                let identity = identity.clone();
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let forwarder = forwarder.clone();
+                    let identity = identity.clone();
+                    async move {
+                        let target = req
+                            .uri()
+                            .path_and_query()
+                            .map_or("/", |pq| pq.as_str())
+                            .to_owned();
+                        let response = forwarder
+                            .forward(req, &target, identity.as_ref(), peer, forward_authorization)
+                            .await;
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn config(upstream: SocketAddr) -> ForwardConfig {
+        ForwardConfig {
+            connect_timeout: Duration::from_millis(500),
+            response_header_timeout: Duration::from_millis(300),
+            ..ForwardConfig::new(upstream)
+        }
+    }
+
+    fn identity() -> Identity {
+        Identity {
+            client_id: "billing-batch".into(),
+            scopes: "invoices:read invoices:write".into(),
+            auth_method: "jwt",
+        }
+    }
+
+    type TestBody = UnsyncBoxBody<Bytes, BoxError>;
+
+    fn test_client() -> Client<HttpConnector, TestBody> {
+        Client::builder(TokioExecutor::new()).build_http()
+    }
+
+    fn empty() -> TestBody {
+        Empty::<Bytes>::new().map_err(Into::into).boxed_unsync()
+    }
+
+    fn full(data: impl Into<Bytes>) -> TestBody {
+        Full::new(data.into()).map_err(Into::into).boxed_unsync()
+    }
+
+    async fn body_bytes<B>(body: B) -> Bytes
+    where
+        B: Body,
+        B::Error: std::fmt::Debug,
+    {
+        body.collect().await.expect("body").to_bytes()
+    }
+
+    fn get(headers: &HeaderMap, name: &str) -> Option<String> {
+        headers
+            .get(name)
+            .map(|v| v.to_str().expect("ascii").to_owned())
+    }
+
+    /// Fails the test instead of hanging it.
+    async fn bounded<F: Future>(future: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(10), future)
+            .await
+            .expect("test step timed out")
+    }
+
+    #[tokio::test]
+    async fn rewrites_request_and_response_headers() {
+        let upstream = spawn_upstream(false).await;
+        let front = spawn_front(
+            Forwarder::new(config(upstream.addr)),
+            Some(identity()),
+            false,
+        )
+        .await;
+
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("http://{front}/orders/7?expand=lines"))
+            .header(header::HOST, "api.example.test")
+            .header("X-Keygate-Client-Id", "spoofed")
+            .header("x-keygate-anything", "spoofed")
+            .header("X-KEYGATE-SCOPES", "admin")
+            .header(header::AUTHORIZATION, "Bearer secret-token")
+            .header("x-api-key", "kg_secret")
+            .header(header::CONNECTION, "keep-alive, TE, x-custom-hop")
+            .header("x-custom-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .header("proxy-connection", "keep-alive")
+            .header(header::PROXY_AUTHORIZATION, "Basic Zm9vOmJhcg==")
+            .header(header::TE, "gzip, trailers")
+            .header(header::TRAILER, "x-checksum")
+            // Without `Connection: upgrade` this is not a handshake and must be dropped.
+            .header(header::UPGRADE, "h2c")
+            .header("x-forwarded-for", "203.0.113.7")
+            .header("x-forwarded-for", "198.51.100.1")
+            .header("x-forwarded-proto", "https")
+            .header("x-request-id", "abc")
+            .body(full("payload"))
+            .expect("request");
+        let response = bounded(test_client().request(req)).await.expect("response");
+
+        assert_eq!(response.status(), StatusCode::OK);
+        let rh = response.headers().clone();
+        assert_eq!(get(&rh, "x-upstream-e2e").as_deref(), Some("kept"));
+        for hop in ["x-upstream-hop", "keep-alive", "proxy-authenticate"] {
+            assert!(!rh.contains_key(hop), "response kept {hop}");
+        }
+        assert_eq!(body_bytes(response.into_body()).await, "payload");
+
+        let seen = upstream.last();
+        let h = &seen.headers;
+        assert_eq!(seen.method, Method::POST);
+        assert_eq!(seen.uri.to_string(), "/orders/7?expand=lines");
+        assert_eq!(seen.version, Version::HTTP_11);
+        assert!(!h.contains_key("x-keygate-anything"));
+        assert_eq!(
+            get(h, "x-keygate-client-id").as_deref(),
+            Some("billing-batch")
+        );
+        assert_eq!(
+            get(h, "x-keygate-scopes").as_deref(),
+            Some("invoices:read invoices:write")
+        );
+        assert_eq!(h.get_all("x-keygate-client-id").iter().count(), 1);
+        assert_eq!(get(h, "x-keygate-auth-method").as_deref(), Some("jwt"));
+        assert!(!h.contains_key(header::AUTHORIZATION));
+        assert!(!h.contains_key("x-api-key"));
+        for hop in [
+            "x-custom-hop",
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authorization",
+            "trailer",
+            "upgrade",
+            "transfer-encoding",
+        ] {
+            assert!(!h.contains_key(hop), "request kept {hop}");
+        }
+        // hyper's client may add its own `Connection`, but never the caller's tokens.
+        assert!(get(h, "connection").is_none_or(|c| !c.contains("x-custom-hop")));
+        assert_eq!(get(h, "te").as_deref(), Some("trailers"));
+        assert_eq!(
+            get(h, "x-forwarded-for").as_deref(),
+            Some("203.0.113.7, 198.51.100.1, 127.0.0.1")
+        );
+        assert_eq!(get(h, "x-forwarded-proto").as_deref(), Some("http"));
+        assert_eq!(
+            get(h, "x-forwarded-host").as_deref(),
+            Some("api.example.test")
+        );
+        assert_eq!(get(h, "host").as_deref(), Some("api.example.test"));
+        assert_eq!(get(h, "x-request-id").as_deref(), Some("abc"));
+    }
+
+    #[tokio::test]
+    async fn public_route_strips_spoofed_identity_and_can_keep_credentials() {
+        let upstream = spawn_upstream(false).await;
+        let front = spawn_front(Forwarder::new(config(upstream.addr)), None, true).await;
+
+        let req = Request::get(format!("http://{front}/health"))
+            .header("x-keygate-client-id", "spoofed")
+            .header("x-keygate-auth-method", "api_key")
+            .header(header::AUTHORIZATION, "Bearer kept")
+            .header("x-api-key", "kept-too")
+            .body(empty())
+            .expect("request");
+        let response = bounded(test_client().request(req)).await.expect("response");
+        assert_eq!(response.status(), StatusCode::OK);
+
+        let h = upstream.last().headers;
+        assert!(
+            h.keys().all(|k| !k.as_str().starts_with("x-keygate-")),
+            "{h:?}"
+        );
+        assert_eq!(get(&h, "authorization").as_deref(), Some("Bearer kept"));
+        assert_eq!(get(&h, "x-api-key").as_deref(), Some("kept-too"));
+        assert_eq!(get(&h, "x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    }
+
+    #[tokio::test]
+    async fn large_body_round_trips_streamed() {
+        const CHUNK: usize = 64 * 1024;
+        const CHUNKS: usize = 128; // 8 MiB
+        let upstream = spawn_upstream(false).await;
+        let front = spawn_front(
+            Forwarder::new(config(upstream.addr)),
+            Some(identity()),
+            false,
+        )
+        .await;
+
+        let chunk = |i: usize| Bytes::from(vec![(i % 251) as u8; CHUNK]);
+        let frames = (0..CHUNKS).map(move |i| Ok::<_, BoxError>(Frame::data(chunk(i))));
+        let body = StreamBody::new(futures::stream::iter(frames)).boxed_unsync();
+        let req = Request::put(format!("http://{front}/blob"))
+            .body(body)
+            .expect("request");
+
+        let response = bounded(test_client().request(req)).await.expect("response");
+        assert_eq!(response.status(), StatusCode::OK);
+        let echoed = bounded(body_bytes(response.into_body())).await;
+        assert_eq!(echoed.len(), CHUNK * CHUNKS);
+        for (i, piece) in echoed.chunks(CHUNK).enumerate() {
+            assert!(
+                piece.iter().all(|&b| b == (i % 251) as u8),
+                "chunk {i} corrupted"
+            );
+        }
+    }
+
+    /// Each chunk's echo arrives before the next chunk is sent, which is only possible if
+    /// neither direction is buffered whole.
+    #[tokio::test]
+    async fn bodies_stream_in_both_directions() {
+        let upstream = spawn_upstream(false).await;
+        let front = spawn_front(Forwarder::new(config(upstream.addr)), None, false).await;
+
+        let (mut tx, rx) = futures::channel::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let req = Request::post(format!("http://{front}/stream"))
+            .body(StreamBody::new(rx).boxed_unsync())
+            .expect("request");
+        let client = test_client();
+        let pending = tokio::spawn(async move { client.request(req).await });
+        tx.send(Ok(Frame::data(Bytes::from_static(b"ping-0"))))
+            .await
+            .expect("send");
+        let response = bounded(pending).await.expect("join").expect("response");
+        let mut body = response.into_body();
+        for i in 0..5 {
+            if i > 0 {
+                let chunk = Bytes::from(format!("ping-{i}"));
+                tx.send(Ok(Frame::data(chunk))).await.expect("send");
+            }
+            let expected = format!("ping-{i}");
+            let mut got = Vec::new();
+            while got.len() < expected.len() {
+                let frame = bounded(body.frame())
+                    .await
+                    .expect("frame")
+                    .expect("frame ok");
+                if let Ok(data) = frame.into_data() {
+                    got.extend_from_slice(&data);
+                }
+            }
+            assert_eq!(got, expected.as_bytes());
+        }
+        drop(tx);
+        assert!(bounded(body.frame()).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn reuses_upstream_connection() {
+        let upstream = spawn_upstream(false).await;
+        let front = spawn_front(Forwarder::new(config(upstream.addr)), None, false).await;
+        let client = test_client();
+        for i in 0..20 {
+            let req = Request::post(format!("http://{front}/n/{i}"))
+                .body(full(format!("req {i}")))
+                .expect("request");
+            let response = bounded(client.request(req)).await.expect("response");
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(body_bytes(response.into_body()).await, format!("req {i}"));
+        }
+        assert_eq!(upstream.seen.lock().expect("lock").len(), 20);
+        assert_eq!(upstream.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn upstream_down_is_502() {
+        let addr = {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            listener.local_addr().expect("addr")
+        };
+        let forwarder = Forwarder::new(config(addr));
+        let client_addr: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+
+        let req = Request::get("/")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let result = bounded(forwarder.try_forward(req, "/x", None, client_addr, false)).await;
+        assert_eq!(result.err(), Some(ForwardError::Connect));
+
+        let front = spawn_front(forwarder, None, false).await;
+        let req = Request::get(format!("http://{front}/secret?token=abc"))
+            .body(empty())
+            .expect("request");
+        let response = bounded(test_client().request(req)).await.expect("response");
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            get(response.headers(), "content-type").as_deref(),
+            Some("application/json")
+        );
+        let body = body_bytes(response.into_body()).await;
+        let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(json["error"], "upstream_unavailable");
+        assert!(!String::from_utf8_lossy(&body).contains("secret"));
+    }
+
+    #[tokio::test]
+    async fn silent_upstream_is_504() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // Accept and hold connections without ever answering.
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let forwarder = Forwarder::new(config(addr));
+        let client_addr: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+
+        let req = Request::get("/")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let result = bounded(forwarder.try_forward(req, "/slow", None, client_addr, false)).await;
+        assert_eq!(result.err(), Some(ForwardError::Timeout));
+
+        let req = Request::get("/")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let response = bounded(forwarder.forward(req, "/slow", None, client_addr, false)).await;
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        let json: serde_json::Value =
+            serde_json::from_slice(&body_bytes(response.into_body()).await).expect("json");
+        assert_eq!(json["error"], "upstream_timeout");
+    }
+
+    #[tokio::test]
+    async fn upstream_hanging_up_is_502_protocol() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf).await;
+                drop(stream);
+            }
+        });
+        let forwarder = Forwarder::new(config(addr));
+        let client_addr: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+        let req = Request::get("/")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let result = bounded(forwarder.try_forward(req, "/", None, client_addr, false)).await;
+        assert_eq!(result.err(), Some(ForwardError::Protocol));
+    }
+
+    #[tokio::test]
+    async fn websocket_upgrade_is_spliced() {
+        let upstream = spawn_upstream(false).await;
+        let front = spawn_front(
+            Forwarder::new(config(upstream.addr)),
+            Some(identity()),
+            false,
+        )
+        .await;
+
+        let stream = tokio::net::TcpStream::connect(front)
+            .await
+            .expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn.with_upgrades());
+
+        let req = Request::get("/ws")
+            .header(header::HOST, "api.example.test")
+            .header(header::CONNECTION, "Upgrade")
+            .header(header::UPGRADE, "websocket")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-version", "13")
+            .header("x-keygate-client-id", "spoofed")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let response = bounded(sender.send_request(req)).await.expect("response");
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(
+            get(response.headers(), "upgrade").as_deref(),
+            Some("websocket")
+        );
+        assert_eq!(
+            get(response.headers(), "sec-websocket-accept").as_deref(),
+            Some("fake")
+        );
+
+        let seen = upstream.last().headers;
+        assert_eq!(get(&seen, "upgrade").as_deref(), Some("websocket"));
+        assert!(get(&seen, "connection").is_some_and(|c| c.eq_ignore_ascii_case("upgrade")));
+        assert_eq!(
+            get(&seen, "x-keygate-client-id").as_deref(),
+            Some("billing-batch")
+        );
+        assert_eq!(
+            get(&seen, "sec-websocket-key").as_deref(),
+            Some("dGhlIHNhbXBsZSBub25jZQ==")
+        );
+
+        let upgraded = bounded(hyper::upgrade::on(response))
+            .await
+            .expect("upgrade");
+        let mut io = TokioIo::new(upgraded);
+        for message in [&b"hello keygate"[..], &b"second frame"[..]] {
+            io.write_all(message).await.expect("write");
+            let mut echoed = vec![0u8; message.len()];
+            bounded(io.read_exact(&mut echoed)).await.expect("read");
+            assert_eq!(echoed, message);
+        }
+    }
+
+    #[tokio::test]
+    async fn h2c_upstream_with_prior_knowledge() {
+        let upstream = spawn_upstream(true).await;
+        let cfg = ForwardConfig {
+            http2_prior_knowledge: true,
+            ..config(upstream.addr)
+        };
+        let front = spawn_front(Forwarder::new(cfg), Some(identity()), false).await;
+        let client = test_client();
+        for i in 0..5 {
+            let req = Request::post(format!("http://{front}/grpc.Svc/Call{i}"))
+                .header(header::HOST, "svc.example.test")
+                .header(header::TE, "trailers")
+                .header("x-keygate-scopes", "spoofed")
+                .body(full(format!("h2 body {i}")))
+                .expect("request");
+            let response = bounded(client.request(req)).await.expect("response");
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(
+                body_bytes(response.into_body()).await,
+                format!("h2 body {i}")
+            );
+        }
+        let seen = upstream.last();
+        assert_eq!(seen.version, Version::HTTP_2);
+        assert_eq!(seen.uri.path(), "/grpc.Svc/Call4");
+        assert_eq!(
+            get(&seen.headers, "host").as_deref(),
+            Some("svc.example.test")
+        );
+        assert_eq!(get(&seen.headers, "te").as_deref(), Some("trailers"));
+        assert_eq!(
+            get(&seen.headers, "x-keygate-scopes").as_deref(),
+            Some("invoices:read invoices:write")
+        );
+        assert_eq!(upstream.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn rejects_bad_target_and_identity_without_contacting_upstream() {
+        let upstream = spawn_upstream(false).await;
+        let forwarder = Forwarder::new(config(upstream.addr));
+        let client_addr: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+
+        let req = Request::get("/")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let result = forwarder
+            .try_forward(req, "no-slash", None, client_addr, false)
+            .await;
+        assert_eq!(result.err(), Some(ForwardError::InvalidTarget));
+
+        let bad = Identity {
+            client_id: "evil\r\nx-injected: 1".into(),
+            ..identity()
+        };
+        let req = Request::get("/")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let response = forwarder
+            .forward(req, "/", Some(&bad), client_addr, false)
+            .await;
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(upstream.accepted.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn hop_by_hop_rules() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("close, X-Foo"));
+        h.append(header::CONNECTION, HeaderValue::from_static("host"));
+        h.insert("x-foo", HeaderValue::from_static("1"));
+        h.insert(header::HOST, HeaderValue::from_static("a.test"));
+        h.insert(header::TE, HeaderValue::from_static("deflate;q=0.5"));
+        remove_hop_by_hop(&mut h, false);
+        assert!(!h.contains_key("x-foo"));
+        assert!(!h.contains_key(header::CONNECTION));
+        assert!(!h.contains_key(header::TE));
+        assert_eq!(get(&h, "host").as_deref(), Some("a.test"));
+
+        // RFC 9110 requires `Connection: TE` next to `TE`; `trailers` must still survive.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("TE"));
+        h.insert(header::TE, HeaderValue::from_static("trailers, gzip"));
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(get(&h, "te").as_deref(), Some("trailers"));
+        assert!(!h.contains_key(header::CONNECTION));
+
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(is_upgrade_request(Version::HTTP_11, &h));
+        assert!(!is_upgrade_request(Version::HTTP_10, &h));
+        remove_hop_by_hop(&mut h, true);
+        assert_eq!(get(&h, "connection").as_deref(), Some("upgrade"));
+        assert_eq!(get(&h, "upgrade").as_deref(), Some("websocket"));
+    }
+
+    #[test]
+    fn forwarded_for_uses_canonical_ip() {
+        let mut h = HeaderMap::new();
+        let mapped: IpAddr = "::ffff:10.1.2.3".parse().expect("ip");
+        append_forwarded_for(&mut h, mapped);
+        assert_eq!(get(&h, "x-forwarded-for").as_deref(), Some("10.1.2.3"));
+        append_forwarded_for(&mut h, "2001:db8::1".parse().expect("ip"));
+        assert_eq!(
+            get(&h, "x-forwarded-for").as_deref(),
+            Some("10.1.2.3, 2001:db8::1")
+        );
+    }
+
+    #[test]
+    fn error_labels_and_statuses() {
+        let cases = [
+            (ForwardError::Connect, "connect", 502),
+            (ForwardError::Timeout, "timeout", 504),
+            (ForwardError::Protocol, "protocol", 502),
+            (ForwardError::InvalidTarget, "invalid_target", 400),
+            (ForwardError::InvalidIdentity, "invalid_identity", 500),
+        ];
+        for (error, label, status) in cases {
+            assert_eq!(error.as_label(), label);
+            assert_eq!(error.status().as_u16(), status);
+            assert_eq!(error.into_response().status().as_u16(), status);
+        }
+    }
+}

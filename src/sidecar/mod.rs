@@ -1,0 +1,4 @@
+//! The keygate sidecar: authenticates requests in front of a workload and forwards the
+//! authorized ones to it.
+
+pub mod forward;

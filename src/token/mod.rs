@@ -1,0 +1,463 @@
+//! The authorization server: OAuth 2.0 client credentials (RFC 6749 §4.4) with resource
+//! indicators (RFC 8707), RFC 9068 JWT access tokens, JWKS, RFC 8414 metadata, RFC 7009
+//! revocation and RFC 7662 introspection. It reads only the in-memory registry.
+
+pub mod access_token;
+mod client_auth;
+mod error;
+pub mod keys;
+
+pub use client_auth::{AuthMethod, ReplayCache, Throttle};
+pub use error::{ErrorCode, OAuthError};
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::credentials::unix_now;
+use crate::grants::grant;
+use crate::registry::{ClientView, Revocations, Snapshot};
+use access_token::{AccessClaims, new_jti};
+use client_auth::{Params, Presented, authenticate, presented};
+use keys::IssuerKeys;
+
+/// Settings of the token server.
+#[derive(Debug, Clone)]
+pub struct TokenConfig {
+    /// The issuer identifier (`iss`), an https URL in production; endpoints live below it.
+    pub issuer: String,
+    /// Lifetime of tokens for clients that do not set one.
+    pub default_lifetime: Duration,
+    /// Upper bound on every token's lifetime.
+    pub max_lifetime: Duration,
+    /// Clock skew tolerated in assertions and tokens presented back.
+    pub leeway: Duration,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+}
+
+impl TokenConfig {
+    /// Defaults for `issuer`: 1 h tokens, 24 h at most, 30 s leeway, 16 KiB bodies.
+    pub fn new(issuer: impl Into<String>) -> Self {
+        Self {
+            issuer: issuer.into().trim_end_matches('/').to_owned(),
+            default_lifetime: Duration::from_secs(3600),
+            max_lifetime: Duration::from_secs(24 * 3600),
+            leeway: Duration::from_secs(30),
+            max_body_bytes: 16 * 1024,
+        }
+    }
+
+    /// The token endpoint URL.
+    pub fn token_endpoint(&self) -> String {
+        format!("{}/oauth2/token", self.issuer)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AlgLabels {
+    alg: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    error: String,
+}
+
+/// Token server metrics.
+#[derive(Debug)]
+struct Metrics {
+    issued: Family<AlgLabels, Counter>,
+    refused: Family<RefusedLabels, Counter>,
+    latency: Histogram,
+}
+
+impl Metrics {
+    fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let metrics = Self {
+            issued: Family::default(),
+            refused: Family::default(),
+            latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+        };
+        let registry = registry.sub_registry_with_prefix("keygate_token");
+        registry.register("issued", "Access tokens issued, by signing algorithm", metrics.issued.clone());
+        registry.register("refused", "Token requests refused, by OAuth error", metrics.refused.clone());
+        registry.register(
+            "request_duration_seconds",
+            "Time to answer a token request",
+            metrics.latency.clone(),
+        );
+        metrics
+    }
+}
+
+/// Everything the handlers share.
+pub struct TokenServer {
+    config: TokenConfig,
+    registry: watch::Receiver<Arc<Snapshot>>,
+    keys: watch::Receiver<Arc<IssuerKeys>>,
+    revocations: Arc<Revocations>,
+    replay: ReplayCache,
+    throttle: Throttle,
+    metrics: Metrics,
+}
+
+impl TokenServer {
+    pub fn new(
+        config: TokenConfig,
+        registry: watch::Receiver<Arc<Snapshot>>,
+        keys: watch::Receiver<Arc<IssuerKeys>>,
+        revocations: Arc<Revocations>,
+        metrics: &mut prometheus_client::registry::Registry,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            registry,
+            keys,
+            revocations,
+            replay: ReplayCache::default(),
+            throttle: Throttle::default(),
+            metrics: Metrics::register(metrics),
+        })
+    }
+
+    pub fn config(&self) -> &TokenConfig {
+        &self.config
+    }
+
+    fn audiences(&self) -> [String; 2] {
+        [self.config.token_endpoint(), self.config.issuer.clone()]
+    }
+
+    /// Reads parameters and authenticates the client, with throttling per client and address.
+    fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        params: &Params,
+        peer: IpAddr,
+        now: u64,
+    ) -> Result<(Arc<ClientView>, AuthMethod), OAuthError> {
+        let authorization = match headers.get(header::AUTHORIZATION) {
+            Some(value) => Some(value.to_str().map_err(|_| {
+                OAuthError::new(ErrorCode::InvalidClient, "malformed Basic credentials")
+            })?),
+            None => None,
+        };
+        let presented: Presented = presented(authorization, params)?;
+        let client_id = presented.client_id().to_owned();
+        if self.throttle.is_blocked(&client_id, peer, now) {
+            return Err(OAuthError::new(
+                ErrorCode::SlowDown,
+                "too many failed authentications; retry later",
+            ));
+        }
+        let snapshot = self.registry.borrow().clone();
+        let [endpoint, issuer] = self.audiences();
+        match authenticate(
+            &presented,
+            &snapshot,
+            &[endpoint.as_str(), issuer.as_str()],
+            &self.replay,
+            self.config.leeway,
+            now,
+        ) {
+            Ok(ok) => {
+                self.throttle.record_success(&client_id, peer);
+                Ok(ok)
+            }
+            Err(e) => {
+                self.throttle.record_failure(&client_id, peer, now);
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The token server's routes (without the admin endpoints).
+pub fn router(server: Arc<TokenServer>) -> Router {
+    Router::new()
+        .route("/oauth2/token", post(token))
+        .route("/oauth2/revoke", post(revoke))
+        .route("/oauth2/introspect", post(introspect))
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/.well-known/oauth-authorization-server", get(metadata))
+        .route("/.well-known/openid-configuration", get(metadata))
+        .with_state(server)
+}
+
+/// Reads a form body: the right content type, within the size limit, no repeated parameter
+/// (RFC 6749 §3.2).
+async fn read_form(headers: &HeaderMap, body: Body, limit: usize) -> Result<Params, OAuthError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let media_type = content_type.split(';').next().unwrap_or_default().trim();
+    if !media_type.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        return Err(OAuthError::new(
+            ErrorCode::InvalidRequest,
+            "the request body must be application/x-www-form-urlencoded",
+        ));
+    }
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        OAuthError::new(ErrorCode::PayloadTooLarge, "the request body is too large")
+    })?;
+    let mut params = Params::new();
+    for (key, value) in form_urlencoded::parse(&bytes) {
+        if params.insert(key.clone().into_owned(), value.into_owned()).is_some() {
+            return Err(OAuthError::new(
+                ErrorCode::InvalidRequest,
+                format!("parameter {} is repeated", safe_name(&key)),
+            ));
+        }
+    }
+    Ok(params)
+}
+
+/// A parameter name fit for an error message: known names only.
+fn safe_name(name: &str) -> &'static str {
+    const KNOWN: [&str; 9] = [
+        "grant_type", "scope", "resource", "client_id", "client_secret",
+        "client_assertion", "client_assertion_type", "token", "token_type_hint",
+    ];
+    KNOWN.into_iter().find(|k| *k == name).unwrap_or("(unknown)")
+}
+
+fn no_store(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    response
+}
+
+async fn token(
+    State(server): State<Arc<TokenServer>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let result = issue_token(&server, &headers, body, peer.ip()).await;
+    server.metrics.latency.observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok((response, client, alg)) => {
+            server.metrics.issued.get_or_create(&AlgLabels { alg: alg.to_owned() }).inc();
+            tracing::info!(client = %client.key, client_id = %client.client_id, "token issued");
+            response
+        }
+        Err(error) => {
+            server
+                .metrics
+                .refused
+                .get_or_create(&RefusedLabels { error: error.code.as_str().to_owned() })
+                .inc();
+            tracing::info!(error = error.code.as_str(), reason = %error.description, peer = %peer.ip(), "token refused");
+            error.into_response()
+        }
+    }
+}
+
+async fn issue_token(
+    server: &TokenServer,
+    headers: &HeaderMap,
+    body: Body,
+    peer: IpAddr,
+) -> Result<(Response, Arc<ClientView>, &'static str), OAuthError> {
+    let params = read_form(headers, body, server.config.max_body_bytes).await?;
+    match params.get("grant_type").map(String::as_str) {
+        None => return Err(OAuthError::new(ErrorCode::InvalidRequest, "grant_type is required")),
+        Some("client_credentials") => {}
+        Some(_) => {
+            return Err(OAuthError::new(
+                ErrorCode::UnsupportedGrantType,
+                "only the client_credentials grant is supported",
+            ));
+        }
+    }
+    let now = unix_now();
+    let (client, _method) = server.authenticate(headers, &params, peer, now)?;
+    if client.disabled {
+        return Err(OAuthError::new(ErrorCode::UnauthorizedClient, "this client is disabled"));
+    }
+    let snapshot = server.registry.borrow().clone();
+    let granted = grant(
+        &client.grants,
+        params.get("resource").map(String::as_str),
+        params.get("scope").map(String::as_str),
+        |resource| snapshot.resources.get(resource).map(|r| r.matching),
+    )
+    .map_err(|e| {
+        let code = match e.error_code() {
+            "invalid_target" => ErrorCode::InvalidTarget,
+            _ => ErrorCode::InvalidScope,
+        };
+        OAuthError::new(code, e.to_string())
+    })?;
+    let lifetime = client
+        .token_lifetime
+        .unwrap_or(server.config.default_lifetime)
+        .min(server.config.max_lifetime)
+        .as_secs();
+    let keys = server.keys.borrow().clone();
+    let server_error = |_| OAuthError::new(ErrorCode::ServerError, "could not sign the token");
+    let claims = AccessClaims {
+        iss: server.config.issuer.clone(),
+        sub: client.client_id.clone(),
+        client_id: client.client_id.clone(),
+        aud: granted.resource.clone(),
+        scope: granted.scope_string(),
+        iat: now,
+        exp: now + lifetime,
+        jti: new_jti().map_err(server_error)?,
+    };
+    let token = access_token::issue(&keys.current, &claims).map_err(server_error)?;
+    let body = json!({
+        "access_token": token,
+        "token_type": "Bearer",
+        "expires_in": lifetime,
+        "scope": claims.scope,
+    });
+    Ok((no_store(axum::Json(body).into_response()), client, keys.current.algorithm.as_str()))
+}
+
+/// Verifies a token this server issued (signature with a published key, issuer, time) and
+/// checks it is neither revoked nor of a vanished or disabled client.
+fn active_claims(server: &TokenServer, token: &str, now: u64) -> Option<AccessClaims> {
+    let keys = server.keys.borrow().clone();
+    let claims = access_token::verify(
+        token,
+        &keys.verifying,
+        &server.config.issuer,
+        None,
+        server.config.leeway,
+        now,
+    )
+    .ok()?;
+    let revoked = server
+        .revocations
+        .current()
+        .is_revoked(Some(&claims.jti), &claims.client_id, claims.iat);
+    let snapshot = server.registry.borrow().clone();
+    let client_ok = snapshot.clients.get(&claims.client_id).is_some_and(|c| !c.disabled);
+    (!revoked && client_ok).then_some(claims)
+}
+
+async fn revoke(
+    State(server): State<Arc<TokenServer>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let params = read_form(&headers, body, server.config.max_body_bytes).await?;
+        let now = unix_now();
+        let (client, _) = server.authenticate(&headers, &params, peer.ip(), now)?;
+        let token = params
+            .get("token")
+            .ok_or_else(|| OAuthError::new(ErrorCode::InvalidRequest, "token is required"))?;
+        // RFC 7009 §2.2: an invalid or foreign token is not an error; say nothing about it.
+        if let Some(claims) = active_claims(&server, token, now) {
+            if claims.client_id == client.client_id {
+                server.revocations.revoke_token(&claims.jti, claims.exp);
+                tracing::info!(client = %client.key, jti = %claims.jti, "token revoked");
+            }
+        }
+        Ok::<_, OAuthError>(())
+    }
+    .await;
+    match result {
+        Ok(()) => no_store(StatusCode::OK.into_response()),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn introspect(
+    State(server): State<Arc<TokenServer>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = async {
+        let params = read_form(&headers, body, server.config.max_body_bytes).await?;
+        let now = unix_now();
+        server.authenticate(&headers, &params, peer.ip(), now)?;
+        let token = params
+            .get("token")
+            .ok_or_else(|| OAuthError::new(ErrorCode::InvalidRequest, "token is required"))?;
+        Ok::<_, OAuthError>(match active_claims(&server, token, now) {
+            Some(c) => json!({
+                "active": true,
+                "scope": c.scope,
+                "client_id": c.client_id,
+                "sub": c.sub,
+                "aud": c.aud,
+                "iss": c.iss,
+                "iat": c.iat,
+                "exp": c.exp,
+                "jti": c.jti,
+                "token_type": "Bearer",
+            }),
+            None => json!({ "active": false }),
+        })
+    }
+    .await;
+    match result {
+        Ok(body) => no_store(axum::Json(body).into_response()),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn jwks(State(server): State<Arc<TokenServer>>) -> Response {
+    let keys = server.keys.borrow().clone();
+    let mut response = axum::Json(&keys.jwks).into_response();
+    // Short enough that a new key, published a whole rotation interval before use, is
+    // picked up long before it signs anything.
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
+    response
+}
+
+async fn metadata(State(server): State<Arc<TokenServer>>) -> Response {
+    let issuer = &server.config.issuer;
+    let snapshot = server.registry.borrow().clone();
+    let scopes: BTreeSet<&String> = snapshot.resources.values().flat_map(|r| r.defined.iter()).collect();
+    let auth_methods = ["client_secret_basic", "client_secret_post", "private_key_jwt"];
+    let algs = ["ES256", "EdDSA", "RS256"];
+    let body = json!({
+        "issuer": issuer,
+        "token_endpoint": server.config.token_endpoint(),
+        "jwks_uri": format!("{issuer}/.well-known/jwks.json"),
+        "revocation_endpoint": format!("{issuer}/oauth2/revoke"),
+        "introspection_endpoint": format!("{issuer}/oauth2/introspect"),
+        "grant_types_supported": ["client_credentials"],
+        "response_types_supported": ["token"],
+        "token_endpoint_auth_methods_supported": auth_methods,
+        "token_endpoint_auth_signing_alg_values_supported": algs,
+        "revocation_endpoint_auth_methods_supported": auth_methods,
+        "introspection_endpoint_auth_methods_supported": auth_methods,
+        "scopes_supported": scopes,
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": algs,
+        "access_token_signing_alg_values_supported": algs,
+    });
+    let mut response = axum::Json(body).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
+    response
+}
