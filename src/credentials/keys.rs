@@ -205,6 +205,8 @@ pub struct VerifyingKey {
     pub fingerprint: String,
     /// The key as a JWK with `kid`, `alg` and `use: sig`.
     pub jwk: Jwk,
+    /// SPKI PEM, when the key came from PEM (empty for keys read from a JWKS).
+    pub public_pem: String,
     pub decoding: DecodingKey,
 }
 
@@ -245,6 +247,7 @@ impl VerifyingKey {
             kid,
             fingerprint: fingerprint_spki_der(block.contents()),
             jwk,
+            public_pem: pem_text.to_owned(),
             decoding,
         })
     }
@@ -285,6 +288,7 @@ impl VerifyingKey {
             kid,
             fingerprint: String::new(),
             jwk: jwk.clone(),
+            public_pem: String::new(),
             decoding,
         })
     }

@@ -12,11 +12,13 @@
 //! Compiling turns methods into a bitset and path patterns into segment matchers, so deciding
 //! is a linear scan that never allocates. Everything here is pure: no I/O.
 
+pub mod document;
 mod matcher;
 mod methods;
 pub mod path;
 mod pattern;
 
+pub use document::{BuildError, PolicyDocument};
 pub use matcher::{
     Access, CompiledPolicy, Decision, Requirement, RequirementMode, RuleError, RuleRef,
 };

@@ -323,23 +323,25 @@ impl Forwarder {
         *upstream_req.version_mut() = version;
         *upstream_req.headers_mut() = headers;
 
-        let mut response = match tokio::time::timeout(
-            self.response_header_timeout,
-            client.request(upstream_req),
-        )
-        .await
-        {
-            Ok(Ok(response)) => response,
-            Ok(Err(error)) => {
-                let classified = classify_client_error(&error);
-                tracing::debug!(error = %error_chain(&error), kind = classified.as_label(), "upstream request failed");
-                return Err(classified);
-            }
-            Err(_elapsed) => {
-                tracing::debug!("upstream response header timeout");
-                return Err(ForwardError::Timeout);
-            }
-        };
+        let mut response =
+            match tokio::time::timeout(self.response_header_timeout, client.request(upstream_req))
+                .await
+            {
+                Ok(Ok(response)) => response,
+                Ok(Err(error)) => {
+                    let classified = classify_client_error(&error);
+                    tracing::debug!(
+                        error = %error_chain(&error),
+                        kind = classified.as_label(),
+                        "upstream request failed"
+                    );
+                    return Err(classified);
+                }
+                Err(_elapsed) => {
+                    tracing::debug!("upstream response header timeout");
+                    return Err(ForwardError::Timeout);
+                }
+            };
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(inbound_upgrade) = inbound_upgrade else {

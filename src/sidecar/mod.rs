@@ -1,4 +1,7 @@
 //! The keygate sidecar: authenticates requests in front of a workload and forwards the
 //! authorized ones to it.
 
+pub mod auth;
 pub mod forward;
+pub mod jwks;
+pub mod server;

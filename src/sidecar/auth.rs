@@ -1,0 +1,407 @@
+//! Credential checks of the sidecar: keygate access tokens, external issuers' JWTs, key-pair
+//! JWTs and API keys, against a loaded policy document. Verified tokens are cached by digest
+//! until they expire; revocation is checked on every request, cached or not.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use http::HeaderMap;
+use jsonwebtoken::{Algorithm, Validation};
+use serde::Deserialize;
+
+use super::jwks::JwksCache;
+use crate::credentials::{
+    SecretDigest, VerifyingKey, jws_algorithm, jwt_error_reason, split_keypair_issuer,
+    verify_keypair_jwt, KeyPairJwtIdentity,
+};
+use crate::policy::{CompiledPolicy, PolicyDocument};
+use crate::token::access_token;
+
+/// The longest credential accepted; anything longer is refused before parsing.
+pub const MAX_CREDENTIAL_BYTES: usize = 8 * 1024;
+/// Most verified tokens remembered per policy generation.
+const MAX_CACHED: usize = 10_000;
+
+/// Which kind of credential authenticated a request (the `X-Keygate-Auth-Method` value).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    AccessToken,
+    ExternalToken,
+    KeyPairJwt,
+    ApiKey,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AccessToken => "access_token",
+            Self::ExternalToken => "external_token",
+            Self::KeyPairJwt => "keypair_jwt",
+            Self::ApiKey => "api_key",
+        }
+    }
+}
+
+/// A verified caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub client_id: Arc<str>,
+    pub scopes: Arc<[String]>,
+    pub method: Method,
+    /// Fields revocation is checked against.
+    jti: Option<Arc<str>>,
+    iat: u64,
+    exp: Option<u64>,
+}
+
+impl Caller {
+    /// The scopes space-delimited.
+    pub fn scope_string(&self) -> String {
+        self.scopes.join(" ")
+    }
+}
+
+/// Why a request was not authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// No credential at all.
+    Missing,
+    /// A credential that failed; the reason is short and safe to return.
+    Invalid(String),
+}
+
+struct ClientEntry {
+    client_id: Arc<str>,
+    scopes: Arc<[String]>,
+}
+
+struct ExternalIssuer {
+    issuer: String,
+    audiences: Vec<String>,
+    jwks: Arc<JwksCache>,
+}
+
+/// A policy document made ready for the hot path.
+pub struct LoadedPolicy {
+    pub document: PolicyDocument,
+    pub compiled: CompiledPolicy,
+    keygate_keys: HashMap<String, VerifyingKey>,
+    clients: HashMap<String, Arc<ClientEntry>>,
+    client_keys: HashMap<String, (Arc<ClientEntry>, VerifyingKey, Option<u64>)>,
+    api_keys: HashMap<SecretDigest, (Arc<ClientEntry>, Option<u64>)>,
+    disabled: HashSet<String>,
+    external: Vec<ExternalIssuer>,
+    /// `realm="..."` value: the resource without characters that would break the header.
+    pub realm: String,
+    cache: RwLock<HashMap<SecretDigest, Caller>>,
+}
+
+/// Removes characters that cannot appear inside a quoted header parameter.
+pub fn header_safe(text: &str) -> String {
+    text.chars().filter(|c| *c != '"' && *c != '\\' && !c.is_control()).collect()
+}
+
+impl LoadedPolicy {
+    /// Prepares `document`; `jwks_for` gives the (shared, long-lived) cache of a `jwksUri`.
+    pub fn load(
+        document: PolicyDocument,
+        jwks_for: impl Fn(&str) -> Arc<JwksCache>,
+    ) -> Result<Self, String> {
+        let compiled = CompiledPolicy::compile(&document.spec).map_err(|errors| {
+            errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+        })?;
+        let mut keygate_keys = HashMap::new();
+        for jwk in &document.keygate.jwks.keys {
+            let key = VerifyingKey::from_jwk(jwk).map_err(|e| format!("keygate JWKS: {e}"))?;
+            keygate_keys.insert(key.kid.clone(), key);
+        }
+        let mut clients = HashMap::new();
+        let mut client_keys = HashMap::new();
+        let mut api_keys = HashMap::new();
+        for client in &document.clients {
+            let entry = Arc::new(ClientEntry {
+                client_id: client.client_id.as_str().into(),
+                scopes: client.scopes.clone().into(),
+            });
+            for key in &client.keys {
+                let parsed = VerifyingKey::from_spki_pem(&key.public_key)
+                    .map_err(|e| format!("client {}: {e}", client.name))?;
+                if parsed.fingerprint != key.fingerprint {
+                    return Err(format!("client {}: key fingerprint does not match its key", client.name));
+                }
+                client_keys.insert(key.fingerprint.clone(), (entry.clone(), parsed, key.not_after));
+            }
+            for api_key in &client.api_keys {
+                let digest = SecretDigest::decode(&api_key.digest)
+                    .ok_or_else(|| format!("client {}: malformed API key digest", client.name))?;
+                api_keys.insert(digest, (entry.clone(), api_key.not_after));
+            }
+            clients.insert(client.client_id.clone(), entry);
+        }
+        let external = document
+            .spec
+            .issuers
+            .iter()
+            .map(|i| ExternalIssuer {
+                issuer: i.issuer.clone(),
+                audiences: if i.audiences.is_empty() {
+                    vec![document.resource.clone()]
+                } else {
+                    i.audiences.clone()
+                },
+                jwks: jwks_for(&i.jwks_uri),
+            })
+            .collect();
+        Ok(Self {
+            realm: header_safe(&document.resource),
+            disabled: document.disabled_clients.iter().cloned().collect(),
+            compiled,
+            keygate_keys,
+            clients,
+            client_keys,
+            api_keys,
+            external,
+            cache: RwLock::new(HashMap::new()),
+            document,
+        })
+    }
+
+    /// Authenticates a request at `now` (Unix seconds). Returns the caller and whether the
+    /// answer came from the cache.
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        leeway: Duration,
+        now: u64,
+    ) -> Result<(Caller, bool), AuthFailure> {
+        let credential = credential(headers)?;
+        if credential.len() > MAX_CREDENTIAL_BYTES {
+            return Err(AuthFailure::Invalid("credential too large".into()));
+        }
+        let digest = SecretDigest::of(credential);
+        let cached = self
+            .cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&digest)
+            .cloned();
+        let (caller, hit) = match cached {
+            Some(caller) if caller.exp.is_none_or(|exp| exp + leeway.as_secs() > now) => (caller, true),
+            _ => {
+                let caller = self.verify(credential, &digest, leeway, now).await?;
+                self.remember(digest, &caller);
+                (caller, false)
+            }
+        };
+        self.check_revocation(&caller, now)?;
+        Ok((caller, hit))
+    }
+
+    fn remember(&self, digest: SecretDigest, caller: &Caller) {
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= MAX_CACHED {
+            // Bounded memory beats perfect hit rates; the next requests refill it.
+            cache.clear();
+        }
+        cache.insert(digest, caller.clone());
+    }
+
+    fn check_revocation(&self, caller: &Caller, now: u64) -> Result<(), AuthFailure> {
+        if self.disabled.contains(&*caller.client_id) {
+            return Err(AuthFailure::Invalid("client disabled".into()));
+        }
+        let revocations = &self.document.revocations;
+        if revocations.is_revoked(caller.jti.as_deref(), &caller.client_id, caller.iat) {
+            return Err(AuthFailure::Invalid("token revoked".into()));
+        }
+        // An API key or key-pair JWT of a client revoked "now" must stop working as well.
+        if caller.method == Method::ApiKey
+            && revocations.clients.get(&*caller.client_id).is_some_and(|nb| *nb <= now)
+        {
+            return Err(AuthFailure::Invalid("client revoked".into()));
+        }
+        Ok(())
+    }
+
+    async fn verify(
+        &self,
+        credential: &str,
+        digest: &SecretDigest,
+        leeway: Duration,
+        now: u64,
+    ) -> Result<Caller, AuthFailure> {
+        let invalid = |reason: &str| AuthFailure::Invalid(reason.to_owned());
+        if credential.bytes().filter(|b| *b == b'.').count() != 2 {
+            let (entry, not_after) = self.api_keys.get(digest).ok_or_else(|| invalid("unknown API key"))?;
+            if not_after.is_some_and(|t| now >= t) {
+                return Err(invalid("API key expired"));
+            }
+            return Ok(Caller {
+                client_id: entry.client_id.clone(),
+                scopes: entry.scopes.clone(),
+                method: Method::ApiKey,
+                jti: None,
+                iat: now,
+                exp: None,
+            });
+        }
+        #[derive(Deserialize)]
+        struct Iss {
+            iss: String,
+        }
+        let iss = jsonwebtoken::dangerous::insecure_decode_claims::<Iss>(credential)
+            .map_err(|_| invalid("malformed token"))?
+            .iss;
+        if iss == self.document.keygate.issuer {
+            let claims = access_token::verify(
+                credential,
+                &self.keygate_keys,
+                &self.document.keygate.issuer,
+                Some(&self.document.resource),
+                leeway,
+                now,
+            )
+            .map_err(|e| AuthFailure::Invalid(e.0))?;
+            let entry = self
+                .clients
+                .get(&claims.client_id)
+                .ok_or_else(|| invalid("client has no grant on this API"))?;
+            return Ok(Caller {
+                client_id: entry.client_id.clone(),
+                scopes: claims.scopes().map(str::to_owned).collect::<Vec<_>>().into(),
+                method: Method::AccessToken,
+                jti: Some(claims.jti.as_str().into()),
+                iat: claims.iat,
+                exp: Some(claims.exp),
+            });
+        }
+        if let Some((client_id, fingerprint)) = split_keypair_issuer(&iss) {
+            let (entry, key, not_after) = self
+                .client_keys
+                .get(fingerprint)
+                .filter(|(entry, _, _)| &*entry.client_id == client_id)
+                .ok_or_else(|| invalid("unknown key fingerprint"))?;
+            if not_after.is_some_and(|t| now >= t) {
+                return Err(invalid("key expired"));
+            }
+            let identity = KeyPairJwtIdentity {
+                client_id: client_id.to_owned(),
+                fingerprint: fingerprint.to_owned(),
+            };
+            let aud = audience_claim(credential);
+            if aud.as_deref().is_some_and(|a| a != self.document.resource) {
+                return Err(invalid("wrong audience"));
+            }
+            let claims = verify_keypair_jwt(credential, &identity, key, aud.as_deref(), leeway, now)
+                .map_err(|e| AuthFailure::Invalid(e.to_string().trim_start_matches("invalid key-pair JWT: ").to_owned()))?;
+            return Ok(Caller {
+                client_id: entry.client_id.clone(),
+                scopes: entry.scopes.clone(),
+                method: Method::KeyPairJwt,
+                jti: None,
+                iat: claims.iat,
+                exp: Some(claims.exp),
+            });
+        }
+        if let Some(external) = self.external.iter().find(|e| e.issuer == iss) {
+            return verify_external(credential, external, leeway, now).await;
+        }
+        Err(invalid("untrusted issuer"))
+    }
+}
+
+/// The `aud` claim of an unverified JWT when it is a single string.
+fn audience_claim(token: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Aud {
+        aud: Option<String>,
+    }
+    jsonwebtoken::dangerous::insecure_decode_claims::<Aud>(token).ok()?.aud
+}
+
+/// The credential of a request: `Authorization: Bearer <x>` or `X-API-Key: <x>`.
+fn credential(headers: &HeaderMap) -> Result<&str, AuthFailure> {
+    if let Some(value) = headers.get(http::header::AUTHORIZATION) {
+        let value = value
+            .to_str()
+            .map_err(|_| AuthFailure::Invalid("malformed Authorization header".into()))?;
+        let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+        if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+            return Err(AuthFailure::Invalid("expected Authorization: Bearer".into()));
+        }
+        return Ok(token.trim());
+    }
+    match headers.get("x-api-key") {
+        Some(value) => value
+            .to_str()
+            .map(str::trim)
+            .map_err(|_| AuthFailure::Invalid("malformed X-API-Key header".into())),
+        None => Err(AuthFailure::Missing),
+    }
+}
+
+#[derive(Deserialize)]
+struct ExternalClaims {
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    client_id: Option<String>,
+    #[serde(default)]
+    azp: Option<String>,
+    #[serde(default)]
+    scope: Option<String>,
+    #[serde(default)]
+    scp: Option<Vec<String>>,
+    #[serde(default)]
+    iat: Option<u64>,
+    exp: u64,
+    #[serde(default)]
+    jti: Option<String>,
+}
+
+async fn verify_external(
+    token: &str,
+    issuer: &ExternalIssuer,
+    leeway: Duration,
+    now: u64,
+) -> Result<Caller, AuthFailure> {
+    let invalid = |reason: &str| AuthFailure::Invalid(reason.to_owned());
+    let header = jsonwebtoken::decode_header(token).map_err(|_| invalid("malformed token"))?;
+    let kid = header.kid.as_deref().ok_or_else(|| invalid("no kid"))?;
+    let key = issuer.jwks.key(kid).await.ok_or_else(|| invalid("unknown kid"))?;
+    // The algorithm comes from the key, never from the token: no `none`, no HMAC.
+    let alg: Algorithm = jws_algorithm(key.algorithm);
+    if header.alg != alg {
+        return Err(invalid("algorithm not allowed"));
+    }
+    let mut validation = Validation::new(alg);
+    validation.leeway = leeway.as_secs();
+    validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+    validation.set_issuer(&[&issuer.issuer]);
+    validation.set_audience(&issuer.audiences);
+    validation.validate_nbf = true;
+    let claims = jsonwebtoken::decode::<ExternalClaims>(token, &key.decoding, &validation)
+        .map_err(|e| AuthFailure::Invalid(jwt_error_reason(&e)))?
+        .claims;
+    access_token::check_times(claims.iat.unwrap_or(0), claims.exp, leeway, now)
+        .map_err(|e| AuthFailure::Invalid(e.0))?;
+    let client_id = claims
+        .client_id
+        .or(claims.azp)
+        .or(claims.sub)
+        .ok_or_else(|| invalid("token names no client"))?;
+    let scopes: Vec<String> = match (claims.scope, claims.scp) {
+        (Some(scope), _) => scope.split(' ').filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+        (None, Some(scp)) => scp,
+        (None, None) => Vec::new(),
+    };
+    Ok(Caller {
+        client_id: client_id.into(),
+        scopes: scopes.into(),
+        method: Method::ExternalToken,
+        jti: claims.jti.map(Into::into),
+        iat: claims.iat.unwrap_or(0),
+        exp: Some(claims.exp),
+    })
+}

@@ -1,0 +1,338 @@
+//! The sidecar's request path: normalise the path, find the rule, check the credential,
+//! answer 401/403 or forward. Policies are swapped atomically; without one it fails closed.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use tokio::sync::watch;
+
+use super::auth::{AuthFailure, LoadedPolicy, header_safe};
+use super::forward::{Forwarder, Identity, ProxyBody};
+use super::jwks::JwksCache;
+use crate::credentials::unix_now;
+use crate::policy::{Access, PolicyDocument, normalize};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    outcome: &'static str,
+    rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    kind: &'static str,
+}
+
+struct Metrics {
+    decisions: Family<DecisionLabels, Counter>,
+    verify_seconds: Histogram,
+    cache_hits: Counter,
+    upstream_errors: Family<UpstreamLabels, Counter>,
+    policy_generation: Gauge,
+    reload_errors: Counter,
+}
+
+impl Metrics {
+    fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let metrics = Self {
+            decisions: Family::default(),
+            verify_seconds: Histogram::new(exponential_buckets(0.000_005, 2.0, 16)),
+            cache_hits: Counter::default(),
+            upstream_errors: Family::default(),
+            policy_generation: Gauge::default(),
+            reload_errors: Counter::default(),
+        };
+        let r = registry.sub_registry_with_prefix("keygate_sidecar");
+        r.register("decisions", "Requests by outcome and matched rule", metrics.decisions.clone());
+        r.register("verify_duration_seconds", "Time to check a credential", metrics.verify_seconds.clone());
+        r.register("verify_cache_hits", "Credential checks answered from the cache", metrics.cache_hits.clone());
+        r.register("upstream_errors", "Requests the workload could not answer", metrics.upstream_errors.clone());
+        r.register("policy_generation", "Policies installed since start", metrics.policy_generation.clone());
+        r.register("policy_reload_errors", "Policy files refused on reload", metrics.reload_errors.clone());
+        metrics
+    }
+}
+
+/// One sidecar: the current policy, the forwarder, shared JWKS caches and metrics.
+pub struct Sidecar {
+    policy: ArcSwapOption<LoadedPolicy>,
+    forwarder: Forwarder,
+    jwks: Mutex<HashMap<String, Arc<JwksCache>>>,
+    http: reqwest::Client,
+    leeway: Duration,
+    metrics: Metrics,
+    ready: watch::Sender<bool>,
+}
+
+impl Sidecar {
+    pub fn new(
+        forwarder: Forwarder,
+        leeway: Duration,
+        metrics: &mut prometheus_client::registry::Registry,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            policy: ArcSwapOption::empty(),
+            forwarder,
+            jwks: Mutex::new(HashMap::new()),
+            http: reqwest::Client::new(),
+            leeway,
+            metrics: Metrics::register(metrics),
+            ready: watch::Sender::new(false),
+        })
+    }
+
+    /// True once a valid policy is installed.
+    pub fn ready(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
+    }
+
+    /// Installs a policy; on error the previous one stays in force.
+    pub fn install(&self, document: PolicyDocument) -> Result<(), String> {
+        let loaded = LoadedPolicy::load(document, |uri| {
+            let mut caches = self.jwks.lock().unwrap_or_else(|p| p.into_inner());
+            caches
+                .entry(uri.to_owned())
+                .or_insert_with(|| JwksCache::new(uri.to_owned(), self.http.clone()))
+                .clone()
+        });
+        match loaded {
+            Ok(loaded) => {
+                self.policy.store(Some(Arc::new(loaded)));
+                self.metrics.policy_generation.inc();
+                self.ready.send_replace(true);
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.reload_errors.inc();
+                Err(e)
+            }
+        }
+    }
+
+    /// Records a refused policy file.
+    pub fn reload_failed(&self) {
+        self.metrics.reload_errors.inc();
+    }
+
+    /// Answers one request.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let Some(policy) = self.policy.load_full() else {
+            return self.finish("no_policy", "", plain(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "no valid policy is loaded", None));
+        };
+        let path = match normalize(req.uri().path()) {
+            Ok(path) => path.into_owned(),
+            Err(e) => {
+                return self.finish("bad_request", "", plain(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string(), None));
+            }
+        };
+        let target = match req.uri().query() {
+            Some(query) => format!("{path}?{query}"),
+            None => path.clone(),
+        };
+        let decision = policy.compiled.decide(req.method(), &path);
+        let rule = decision.rule.map(|r| r.name).unwrap_or("(default)").to_owned();
+        let requirement = match decision.access {
+            Access::Public => {
+                return self.forward(req, &target, None, peer, &policy, "public", rule).await;
+            }
+            Access::Deny => {
+                return self.finish("denied", &rule, plain(StatusCode::FORBIDDEN, "access_denied", "no rule allows this request", None));
+            }
+            Access::Authenticated => None,
+            Access::Scopes(requirement) => Some(requirement),
+        };
+        let started = Instant::now();
+        let result = policy.authenticate(req.headers(), self.leeway, unix_now()).await;
+        self.metrics.verify_seconds.observe(started.elapsed().as_secs_f64());
+        let caller = match result {
+            Ok((caller, cache_hit)) => {
+                if cache_hit {
+                    self.metrics.cache_hits.inc();
+                }
+                caller
+            }
+            Err(AuthFailure::Missing) => {
+                let challenge = format!("Bearer realm=\"{}\"", policy.realm);
+                return self.finish("unauthenticated", &rule, plain(StatusCode::UNAUTHORIZED, "invalid_token", "a credential is required", Some(challenge)));
+            }
+            Err(AuthFailure::Invalid(reason)) => {
+                let reason = header_safe(&reason);
+                let challenge = format!("Bearer realm=\"{}\", error=\"invalid_token\", error_description=\"{reason}\"", policy.realm);
+                return self.finish("invalid_credential", &rule, plain(StatusCode::UNAUTHORIZED, "invalid_token", &reason, Some(challenge)));
+            }
+        };
+        if let Some(requirement) = requirement {
+            if !requirement.is_satisfied_by(&caller.scopes) {
+                let challenge = format!(
+                    "Bearer realm=\"{}\", error=\"insufficient_scope\", scope=\"{}\"",
+                    policy.realm,
+                    requirement.scope_param()
+                );
+                return self.finish("forbidden", &rule, plain(StatusCode::FORBIDDEN, "insufficient_scope", "the credential lacks a required scope", Some(challenge)));
+            }
+        }
+        let identity = Identity {
+            client_id: caller.client_id.to_string(),
+            scopes: caller.scope_string(),
+            auth_method: caller.method.as_str(),
+        };
+        self.forward(req, &target, Some(&identity), peer, &policy, "allowed", rule).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        target: &str,
+        identity: Option<&Identity>,
+        peer: SocketAddr,
+        policy: &LoadedPolicy,
+        outcome: &'static str,
+        rule: String,
+    ) -> Response<ProxyBody> {
+        let forward_authorization = policy.document.spec.upstream.forward_authorization;
+        let response = match self.forwarder.try_forward(req, target, identity, peer, forward_authorization).await {
+            Ok(response) => response,
+            Err(e) => {
+                self.metrics.upstream_errors.get_or_create(&UpstreamLabels { kind: e.as_label() }).inc();
+                e.into_response()
+            }
+        };
+        self.metrics.decisions.get_or_create(&DecisionLabels { outcome, rule }).inc();
+        response
+    }
+
+    fn finish(&self, outcome: &'static str, rule: &str, response: Response<ProxyBody>) -> Response<ProxyBody> {
+        self.metrics
+            .decisions
+            .get_or_create(&DecisionLabels { outcome, rule: rule.to_owned() })
+            .inc();
+        response
+    }
+}
+
+/// A short JSON answer from the sidecar itself.
+fn plain(status: StatusCode, error: &str, description: &str, challenge: Option<String>) -> Response<ProxyBody> {
+    let body = serde_json::json!({ "error": error, "error_description": description }).to_string();
+    let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(challenge) = challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        headers.insert(header::WWW_AUTHENTICATE, challenge);
+    }
+    response
+}
+
+/// Serves the sidecar on `listener` (HTTP/1.1 and h2c, upgrades allowed) until `shutdown`
+/// resolves, then waits up to `drain` for in-flight requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    sidecar: Arc<Sidecar>,
+    shutdown: impl std::future::Future<Output = ()>,
+    drain: Duration,
+) -> std::io::Result<()> {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of file descriptors and the like: pause instead of spinning.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let sidecar = sidecar.clone();
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let sidecar = sidecar.clone();
+                    async move { Ok::<_, std::convert::Infallible>(sidecar.handle(req, peer).await) }
+                });
+                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                let connection = graceful.watch(connection.into_owned());
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(%error, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!("in-flight requests did not finish before the drain timeout");
+    }
+    Ok(())
+}
+
+/// Reads the policy file at `path` now and every `interval` after, installing each new
+/// valid version. A ConfigMap mount changes through a symlink swap, so the content is
+/// compared, not modification times. Returns the error when the first read fails.
+pub async fn watch_policy_file(
+    path: PathBuf,
+    sidecar: Arc<Sidecar>,
+    interval: Duration,
+) -> Result<impl std::future::Future<Output = ()>, String> {
+    let read = |path: &PathBuf| -> Result<(u64, PolicyDocument), String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        bytes.hash(&mut hasher);
+        let document = PolicyDocument::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok((hasher.finish(), document))
+    };
+    let (mut last, document) = read(&path)?;
+    sidecar.install(document).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(async move {
+        let mut ticker = tokio::time::interval(interval);
+        loop {
+            ticker.tick().await;
+            let bytes = match std::fs::read(&path) {
+                Ok(bytes) => bytes,
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "cannot read the policy file; keeping the last good policy");
+                    continue;
+                }
+            };
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            bytes.hash(&mut hasher);
+            let hash = hasher.finish();
+            if hash == last {
+                continue;
+            }
+            last = hash;
+            let installed = match PolicyDocument::parse(&bytes) {
+                Ok(document) => sidecar.install(document),
+                Err(error) => {
+                    sidecar.reload_failed();
+                    Err(error.to_string())
+                }
+            };
+            match installed {
+                Ok(()) => tracing::info!(path = %path.display(), "policy reloaded"),
+                Err(error) => tracing::error!(path = %path.display(), %error, "invalid policy file; keeping the last good policy"),
+            }
+        }
+    })
+}
