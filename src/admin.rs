@@ -1,7 +1,7 @@
 //! The admin endpoints every keygate server exposes: `/healthz`, `/readyz` and Prometheus
 //! `/metrics`, plus the shutdown signal and the serve loop they share.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use axum::Router;
 use axum::extract::State;
@@ -14,7 +14,9 @@ use tokio::sync::watch;
 /// What the admin endpoints read.
 #[derive(Clone)]
 pub struct AdminState {
-    pub metrics: Arc<Registry>,
+    /// Locked only to register metrics of components started later (a sidecar per new
+    /// policy in `keygate dev`) and to encode a scrape.
+    pub metrics: Arc<RwLock<Registry>>,
     /// True once the process can do its job (e.g. the sidecar has a valid policy).
     pub ready: watch::Receiver<bool>,
 }
@@ -38,7 +40,11 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 
 async fn metrics(State(state): State<AdminState>) -> Response {
     let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &state.metrics) {
+    let encoded = {
+        let registry = state.metrics.read().unwrap_or_else(|p| p.into_inner());
+        prometheus_client::encoding::text::encode(&mut body, &registry)
+    };
+    match encoded {
         Ok(()) => (
             [(
                 header::CONTENT_TYPE,

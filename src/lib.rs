@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod api;
 pub mod credentials;
+pub mod dev;
 pub mod grants;
 pub mod policy;
 pub mod registry;

@@ -1,6 +1,7 @@
 //! The `keygate` binary: one executable for every role, chosen by subcommand.
 
 use std::io::Read;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -56,6 +57,111 @@ enum Command {
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         lifetime: Duration,
     },
+
+    /// Run the verifying proxy in front of a workload.
+    Sidecar(SidecarArgs),
+
+    /// Run the token server and a sidecar per ScopePolicy from YAML files, without a cluster.
+    Dev(DevArgs),
+
+    /// Get an access token from a token endpoint (client credentials grant) and print it.
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct SidecarArgs {
+    /// The policy file (the ScopePolicy's ConfigMap mount).
+    #[arg(long, env = "KEYGATE_POLICY", default_value = "/etc/keygate/policy.json")]
+    policy: PathBuf,
+    /// Address for requests to the workload.
+    #[arg(long, env = "KEYGATE_LISTEN", default_value = "0.0.0.0:8100")]
+    listen: SocketAddr,
+    /// The workload. Defaults to 127.0.0.1 and the policy's upstream port.
+    #[arg(long, env = "KEYGATE_UPSTREAM")]
+    upstream: Option<SocketAddr>,
+    /// Speak HTTP/2 without negotiation (h2c) to the workload, e.g. for gRPC.
+    #[arg(long, env = "KEYGATE_UPSTREAM_H2C", default_value_t = false)]
+    upstream_h2c: bool,
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "KEYGATE_ADMIN", default_value = "0.0.0.0:8101")]
+    admin: SocketAddr,
+    /// Clock skew tolerated on token times.
+    #[arg(long, env = "KEYGATE_LEEWAY", default_value = "30s", value_parser = parse_duration)]
+    leeway: Duration,
+    /// How often the policy file is checked for changes.
+    #[arg(long, env = "KEYGATE_RELOAD_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    reload_interval: Duration,
+    /// How long in-flight requests may take to finish on shutdown.
+    #[arg(long, env = "KEYGATE_DRAIN", default_value = "20s", value_parser = parse_duration)]
+    drain: Duration,
+}
+
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+struct DevArgs {
+    #[command(subcommand)]
+    command: Option<DevCommand>,
+    /// Directory of M2MRole, ApiClient and ScopePolicy YAML manifests.
+    #[arg(long, env = "KEYGATE_DEV_CONFIG")]
+    config: Option<PathBuf>,
+    /// Where generated credentials, signing keys and revocations are kept.
+    #[arg(long, env = "KEYGATE_DEV_STATE", default_value = ".keygate-dev")]
+    state: PathBuf,
+    /// Address every listener binds to.
+    #[arg(long, env = "KEYGATE_DEV_BIND", default_value = "127.0.0.1")]
+    bind: std::net::IpAddr,
+    /// Token server port (0: any free port).
+    #[arg(long, env = "KEYGATE_DEV_PORT", default_value_t = 8400)]
+    port: u16,
+    /// Port of the first sidecar; further ScopePolicies get the next ports (0: any).
+    #[arg(long, env = "KEYGATE_DEV_SIDECAR_PORT", default_value_t = 8401)]
+    sidecar_port: u16,
+    /// Forward to this workload (host:port) instead of the built-in echo server.
+    #[arg(long, env = "KEYGATE_DEV_UPSTREAM")]
+    upstream: Option<String>,
+    /// How often the configuration directory is checked for changes.
+    #[arg(long, env = "KEYGATE_DEV_RELOAD_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    reload_interval: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+enum DevCommand {
+    /// Print a client's credentials as its Secret would hold them (JSON), or one field.
+    Credentials {
+        /// The ApiClient, as namespace/name or a name unique across namespaces.
+        client: String,
+        /// The state directory of `keygate dev`.
+        #[arg(long, env = "KEYGATE_DEV_STATE", default_value = ".keygate-dev")]
+        state: PathBuf,
+        /// Print only this key, e.g. client_secret or private_key.pem.
+        #[arg(long)]
+        field: Option<String>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct TokenArgs {
+    /// The token endpoint.
+    #[arg(long, env = "KEYGATE_TOKEN_URL", default_value = "http://127.0.0.1:8400/oauth2/token")]
+    token_url: String,
+    /// The client id.
+    #[arg(long, env = "KEYGATE_CLIENT_ID")]
+    client_id: String,
+    /// The client secret (client_secret_basic). Prefer the environment variable.
+    #[arg(long, env = "KEYGATE_CLIENT_SECRET", hide_env_values = true)]
+    client_secret: Option<String>,
+    /// The client's PKCS#8 private key (private_key_jwt); wins over a client secret.
+    #[arg(long, env = "KEYGATE_PRIVATE_KEY_FILE")]
+    private_key: Option<PathBuf>,
+    /// Space-delimited scopes to request; all allowed scopes when absent.
+    #[arg(long)]
+    scope: Option<String>,
+    /// The resource (API) the token is for.
+    #[arg(long)]
+    resource: Option<String>,
+    /// Print the whole JSON response instead of only the access token.
+    #[arg(long, default_value_t = false)]
+    json: bool,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -85,10 +191,14 @@ fn read_input(path: &PathBuf) -> anyhow::Result<String> {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.log_format, &cli.log)?;
     match cli.command {
+        Command::Sidecar(args) => run_sidecar(args).await?,
+        Command::Dev(args) => run_dev(args).await?,
+        Command::Token(args) => fetch_token(args).await?,
         Command::Crd => print!("{}", keygate::api::crds_yaml()?),
         Command::Fingerprint { file } => {
             println!("{}", keygate::credentials::fingerprint_pem(&read_input(&file)?)?);
@@ -102,6 +212,153 @@ fn main() -> anyhow::Result<()> {
             let jwt = sign_keypair_jwt(&key, &client_id, audience.as_deref(), lifetime, unix_now())?;
             println!("{jwt}");
         }
+    }
+    Ok(())
+}
+
+async fn run_sidecar(args: SidecarArgs) -> anyhow::Result<()> {
+    use keygate::sidecar::forward::{ForwardConfig, Forwarder};
+    use keygate::sidecar::server::{Sidecar, serve, watch_policy_file};
+    use keygate::policy::PolicyDocument;
+
+    // Read once up front to learn the upstream port and to refuse to start without a policy.
+    let document = std::fs::read(&args.policy)
+        .with_context(|| format!("reading the policy file {}", args.policy.display()))?;
+    let document = PolicyDocument::parse(&document)
+        .with_context(|| format!("the policy file {} is invalid; refusing to start", args.policy.display()))?;
+    let upstream = args
+        .upstream
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], document.spec.upstream.port)));
+    let mut forward = ForwardConfig::new(upstream);
+    forward.http2_prior_knowledge = args.upstream_h2c;
+    let mut metrics = prometheus_client::registry::Registry::default();
+    let sidecar = Sidecar::new(Forwarder::new(forward), args.leeway, &mut metrics);
+    let reload = watch_policy_file(args.policy.clone(), sidecar.clone(), args.reload_interval)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let reload = tokio::spawn(reload);
+    let admin = keygate::admin::router(keygate::admin::AdminState {
+        metrics: std::sync::Arc::new(std::sync::RwLock::new(metrics)),
+        ready: sidecar.ready(),
+    });
+    let admin_listener = tokio::net::TcpListener::bind(args.admin)
+        .await
+        .with_context(|| format!("binding the admin address {}", args.admin))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    tracing::info!(listen = %args.listen, %upstream, admin = %args.admin, policy = %document.policy, "sidecar started");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let admin_task = tokio::spawn(keygate::admin::serve(admin_listener, admin, stopped(stop_rx.clone())));
+    let shutdown = async move {
+        keygate::admin::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    };
+    serve(listener, sidecar, shutdown, args.drain).await?;
+    reload.abort();
+    admin_task.await??;
+    Ok(())
+}
+
+async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
+    if let Some(DevCommand::Credentials { client, state, field }) = args.command {
+        let data = keygate::dev::credentials_of(&state, &client).map_err(anyhow::Error::msg)?;
+        match field {
+            Some(field) => {
+                let value = data
+                    .get(&field)
+                    .with_context(|| format!("{client} has no {field:?} credential"))?;
+                println!("{value}");
+            }
+            None => println!("{}", serde_json::to_string_pretty(&data)?),
+        }
+        return Ok(());
+    }
+    let config = args.config.context("--config DIR is required to run keygate dev")?;
+    let upstream = match args.upstream {
+        Some(text) => {
+            let text = text.trim_start_matches("http://").trim_end_matches('/');
+            let addr = tokio::net::lookup_host(text)
+                .await
+                .with_context(|| format!("resolving the upstream {text}"))?
+                .next()
+                .with_context(|| format!("the upstream {text} resolves to nothing"))?;
+            Some(addr)
+        }
+        None => None,
+    };
+    let options = keygate::dev::DevOptions {
+        config,
+        state: args.state,
+        bind: args.bind,
+        port: args.port,
+        sidecar_port: args.sidecar_port,
+        upstream,
+        reload_interval: args.reload_interval,
+        leeway: Duration::from_secs(30),
+        command: std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|_| "keygate".into()),
+    };
+    keygate::dev::run(options, keygate::admin::shutdown_signal(), |endpoints| {
+        println!("{}", endpoints.walkthrough);
+    })
+    .await?;
+    Ok(())
+}
+
+async fn fetch_token(args: TokenArgs) -> anyhow::Result<()> {
+    use keygate::credentials::{SigningKey, unix_now};
+    let mut form: Vec<(&str, String)> = vec![("grant_type", "client_credentials".into())];
+    if let Some(scope) = &args.scope {
+        form.push(("scope", scope.clone()));
+    }
+    if let Some(resource) = &args.resource {
+        form.push(("resource", resource.clone()));
+    }
+    let http = reqwest::Client::new();
+    let mut request = http.post(&args.token_url).timeout(Duration::from_secs(10));
+    match (&args.client_secret, &args.private_key) {
+        (Some(secret), None) => {
+            // RFC 6749 section 2.3.1: form-encode both parts before Basic encoding.
+            let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+            request = request.basic_auth(encode(&args.client_id), Some(encode(secret)));
+        }
+        (_, Some(path)) => {
+            let key = SigningKey::from_pkcs8_pem(&read_input(path)?)?;
+            let now = unix_now();
+            let claims = serde_json::json!({
+                "iss": args.client_id, "sub": args.client_id, "aud": args.token_url,
+                "iat": now, "exp": now + 60, "jti": keygate::token::access_token::new_jti()?,
+            });
+            let assertion = key.sign(jsonwebtoken::Header::default(), &claims)?;
+            form.push(("client_id", args.client_id.clone()));
+            form.push(("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into()));
+            form.push(("client_assertion", assertion));
+        }
+        _ => anyhow::bail!("give --client-secret (or KEYGATE_CLIENT_SECRET) or --private-key"),
+    }
+    let response = request
+        .form(&form)
+        .send()
+        .await
+        .with_context(|| format!("calling {}", args.token_url))?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.context("the token endpoint did not answer JSON")?;
+    if !status.is_success() {
+        anyhow::bail!(
+            "token request refused ({status}): {} {}",
+            body["error"].as_str().unwrap_or("?"),
+            body["error_description"].as_str().unwrap_or("")
+        );
+    }
+    if args.json {
+        println!("{body}");
+    } else {
+        println!("{}", body["access_token"].as_str().context("no access_token in the response")?);
     }
     Ok(())
 }

@@ -1,0 +1,145 @@
+//! The state directory of `keygate dev`: generated credentials, the issuer's signing keys and
+//! revocations, kept across restarts with owner-only permissions. Nothing here is ever
+//! regenerated once written; files are replaced atomically.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::credentials::CredentialData;
+use crate::registry::{ObjectKey, RevocationList};
+use crate::token::keys::StoredKeySet;
+
+/// The state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    /// Opens (creating, mode 0700) the state directory.
+    pub fn open(root: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(root.join("clients"))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))?;
+            std::fs::set_permissions(root.join("clients"), std::fs::Permissions::from_mode(0o700))?;
+        }
+        Ok(Self { root: root.to_owned() })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn client_path(&self, key: &ObjectKey) -> PathBuf {
+        self.root.join("clients").join(format!("{}.{}.json", key.namespace, key.name))
+    }
+
+    /// The stored credentials of a client, if any.
+    pub fn client(&self, key: &ObjectKey) -> std::io::Result<Option<CredentialData>> {
+        read_json(&self.client_path(key))
+    }
+
+    pub fn save_client(&self, key: &ObjectKey, data: &CredentialData) -> std::io::Result<()> {
+        write_json(&self.client_path(key), data)
+    }
+
+    /// Finds a client's credentials by `namespace/name`, or by `name` when only one
+    /// namespace has a client of that name.
+    pub fn find_client(&self, reference: &str) -> Result<CredentialData, String> {
+        let matches: Vec<PathBuf> = match reference.split_once('/') {
+            Some((ns, name)) => vec![self.client_path(&ObjectKey::new(ns, name))],
+            None => std::fs::read_dir(self.root.join("clients"))
+                .map_err(|e| format!("cannot read {}: {e}", self.root.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(|n| n.strip_suffix(".json"))
+                        .and_then(|n| n.split_once('.'))
+                        .is_some_and(|(_, name)| name == reference)
+                })
+                .collect(),
+        };
+        match matches.as_slice() {
+            [path] => read_json(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+                .ok_or_else(|| format!("no credentials for {reference} in {}", self.root.display())),
+            [] => Err(format!("no credentials for {reference} in {}", self.root.display())),
+            _ => Err(format!("{reference} is ambiguous: name it as namespace/name")),
+        }
+    }
+
+    pub fn signing_keys(&self) -> std::io::Result<Option<StoredKeySet>> {
+        read_json(&self.root.join("signing-keys.json"))
+    }
+
+    pub fn save_signing_keys(&self, keys: &StoredKeySet) -> std::io::Result<()> {
+        write_json(&self.root.join("signing-keys.json"), keys)
+    }
+
+    pub fn revocations(&self) -> std::io::Result<Option<RevocationList>> {
+        read_json(&self.root.join("revocations.json"))
+    }
+
+    pub fn save_revocations(&self, list: &RevocationList) -> std::io::Result<()> {
+        write_json(&self.root.join("revocations.json"), list)
+    }
+}
+
+fn read_json<T: DeserializeOwned>(path: &Path) -> std::io::Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes `value` to a temporary file with mode 0600, then renames it into place, so a crash
+/// never leaves a half-written credential file.
+fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(value)?;
+    let tmp = path.with_extension("json.tmp");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(&tmp)?;
+    file.write_all(&bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_round_trip_with_owner_only_permissions() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let key = ObjectKey::new("shop", "reporting");
+        assert_eq!(state.client(&key).unwrap(), None);
+        let data = CredentialData::from([("client_id".to_string(), "kgc_1".to_string())]);
+        state.save_client(&key, &data).unwrap();
+        assert_eq!(state.client(&key).unwrap(), Some(data.clone()));
+        assert_eq!(state.find_client("reporting").unwrap(), data);
+        assert_eq!(state.find_client("shop/reporting").unwrap(), data);
+        assert!(state.find_client("nobody").is_err());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("clients/shop.reporting.json")).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+}

@@ -1,0 +1,1434 @@
+//! The token server over real HTTP: a listener on 127.0.0.1:0, the registry built from
+//! ApiClient, M2MRole and ScopePolicy specs, and standard clients (the `oauth2` crate,
+//! `jsonwebtoken` against the served JWKS) talking to it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use reqwest::StatusCode;
+use reqwest::header::{self, HeaderMap};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use keygate::api::{
+    ApiClientSpec, ClientNamespaces, KeyAlgorithm, KeyPairSpec, M2MRoleSpec, Permission,
+    ScopeDefinition, ScopePolicySpec,
+};
+use keygate::credentials::{
+    CredentialData, SigningKey, derive_client_id, ensure_material, generate_key_pair, key, rotate,
+    unix_now,
+};
+use keygate::registry::{ClientInput, Inputs, ObjectKey, PolicyInput, Registry, Revocations};
+use keygate::token::access_token::new_jti;
+use keygate::token::keys::{IssuerKeys, RotationPolicy, StoredKeySet};
+use keygate::token::{TokenConfig, TokenServer, router};
+
+const NS: &str = "shop";
+const ORDERS: &str = "https://orders.shop.svc";
+const BILLING: &str = "https://billing.shop.svc";
+/// Declared in another namespace, open to clients from `shop`.
+const INVENTORY: &str = "https://inventory.warehouse.svc";
+/// Declared in another namespace that does not admit `shop`.
+const LEDGER: &str = "https://ledger.finance.svc";
+/// Named by a role but declared by no ScopePolicy.
+const PAYMENTS: &str = "https://payments.shop.svc";
+const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+const WWW_AUTHENTICATE: &str = "Basic realm=\"keygate\", charset=\"UTF-8\"";
+const FORM: &str = "application/x-www-form-urlencoded";
+
+// ---------------------------------------------------------------------------------------
+// Fixture
+// ---------------------------------------------------------------------------------------
+
+fn mk_policy(resource: &str, scopes: &[&str], client_namespaces: Option<&[&str]>) -> PolicyInput {
+    PolicyInput {
+        spec: ScopePolicySpec {
+            resource: resource.to_owned(),
+            scopes: scopes
+                .iter()
+                .map(|s| ScopeDefinition {
+                    name: (*s).to_owned(),
+                    description: None,
+                })
+                .collect(),
+            client_namespaces: client_namespaces.map(|names| ClientNamespaces {
+                names: names.iter().map(|n| (*n).to_owned()).collect(),
+                selector: None,
+            }),
+            ..ScopePolicySpec::default()
+        },
+        created: Some(1),
+    }
+}
+
+fn mk_role(permissions: &[(&str, &[&str])]) -> M2MRoleSpec {
+    M2MRoleSpec {
+        description: None,
+        permissions: permissions
+            .iter()
+            .map(|(resource, scopes)| Permission {
+                resource: (*resource).to_owned(),
+                scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+            })
+            .collect(),
+    }
+}
+
+fn mk_client(roles: &[&str], client_secret: bool, key_pair: bool, disabled: bool) -> ApiClientSpec {
+    ApiClientSpec {
+        roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+        client_secret,
+        key_pair: key_pair.then(|| KeyPairSpec {
+            algorithm: KeyAlgorithm::ES256,
+        }),
+        disabled,
+        ..ApiClientSpec::default()
+    }
+}
+
+/// One ApiClient of the fixture with its credentials (the Secret's data).
+#[derive(Clone)]
+struct TestClient {
+    spec: ApiClientSpec,
+    data: CredentialData,
+}
+
+impl TestClient {
+    fn id(&self) -> &str {
+        &self.data[key::CLIENT_ID]
+    }
+
+    fn secret(&self) -> &str {
+        &self.data[key::CLIENT_SECRET]
+    }
+
+    fn private_key(&self) -> &str {
+        &self.data[key::PRIVATE_KEY]
+    }
+}
+
+/// A running token server on 127.0.0.1 with the `shop` fixture loaded.
+struct Fixture {
+    issuer: String,
+    registry: Arc<Registry>,
+    clients: BTreeMap<&'static str, TestClient>,
+    http: reqwest::Client,
+    keys: watch::Sender<Arc<IssuerKeys>>,
+    stored_keys: std::sync::Mutex<StoredKeySet>,
+}
+
+const KEY_ROTATION: RotationPolicy = RotationPolicy {
+    algorithm: KeyAlgorithm::ES256,
+    every_secs: 30 * 24 * 3600,
+    max_token_lifetime_secs: 24 * 3600,
+};
+
+impl Fixture {
+    async fn start() -> Self {
+        // Bind first: the issuer (and so every token endpoint URL) names the port.
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap();
+        let issuer = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+        let config = TokenConfig::new(&issuer);
+
+        let mut inputs = Inputs::default();
+        let policies = [
+            (
+                NS,
+                "orders",
+                mk_policy(ORDERS, &["orders.read", "orders.write"], None),
+            ),
+            (NS, "billing", mk_policy(BILLING, &["invoices.read"], None)),
+            (
+                "warehouse",
+                "inventory",
+                mk_policy(INVENTORY, &["stock.read"], Some(&["shop"])),
+            ),
+            (
+                "finance",
+                "ledger",
+                mk_policy(LEDGER, &["ledger.read"], None),
+            ),
+        ];
+        for (ns, name, policy) in policies {
+            inputs.policies.insert(ObjectKey::new(ns, name), policy);
+        }
+        let roles = [
+            ("order-reader", mk_role(&[(ORDERS, &["orders.read"])])),
+            ("order-writer", mk_role(&[(ORDERS, &["orders.write"])])),
+            ("invoice-reader", mk_role(&[(BILLING, &["invoices.read"])])),
+            (
+                // orders.delete is not defined by the orders policy, PAYMENTS is declared by
+                // nobody and LEDGER does not admit shop: none of those may count.
+                "operator",
+                mk_role(&[
+                    (ORDERS, &["orders.read", "orders.write", "orders.delete"]),
+                    (INVENTORY, &["stock.read"]),
+                    (LEDGER, &["ledger.read"]),
+                    (PAYMENTS, &["payments.refund"]),
+                ]),
+            ),
+        ];
+        for (name, role) in roles {
+            inputs.roles.insert(ObjectKey::new(NS, name), role);
+        }
+        let specs = [
+            (
+                "reporting",
+                mk_client(&["order-reader"], true, false, false),
+            ),
+            (
+                "billing",
+                mk_client(&["order-writer", "invoice-reader"], true, false, false),
+            ),
+            ("keyed", mk_client(&["order-reader"], false, true, false)),
+            ("disabled", mk_client(&["order-reader"], true, false, true)),
+            ("edgy", mk_client(&["order-reader"], true, false, false)),
+            ("ops", mk_client(&["operator"], true, false, false)),
+        ];
+        let mut clients = BTreeMap::new();
+        for (name, spec) in specs {
+            let client_id = derive_client_id(&format!("{NS}/{name}"));
+            let (data, _) = ensure_material(
+                &spec,
+                &client_id,
+                &config.token_endpoint(),
+                &issuer,
+                &CredentialData::new(),
+            )
+            .unwrap();
+            inputs.clients.insert(
+                ObjectKey::new(NS, name),
+                ClientInput {
+                    spec: spec.clone(),
+                    credentials: Some(data.clone()),
+                },
+            );
+            clients.insert(name, TestClient { spec, data });
+        }
+        let registry = Arc::new(Registry::new(inputs));
+        assert!(
+            registry.snapshot().problems.is_empty(),
+            "{:?}",
+            registry.snapshot().problems
+        );
+
+        let mut stored = StoredKeySet::default();
+        stored.maintain(KEY_ROTATION, unix_now()).unwrap();
+        let (keys_tx, keys_rx) = watch::channel(IssuerKeys::from_stored(&stored).unwrap());
+
+        let mut metrics = prometheus_client::registry::Registry::default();
+        let server = TokenServer::new(
+            config,
+            registry.subscribe(),
+            keys_rx,
+            Arc::new(Revocations::default()),
+            &mut metrics,
+        );
+        tokio::spawn(keygate::admin::serve(
+            listener,
+            router(server),
+            std::future::pending(),
+        ));
+
+        Self {
+            issuer,
+            registry,
+            clients,
+            http: reqwest::Client::new(),
+            keys: keys_tx,
+            stored_keys: std::sync::Mutex::new(stored),
+        }
+    }
+
+    fn client(&self, name: &str) -> &TestClient {
+        &self.clients[name]
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.issuer)
+    }
+
+    fn token_endpoint(&self) -> String {
+        self.url("/oauth2/token")
+    }
+
+    /// Replaces a client's credentials, as a rotated Secret would.
+    fn set_credentials(&self, name: &str, data: &CredentialData) {
+        self.registry.update(|inputs| {
+            inputs
+                .clients
+                .get_mut(&ObjectKey::new(NS, name))
+                .unwrap()
+                .credentials = Some(data.clone());
+        });
+    }
+
+    /// Rotates the issuer keys as a whole rotation interval had passed: next becomes current,
+    /// current becomes previous.
+    fn rotate_issuer_keys(&self) {
+        let mut stored = self.stored_keys.lock().unwrap();
+        assert!(
+            stored
+                .maintain(KEY_ROTATION, unix_now() + KEY_ROTATION.every_secs)
+                .unwrap()
+        );
+        self.keys
+            .send_replace(IssuerKeys::from_stored(&stored).unwrap());
+    }
+
+    /// A form POST with the right content type and no client authentication.
+    fn post(&self, path: &str, params: &[(&str, &str)]) -> reqwest::RequestBuilder {
+        self.http
+            .post(self.url(path))
+            .header(header::CONTENT_TYPE, FORM)
+            .body(form(params))
+    }
+
+    /// A form POST authenticated with `client_secret_basic`.
+    fn post_basic(
+        &self,
+        path: &str,
+        client: &str,
+        params: &[(&str, &str)],
+    ) -> reqwest::RequestBuilder {
+        let c = self.client(client);
+        self.post(path, params)
+            .header(header::AUTHORIZATION, basic(c.id(), c.secret()))
+    }
+
+    /// A token request with `client_secret_basic`.
+    async fn token(&self, client: &str, params: &[(&str, &str)]) -> reqwest::Response {
+        let mut all = vec![("grant_type", "client_credentials")];
+        all.extend_from_slice(params);
+        self.post_basic("/oauth2/token", client, &all)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// A successful token request's access token, after checking the success response.
+    async fn access_token(&self, client: &str, params: &[(&str, &str)]) -> String {
+        let response = self.token(client, params).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let body: Value = response.json().await.unwrap();
+        body["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// Verifies an access token the way a resource server would: header, then the key named
+    /// by `kid` in the served JWKS, then issuer and audience. Returns the claims.
+    async fn verify(&self, token: &str, audience: &str) -> serde_json::Map<String, Value> {
+        let header = jsonwebtoken::decode_header(token).unwrap();
+        assert_eq!(header.typ.as_deref(), Some("at+jwt"));
+        assert_eq!(header.alg, Algorithm::ES256);
+        let kid = header.kid.expect("access tokens name their key");
+        let jwks: JwkSet = self
+            .http
+            .get(self.url("/.well-known/jwks.json"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let jwk = jwks.find(&kid).expect("the signing key is published");
+        let mut validation = Validation::new(Algorithm::ES256);
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&[audience]);
+        validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
+        jsonwebtoken::decode::<serde_json::Map<String, Value>>(
+            token,
+            &DecodingKey::from_jwk(jwk).unwrap(),
+            &validation,
+        )
+        .unwrap()
+        .claims
+    }
+
+    /// A fresh `private_key_jwt` assertion of `client`.
+    fn assertion(&self, client: &str) -> String {
+        let now = unix_now();
+        let c = self.client(client);
+        sign_assertion(
+            c.private_key(),
+            c.id(),
+            &self.token_endpoint(),
+            now,
+            now + 60,
+        )
+    }
+}
+
+fn form(params: &[(&str, &str)]) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(params)
+        .finish()
+}
+
+/// `Authorization: Basic` as RFC 6749 §2.3.1 specifies it (both parts form-encoded first).
+fn basic(id: &str, secret: &str) -> String {
+    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    format!(
+        "Basic {}",
+        STANDARD.encode(format!("{}:{}", enc(id), enc(secret)))
+    )
+}
+
+fn sign_assertion(
+    private_pem: &str,
+    client_id: &str,
+    audience: &str,
+    iat: u64,
+    exp: u64,
+) -> String {
+    let claims = json!({
+        "iss": client_id,
+        "sub": client_id,
+        "aud": audience,
+        "iat": iat,
+        "exp": exp,
+        "jti": new_jti().unwrap(),
+    });
+    SigningKey::from_pkcs8_pem(private_pem)
+        .unwrap()
+        .sign(jsonwebtoken::Header::default(), &claims)
+        .unwrap()
+}
+
+/// Form parameters of a `private_key_jwt` token request.
+fn assertion_params(assertion: &str) -> [(&str, &str); 3] {
+    [
+        ("grant_type", "client_credentials"),
+        ("client_assertion_type", JWT_BEARER),
+        ("client_assertion", assertion),
+    ]
+}
+
+/// Checks an RFC 6749 §5.2 error response exactly: status, `error`, no caching, and the
+/// `WWW-Authenticate` / `Retry-After` headers that only 401 / 429 carry. Returns the headers.
+async fn assert_error(response: reqwest::Response, status: StatusCode, error: &str) -> HeaderMap {
+    let headers = response.headers().clone();
+    let got_status = response.status();
+    let body: Value = response.json().await.expect("error bodies are JSON");
+    assert_eq!(
+        (got_status, body["error"].as_str()),
+        (status, Some(error)),
+        "body: {body}"
+    );
+    assert!(body["error_description"].is_string(), "body: {body}");
+    assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+    assert_eq!(headers[header::PRAGMA], "no-cache");
+    assert!(
+        headers[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json"),
+        "{headers:?}"
+    );
+    if status == StatusCode::UNAUTHORIZED {
+        assert_eq!(headers[header::WWW_AUTHENTICATE], WWW_AUTHENTICATE);
+    } else {
+        assert!(
+            headers.get(header::WWW_AUTHENTICATE).is_none(),
+            "{headers:?}"
+        );
+    }
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        assert_eq!(headers[header::RETRY_AFTER], "60");
+    }
+    headers
+}
+
+/// A successful token response's body, after checking status and headers.
+async fn assert_token(response: reqwest::Response) -> Value {
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "body: {body}");
+    assert_eq!(headers[header::CACHE_CONTROL], "no-store");
+    assert_eq!(headers[header::PRAGMA], "no-cache");
+    assert_eq!(body["token_type"], "Bearer");
+    body
+}
+
+/// Transport for the `oauth2` crate over the crate's own reqwest (oauth2 5 ships a client for
+/// reqwest 0.12 only); oauth2 builds the request, this only carries it.
+async fn oauth2_transport(
+    request: oauth2::HttpRequest,
+) -> Result<oauth2::HttpResponse, reqwest::Error> {
+    let response = reqwest::Client::new()
+        .execute(reqwest::Request::try_from(request)?)
+        .await?;
+    let mut builder = http::Response::builder().status(response.status());
+    for (name, value) in response.headers() {
+        builder = builder.header(name, value);
+    }
+    let body = response.bytes().await?.to_vec();
+    Ok(builder.body(body).unwrap())
+}
+
+fn scope_set(scope: &str) -> BTreeSet<&str> {
+    scope.split(' ').collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. A standard OAuth client
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn oauth2_crate_gets_tokens_with_basic_and_body_authentication() {
+    use oauth2::basic::{BasicClient, BasicErrorResponseType, BasicTokenType};
+    use oauth2::{
+        AuthType, ClientId, ClientSecret, RequestTokenError, Scope, TokenResponse, TokenUrl,
+    };
+
+    let fx = Fixture::start().await;
+    let oauth_client = |name: &str, secret: &str, auth_type: AuthType| {
+        BasicClient::new(ClientId::new(fx.client(name).id().to_owned()))
+            .set_client_secret(ClientSecret::new(secret.to_owned()))
+            .set_token_uri(TokenUrl::new(fx.token_endpoint()).unwrap())
+            .set_auth_type(auth_type)
+    };
+
+    // client_secret_basic, resource given as an extra parameter.
+    let reporting = fx.client("reporting");
+    let token = oauth_client("reporting", reporting.secret(), AuthType::BasicAuth)
+        .exchange_client_credentials()
+        .add_extra_param("resource", ORDERS)
+        .request_async(&oauth2_transport)
+        .await
+        .unwrap();
+    assert_eq!(token.token_type(), &BasicTokenType::Bearer);
+    assert_eq!(
+        token.expires_in(),
+        Some(std::time::Duration::from_secs(3600))
+    );
+    assert_eq!(
+        token.scopes(),
+        Some(&vec![Scope::new("orders.read".into())])
+    );
+    let claims = fx.verify(token.access_token().secret(), ORDERS).await;
+    let names: BTreeSet<&str> = claims.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        BTreeSet::from([
+            "iss",
+            "sub",
+            "client_id",
+            "aud",
+            "scope",
+            "iat",
+            "exp",
+            "jti"
+        ])
+    );
+    assert_eq!(claims["iss"], fx.issuer.as_str());
+    assert_eq!(claims["sub"], reporting.id());
+    assert_eq!(claims["client_id"], reporting.id());
+    assert_eq!(claims["aud"], ORDERS);
+    assert_eq!(claims["scope"], "orders.read");
+    let (iat, exp) = (
+        claims["iat"].as_u64().unwrap(),
+        claims["exp"].as_u64().unwrap(),
+    );
+    assert_eq!(exp - iat, 3600);
+    assert!(iat.abs_diff(unix_now()) <= 5, "iat {iat} is now");
+    assert_eq!(claims["jti"].as_str().unwrap().len(), 22);
+
+    // client_secret_post, a two-resource client naming one resource and one scope.
+    let billing = fx.client("billing");
+    let token = oauth_client("billing", billing.secret(), AuthType::RequestBody)
+        .exchange_client_credentials()
+        .add_extra_param("resource", BILLING)
+        .add_scope(Scope::new("invoices.read".into()))
+        .request_async(&oauth2_transport)
+        .await
+        .unwrap();
+    let claims = fx.verify(token.access_token().secret(), BILLING).await;
+    assert_eq!(
+        (claims["sub"].as_str(), claims["scope"].as_str()),
+        (Some(billing.id()), Some("invoices.read"))
+    );
+
+    // The crate reads keygate's errors as standard error responses.
+    let err = oauth_client("reporting", "kgs_wrong", AuthType::BasicAuth)
+        .exchange_client_credentials()
+        .request_async(&oauth2_transport)
+        .await
+        .unwrap_err();
+    match err {
+        RequestTokenError::ServerResponse(e) => {
+            assert_eq!(e.error(), &BasicErrorResponseType::InvalidClient)
+        }
+        other => panic!("expected an invalid_client response, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 2. Response shape
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn token_response_is_not_cached_and_is_a_bearer_token() {
+    let fx = Fixture::start().await;
+    let response = fx.token("reporting", &[]).await;
+    assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+    let body = assert_token(response).await;
+    let fields: BTreeSet<&str> = body
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        fields,
+        BTreeSet::from(["access_token", "token_type", "expires_in", "scope"])
+    );
+    assert_eq!(body["expires_in"], 3600);
+    assert_eq!(body["scope"], "orders.read");
+    // No `resource` needed: the client has scopes on one resource only.
+    fx.verify(body["access_token"].as_str().unwrap(), ORDERS)
+        .await;
+}
+
+#[tokio::test]
+async fn token_lifetime_follows_the_client() {
+    let fx = Fixture::start().await;
+    fx.registry.update(|inputs| {
+        let client = inputs
+            .clients
+            .get_mut(&ObjectKey::new(NS, "reporting"))
+            .unwrap();
+        client.spec.token_lifetime = Some("15m".into());
+    });
+    let body = assert_token(fx.token("reporting", &[]).await).await;
+    assert_eq!(body["expires_in"], 900);
+    let claims = fx
+        .verify(body["access_token"].as_str().unwrap(), ORDERS)
+        .await;
+    assert_eq!(
+        claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(),
+        900
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Scopes and resources
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn scope_grant_follows_roles_and_the_trust_model() {
+    let fx = Fixture::start().await;
+
+    // No scope requested: everything allowed on the resource (the undefined orders.delete
+    // of the role is not among it).
+    let body = assert_token(fx.token("ops", &[("resource", ORDERS)]).await).await;
+    assert_eq!(body["scope"], "orders.read orders.write");
+    let claims = fx
+        .verify(body["access_token"].as_str().unwrap(), ORDERS)
+        .await;
+    assert_eq!(
+        scope_set(claims["scope"].as_str().unwrap()),
+        BTreeSet::from(["orders.read", "orders.write"])
+    );
+
+    // Requested ∩ allowed.
+    let body = assert_token(
+        fx.token("ops", &[("resource", ORDERS), ("scope", "orders.read")])
+            .await,
+    )
+    .await;
+    assert_eq!(body["scope"], "orders.read");
+    let body = assert_token(
+        fx.token(
+            "ops",
+            &[
+                ("resource", ORDERS),
+                ("scope", "orders.delete orders.write"),
+            ],
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(body["scope"], "orders.write");
+
+    // Nothing requested is allowed.
+    for scope in ["orders.delete", "invoices.read", "stock.read"] {
+        let response = fx
+            .token("ops", &[("resource", ORDERS), ("scope", scope)])
+            .await;
+        assert_error(response, StatusCode::BAD_REQUEST, "invalid_scope").await;
+    }
+    let response = fx.token("reporting", &[("scope", "orders.write")]).await;
+    assert_error(response, StatusCode::BAD_REQUEST, "invalid_scope").await;
+
+    // Resources: unknown, declared by nobody though a role names it, declared in a namespace
+    // that does not admit shop, and declared but not granted to this client.
+    for resource in ["https://unknown.example", PAYMENTS, LEDGER] {
+        let response = fx.token("ops", &[("resource", resource)]).await;
+        assert_error(response, StatusCode::BAD_REQUEST, "invalid_target").await;
+    }
+    let response = fx.token("reporting", &[("resource", BILLING)]).await;
+    assert_error(response, StatusCode::BAD_REQUEST, "invalid_target").await;
+
+    // A policy in another namespace that admits shop counts.
+    let token = fx.access_token("ops", &[("resource", INVENTORY)]).await;
+    assert_eq!(fx.verify(&token, INVENTORY).await["scope"], "stock.read");
+
+    // Several resources: `resource` is required and picks the audience.
+    let response = fx.token("billing", &[]).await;
+    assert_error(response, StatusCode::BAD_REQUEST, "invalid_target").await;
+    let response = fx.token("ops", &[]).await;
+    assert_error(response, StatusCode::BAD_REQUEST, "invalid_target").await;
+    let token = fx.access_token("billing", &[("resource", ORDERS)]).await;
+    let claims = fx.verify(&token, ORDERS).await;
+    assert_eq!(
+        (claims["aud"].as_str(), claims["scope"].as_str()),
+        (Some(ORDERS), Some("orders.write"))
+    );
+    let token = fx.access_token("billing", &[("resource", BILLING)]).await;
+    let claims = fx.verify(&token, BILLING).await;
+    assert_eq!(
+        (claims["aud"].as_str(), claims["scope"].as_str()),
+        (Some(BILLING), Some("invoices.read"))
+    );
+    let response = fx
+        .token(
+            "billing",
+            &[("resource", ORDERS), ("scope", "invoices.read")],
+        )
+        .await;
+    assert_error(response, StatusCode::BAD_REQUEST, "invalid_scope").await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Refusals
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn secret_authentication_failures_are_refused_exactly() {
+    let fx = Fixture::start().await;
+    let grant = [("grant_type", "client_credentials")];
+    let reporting = fx.client("reporting");
+
+    let wrong_secret = fx
+        .post("/oauth2/token", &grant)
+        .header(
+            header::AUTHORIZATION,
+            basic(reporting.id(), "kgs_not-the-secret"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_error(wrong_secret, StatusCode::UNAUTHORIZED, "invalid_client").await;
+
+    let wrong_post_secret = fx
+        .post(
+            "/oauth2/token",
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", reporting.id()),
+                ("client_secret", "nope"),
+            ],
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        wrong_post_secret,
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+    )
+    .await;
+
+    // Another client's secret does not open this client.
+    let other_secret = fx
+        .post("/oauth2/token", &grant)
+        .header(
+            header::AUTHORIZATION,
+            basic(reporting.id(), fx.client("billing").secret()),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_error(other_secret, StatusCode::UNAUTHORIZED, "invalid_client").await;
+
+    let unknown = fx
+        .post("/oauth2/token", &grant)
+        .header(
+            header::AUTHORIZATION,
+            basic("kgc_00000000000000000000000000000000", reporting.secret()),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_error(unknown, StatusCode::UNAUTHORIZED, "invalid_client").await;
+
+    let no_credentials = fx.post("/oauth2/token", &grant).send().await.unwrap();
+    assert_error(no_credentials, StatusCode::UNAUTHORIZED, "invalid_client").await;
+
+    let disabled = fx.token("disabled", &[]).await;
+    assert_error(disabled, StatusCode::BAD_REQUEST, "unauthorized_client").await;
+
+    let both = fx
+        .post_basic(
+            "/oauth2/token",
+            "reporting",
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", reporting.id()),
+                ("client_secret", reporting.secret()),
+            ],
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_error(both, StatusCode::BAD_REQUEST, "invalid_request").await;
+
+    for malformed in [
+        "Basic !!!",
+        "Basic",
+        "Bearer abc",
+        &format!("Basic {}", STANDARD.encode(reporting.id())),
+    ] {
+        let response = fx
+            .post("/oauth2/token", &grant)
+            .header(header::AUTHORIZATION, malformed)
+            .send()
+            .await
+            .unwrap();
+        assert_error(response, StatusCode::UNAUTHORIZED, "invalid_client").await;
+    }
+
+    // The right secret still works after all of that.
+    assert_token(fx.token("reporting", &[]).await).await;
+}
+
+#[tokio::test]
+async fn malformed_requests_are_refused_exactly() {
+    let fx = Fixture::start().await;
+
+    let unsupported = fx
+        .post_basic("/oauth2/token", "reporting", &[("grant_type", "password")])
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        unsupported,
+        StatusCode::BAD_REQUEST,
+        "unsupported_grant_type",
+    )
+    .await;
+
+    let missing = fx
+        .post_basic("/oauth2/token", "reporting", &[("scope", "orders.read")])
+        .send()
+        .await
+        .unwrap();
+    assert_error(missing, StatusCode::BAD_REQUEST, "invalid_request").await;
+
+    let oversized = "a".repeat(17 * 1024);
+    let too_large = fx
+        .post_basic(
+            "/oauth2/token",
+            "reporting",
+            &[("grant_type", "client_credentials"), ("scope", &oversized)],
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_error(too_large, StatusCode::PAYLOAD_TOO_LARGE, "invalid_request").await;
+
+    let c = fx.client("reporting");
+    let json_body = fx
+        .http
+        .post(fx.token_endpoint())
+        .header(header::AUTHORIZATION, basic(c.id(), c.secret()))
+        .json(&json!({ "grant_type": "client_credentials" }))
+        .send()
+        .await
+        .unwrap();
+    assert_error(json_body, StatusCode::BAD_REQUEST, "invalid_request").await;
+
+    let no_content_type = fx
+        .http
+        .post(fx.token_endpoint())
+        .header(header::AUTHORIZATION, basic(c.id(), c.secret()))
+        .body("grant_type=client_credentials")
+        .send()
+        .await
+        .unwrap();
+    assert_error(no_content_type, StatusCode::BAD_REQUEST, "invalid_request").await;
+
+    // A charset parameter and a differently cased media type are fine.
+    let with_charset = fx
+        .http
+        .post(fx.token_endpoint())
+        .header(header::AUTHORIZATION, basic(c.id(), c.secret()))
+        .header(
+            header::CONTENT_TYPE,
+            "Application/X-WWW-Form-Urlencoded; charset=UTF-8",
+        )
+        .body("grant_type=client_credentials")
+        .send()
+        .await
+        .unwrap();
+    assert_token(with_charset).await;
+
+    for repeated in [
+        vec![
+            ("grant_type", "client_credentials"),
+            ("scope", "orders.read"),
+            ("scope", "orders.read"),
+        ],
+        vec![
+            ("grant_type", "client_credentials"),
+            ("grant_type", "client_credentials"),
+        ],
+        vec![
+            ("grant_type", "client_credentials"),
+            ("resource", ORDERS),
+            ("resource", BILLING),
+        ],
+    ] {
+        let response = fx
+            .post_basic("/oauth2/token", "reporting", &repeated)
+            .send()
+            .await
+            .unwrap();
+        assert_error(response, StatusCode::BAD_REQUEST, "invalid_request").await;
+    }
+}
+
+#[tokio::test]
+async fn bad_client_assertions_are_refused() {
+    let fx = Fixture::start().await;
+    let keyed = fx.client("keyed");
+    let now = unix_now();
+    let endpoint = fx.token_endpoint();
+    let send = |assertion: String| {
+        let request = fx.post("/oauth2/token", &assertion_params(&assertion));
+        async move { request.send().await.unwrap() }
+    };
+
+    // Replayed: the first use succeeds, the second is refused.
+    let assertion = fx.assertion("keyed");
+    assert_token(send(assertion.clone()).await).await;
+    assert_error(
+        send(assertion).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+    )
+    .await;
+
+    // Expired beyond the 30 s leeway.
+    let expired = sign_assertion(
+        keyed.private_key(),
+        keyed.id(),
+        &endpoint,
+        now - 300,
+        now - 120,
+    );
+    assert_error(
+        send(expired).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+    )
+    .await;
+
+    // Longer than an hour.
+    let too_long = sign_assertion(
+        keyed.private_key(),
+        keyed.id(),
+        &endpoint,
+        now,
+        now + 2 * 3600,
+    );
+    assert_error(
+        send(too_long).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+    )
+    .await;
+
+    // Signed by another key (of the same algorithm).
+    let stranger = generate_key_pair(KeyAlgorithm::ES256).unwrap();
+    let forged = sign_assertion(&stranger.private_pem, keyed.id(), &endpoint, now, now + 60);
+    assert_error(
+        send(forged).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+    )
+    .await;
+
+    // Claiming to be a client that has no key pair.
+    let no_key = sign_assertion(
+        keyed.private_key(),
+        fx.client("reporting").id(),
+        &endpoint,
+        now,
+        now + 60,
+    );
+    assert_error(
+        send(no_key).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+    )
+    .await;
+
+    // Wrong audience.
+    let wrong_aud = sign_assertion(
+        keyed.private_key(),
+        keyed.id(),
+        "https://elsewhere.example/token",
+        now,
+        now + 60,
+    );
+    assert_error(
+        send(wrong_aud).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+    )
+    .await;
+
+    // alg none, built by hand, with and without a trailing signature part.
+    let claims = json!({
+        "iss": keyed.id(), "sub": keyed.id(), "aud": endpoint,
+        "iat": now, "exp": now + 60, "jti": new_jti().unwrap(),
+    });
+    let unsigned = format!(
+        "{}.{}.",
+        URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    assert_error(
+        send(unsigned.clone()).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+    )
+    .await;
+    assert_error(
+        send(unsigned.trim_end_matches('.').to_owned()).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+    )
+    .await;
+
+    // Not a JWT at all.
+    assert_error(
+        send("not-a-jwt".to_owned()).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+    )
+    .await;
+
+    // Wrong assertion type.
+    let wrong_type = fx
+        .post(
+            "/oauth2/token",
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_assertion_type", "urn:example:other"),
+                ("client_assertion", &fx.assertion("keyed")),
+            ],
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_error(wrong_type, StatusCode::BAD_REQUEST, "invalid_request").await;
+
+    // client_id that disagrees with the assertion.
+    let mismatched = fx
+        .post(
+            "/oauth2/token",
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", fx.client("reporting").id()),
+                ("client_assertion_type", JWT_BEARER),
+                ("client_assertion", &fx.assertion("keyed")),
+            ],
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_error(mismatched, StatusCode::BAD_REQUEST, "invalid_request").await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. private_key_jwt
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn private_key_jwt_gets_a_token() {
+    let fx = Fixture::start().await;
+    let keyed = fx.client("keyed");
+
+    let body = assert_token(
+        fx.post("/oauth2/token", &assertion_params(&fx.assertion("keyed")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let claims = fx
+        .verify(body["access_token"].as_str().unwrap(), ORDERS)
+        .await;
+    assert_eq!(
+        (claims["sub"].as_str(), claims["client_id"].as_str()),
+        (Some(keyed.id()), Some(keyed.id()))
+    );
+    assert_eq!(claims["scope"], "orders.read");
+
+    // With a matching client_id and a scope, and with the issuer as audience (RFC 7523 §3).
+    let now = unix_now();
+    let to_issuer = sign_assertion(keyed.private_key(), keyed.id(), &fx.issuer, now, now + 60);
+    let mut params = assertion_params(&to_issuer).to_vec();
+    params.extend([("client_id", keyed.id()), ("scope", "orders.read")]);
+    let body = assert_token(fx.post("/oauth2/token", &params).send().await.unwrap()).await;
+    assert_eq!(body["scope"], "orders.read");
+
+    // The keyed client has no secret.
+    let response = fx
+        .post("/oauth2/token", &[("grant_type", "client_credentials")])
+        .header(header::AUTHORIZATION, basic(keyed.id(), ""))
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, StatusCode::UNAUTHORIZED, "invalid_client").await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 6. Rotation
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn rotated_credentials_overlap_then_the_old_ones_stop() {
+    let fx = Fixture::start().await;
+    let edgy = fx.client("edgy").clone();
+    let now = unix_now();
+
+    let rotated = rotate(&edgy.spec, &edgy.data, now + 600).unwrap();
+    assert_ne!(rotated[key::CLIENT_SECRET], edgy.data[key::CLIENT_SECRET]);
+    assert_eq!(rotated[key::CLIENT_ID], edgy.data[key::CLIENT_ID]);
+    fx.set_credentials("edgy", &rotated);
+
+    let with_secret = |secret: String| {
+        let request = fx
+            .post("/oauth2/token", &[("grant_type", "client_credentials")])
+            .header(header::AUTHORIZATION, basic(edgy.id(), &secret));
+        async move { request.send().await.unwrap() }
+    };
+    let old = edgy.data[key::CLIENT_SECRET].clone();
+    let new = rotated[key::CLIENT_SECRET].clone();
+    assert_token(with_secret(old.clone()).await).await;
+    assert_token(with_secret(new.clone()).await).await;
+
+    // The overlap is over.
+    let mut ended = rotated.clone();
+    ended.insert(key::PREVIOUS_EXPIRES_AT.into(), (now - 1).to_string());
+    fx.set_credentials("edgy", &ended);
+    assert_error(
+        with_secret(old).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+    )
+    .await;
+    assert_token(with_secret(new).await).await;
+
+    // The same for a key pair: the previous public key verifies assertions during the overlap.
+    let keyed = fx.client("keyed").clone();
+    let rotated = rotate(&keyed.spec, &keyed.data, now + 600).unwrap();
+    assert_ne!(rotated[key::PRIVATE_KEY], keyed.data[key::PRIVATE_KEY]);
+    fx.set_credentials("keyed", &rotated);
+    let endpoint = fx.token_endpoint();
+    let send = |pem: &str| {
+        let assertion = sign_assertion(pem, keyed.id(), &endpoint, now, now + 60);
+        let request = fx.post("/oauth2/token", &assertion_params(&assertion));
+        async move { request.send().await.unwrap() }
+    };
+    assert_token(send(keyed.private_key()).await).await;
+    assert_token(send(&rotated[key::PRIVATE_KEY]).await).await;
+    let mut ended = rotated.clone();
+    ended.insert(key::PREVIOUS_EXPIRES_AT.into(), (now - 1).to_string());
+    fx.set_credentials("keyed", &ended);
+    assert_error(
+        send(keyed.private_key()).await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_client",
+    )
+    .await;
+    assert_token(send(&rotated[key::PRIVATE_KEY]).await).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. Revocation and introspection
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn revoked_tokens_are_inactive_and_only_their_client_may_revoke_them() {
+    let fx = Fixture::start().await;
+    let reporting = fx.client("reporting");
+    let token = fx.access_token("reporting", &[]).await;
+
+    let introspect = |client: &str| {
+        let request = fx.post_basic("/oauth2/introspect", client, &[("token", &token)]);
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(response.headers()[header::CACHE_CONTROL], "no-store");
+            response.json::<Value>().await.unwrap()
+        }
+    };
+    let active = introspect("reporting").await;
+    assert_eq!(active["active"], true);
+    assert_eq!(active["scope"], "orders.read");
+    assert_eq!(active["client_id"], reporting.id());
+    assert_eq!(active["sub"], reporting.id());
+    assert_eq!(active["aud"], ORDERS);
+    assert_eq!(active["iss"], fx.issuer.as_str());
+    assert_eq!(active["token_type"], "Bearer");
+
+    // Revocation and introspection require client authentication.
+    let anonymous = fx
+        .post("/oauth2/revoke", &[("token", &token)])
+        .send()
+        .await
+        .unwrap();
+    assert_error(anonymous, StatusCode::UNAUTHORIZED, "invalid_client").await;
+    let wrong = fx
+        .post("/oauth2/revoke", &[("token", &token)])
+        .header(header::AUTHORIZATION, basic(reporting.id(), "kgs_wrong"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(wrong, StatusCode::UNAUTHORIZED, "invalid_client").await;
+    let anonymous = fx
+        .post("/oauth2/introspect", &[("token", &token)])
+        .send()
+        .await
+        .unwrap();
+    assert_error(anonymous, StatusCode::UNAUTHORIZED, "invalid_client").await;
+    let no_token = fx
+        .post_basic("/oauth2/revoke", "reporting", &[])
+        .send()
+        .await
+        .unwrap();
+    assert_error(no_token, StatusCode::BAD_REQUEST, "invalid_request").await;
+
+    // Another client's revocation is answered 200 and does nothing.
+    let foreign = fx
+        .post_basic("/oauth2/revoke", "billing", &[("token", &token)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(foreign.status(), StatusCode::OK);
+    assert_eq!(introspect("reporting").await["active"], true);
+
+    // An unknown token is not an error either (RFC 7009 §2.2).
+    let junk = fx
+        .post_basic("/oauth2/revoke", "reporting", &[("token", "not-a-token")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(junk.status(), StatusCode::OK);
+
+    let revoked = fx
+        .post_basic(
+            "/oauth2/revoke",
+            "reporting",
+            &[("token", &token), ("token_type_hint", "access_token")],
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), StatusCode::OK);
+    assert_eq!(revoked.headers()[header::CACHE_CONTROL], "no-store");
+    assert_eq!(introspect("reporting").await, json!({ "active": false }));
+    assert_eq!(introspect("billing").await, json!({ "active": false }));
+
+    // Other tokens of the same client stay active.
+    let other = fx.access_token("reporting", &[]).await;
+    let response = fx
+        .post_basic("/oauth2/introspect", "reporting", &[("token", &other)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.json::<Value>().await.unwrap()["active"], true);
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. Metadata and JWKS
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn metadata_and_jwks_are_published() {
+    let fx = Fixture::start().await;
+    let mut documents = Vec::new();
+    for path in [
+        "/.well-known/oauth-authorization-server",
+        "/.well-known/openid-configuration",
+    ] {
+        let response = fx.http.get(fx.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        let doc: Value = response.json().await.unwrap();
+        assert_eq!(doc["issuer"], fx.issuer.as_str());
+        assert_eq!(doc["token_endpoint"], fx.token_endpoint());
+        assert_eq!(doc["jwks_uri"], fx.url("/.well-known/jwks.json"));
+        assert_eq!(doc["revocation_endpoint"], fx.url("/oauth2/revoke"));
+        assert_eq!(doc["introspection_endpoint"], fx.url("/oauth2/introspect"));
+        assert!(
+            doc["grant_types_supported"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("client_credentials"))
+        );
+        let methods: BTreeSet<&str> = doc["token_endpoint_auth_methods_supported"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            methods,
+            BTreeSet::from([
+                "client_secret_basic",
+                "client_secret_post",
+                "private_key_jwt"
+            ])
+        );
+        let scopes = doc["scopes_supported"].as_array().unwrap();
+        assert!(scopes.contains(&json!("orders.read")) && scopes.contains(&json!("invoices.read")));
+        documents.push(doc);
+    }
+    assert_eq!(documents[0], documents[1]);
+
+    let response = fx
+        .http
+        .get(fx.url("/.well-known/jwks.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let cache_control = response.headers()[header::CACHE_CONTROL]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(cache_control.contains("max-age="), "{cache_control}");
+    let jwks: Value = response.json().await.unwrap();
+    let keys = jwks["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2, "current and next key");
+    for jwk in keys {
+        assert!(jwk["kid"].is_string(), "{jwk}");
+        assert_eq!(
+            (
+                jwk["kty"].as_str(),
+                jwk["alg"].as_str(),
+                jwk["use"].as_str()
+            ),
+            (Some("EC"), Some("ES256"), Some("sig"))
+        );
+        assert!(jwk.get("d").is_none(), "no private part: {jwk}");
+    }
+    // The key that signs today is one of them.
+    let token = fx.access_token("reporting", &[]).await;
+    let kid = jsonwebtoken::decode_header(&token).unwrap().kid.unwrap();
+    assert!(keys.iter().any(|k| k["kid"] == kid.as_str()));
+
+    // Only the documented methods.
+    let get_token = fx.http.get(fx.token_endpoint()).send().await.unwrap();
+    assert_eq!(get_token.status(), StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test]
+async fn issuer_key_rotation_signs_with_the_published_next_key_and_keeps_old_tokens_valid() {
+    let fx = Fixture::start().await;
+    let jwks = |fx: &Fixture| {
+        let request = fx.http.get(fx.url("/.well-known/jwks.json"));
+        async move {
+            let set: JwkSet = request.send().await.unwrap().json().await.unwrap();
+            set.keys
+                .iter()
+                .map(|k| k.common.key_id.clone().unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+    let before = jwks(&fx).await;
+    let old_token = fx.access_token("reporting", &[]).await;
+    let old_kid = jsonwebtoken::decode_header(&old_token)
+        .unwrap()
+        .kid
+        .unwrap();
+    assert_eq!(before[0], old_kid, "current key first");
+
+    fx.rotate_issuer_keys();
+    let after = jwks(&fx).await;
+    assert_eq!(after.len(), 3, "current, next and previous");
+    let new_token = fx.access_token("reporting", &[]).await;
+    let new_kid = jsonwebtoken::decode_header(&new_token)
+        .unwrap()
+        .kid
+        .unwrap();
+    assert_eq!(
+        new_kid, before[1],
+        "the new signing key was published before it signed"
+    );
+    assert!(after.contains(&old_kid));
+
+    // Both verify against the JWKS and both are active.
+    fx.verify(&old_token, ORDERS).await;
+    fx.verify(&new_token, ORDERS).await;
+    for token in [&old_token, &new_token] {
+        let response = fx
+            .post_basic("/oauth2/introspect", "reporting", &[("token", token)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.json::<Value>().await.unwrap()["active"], true);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. Throttling
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn failed_authentications_throttle_the_client_from_that_address_only() {
+    let fx = Fixture::start().await;
+    let edgy = fx.client("edgy");
+    let attempt = |http: &reqwest::Client, secret: &str| {
+        http.post(fx.token_endpoint())
+            .header(header::CONTENT_TYPE, FORM)
+            .header(header::AUTHORIZATION, basic(edgy.id(), secret))
+            .body("grant_type=client_credentials")
+            .send()
+    };
+
+    // 20 failures are answered invalid_client, then the pair (client, 127.0.0.1) must wait.
+    for i in 0..25 {
+        let response = attempt(&fx.http, "kgs_guess").await.unwrap();
+        if i < 20 {
+            assert_error(response, StatusCode::UNAUTHORIZED, "invalid_client").await;
+        } else {
+            assert_error(response, StatusCode::TOO_MANY_REQUESTS, "slow_down").await;
+        }
+    }
+    // Even the right secret waits from that address.
+    let response = attempt(&fx.http, edgy.secret()).await.unwrap();
+    assert_error(response, StatusCode::TOO_MANY_REQUESTS, "slow_down").await;
+
+    // Other clients from the same address are not affected.
+    assert_token(fx.token("reporting", &[]).await).await;
+
+    // The owner calling from another address (127.0.0.2, still loopback) gets its token.
+    let elsewhere = reqwest::Client::builder()
+        .local_address(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)))
+        .build()
+        .unwrap();
+    assert_token(attempt(&elsewhere, edgy.secret()).await.unwrap()).await;
+}
