@@ -70,7 +70,7 @@ pub fn walkthrough(endpoints: &Endpoints, config: &Config, snapshot: &Snapshot, 
             .filter(|(_, c)| c.spec.client_secret && !c.spec.disabled)
             .filter_map(|(client_key, _)| {
                 let grants = snapshot.clients_by_key.get(client_key)?.grants.get(resource)?;
-                Some((client_key, grants.iter().cloned().collect()))
+                Some((client_key, grants.iter().cloned().collect::<Vec<String>>()))
             })
             .filter(|(_, scopes)| protected(scopes, true).is_some())
             .collect();
