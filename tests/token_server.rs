@@ -83,7 +83,7 @@ fn mk_client(roles: &[&str], client_secret: bool, key_pair: bool, disabled: bool
     ApiClientSpec {
         roles: roles.iter().map(|r| (*r).to_owned()).collect(),
         client_secret,
-        key_pair: key_pair.then(|| KeyPairSpec {
+        key_pair: key_pair.then_some(KeyPairSpec {
             algorithm: KeyAlgorithm::ES256,
         }),
         disabled,

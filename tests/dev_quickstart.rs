@@ -1,0 +1,241 @@
+//! End to end: `keygate dev` as a child process with the quickstart example, driven with a
+//! real HTTP client through the whole walkthrough, restarted, and fed broken configuration.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use keygate::credentials::{SigningKey, sign_keypair_jwt, unix_now};
+
+const ORDERS: &str = "https://orders.shop.svc";
+
+struct Dev {
+    child: Child,
+    token_url: String,
+    sidecar: String,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn copy_quickstart(to: &Path) {
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart");
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+    }
+}
+
+/// Starts `keygate dev` on free ports and waits for its walkthrough.
+fn start(config: &Path, state: &Path) -> Dev {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["dev", "--port", "0", "--sidecar-port", "0", "--reload-interval", "200ms"])
+        .arg("--config")
+        .arg(config)
+        .arg("--state")
+        .arg(state)
+        .env("KEYGATE_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("keygate dev starts");
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let err_pipe = child.stderr.take().unwrap();
+    let sink = stderr.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push_str(&(line + "\n"));
+        }
+    });
+    let mut token_url = None;
+    let mut sidecar = None;
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    while token_url.is_none() || sidecar.is_none() {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("keygate dev exited early:\n{}", stderr.lock().unwrap()))
+            .unwrap();
+        let url = line.split_whitespace().find(|w| w.starts_with("http://")).map(str::to_owned);
+        if line.trim_start().starts_with("token server") {
+            token_url = url.map(|u| format!("{u}/oauth2/token"));
+        } else if line.trim_start().starts_with("sidecar") {
+            sidecar = url;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    Dev { child, token_url: token_url.unwrap(), sidecar: sidecar.unwrap(), stderr }
+}
+
+fn credential(state: &Path, client: &str, field: &str) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["dev", "credentials", client, "--field", field, "--state"])
+        .arg(state)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+async fn token(http: &reqwest::Client, dev: &Dev, id: &str, secret: &str) -> reqwest::Response {
+    http.post(&dev.token_url)
+        .basic_auth(id, Some(secret))
+        .form(&[("grant_type", "client_credentials"), ("resource", ORDERS)])
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn access_token(http: &reqwest::Client, dev: &Dev, id: &str, secret: &str) -> String {
+    let response = token(http, dev, id, secret).await;
+    assert_eq!(response.status(), 200);
+    let body: serde_json::Value = response.json().await.unwrap();
+    body["access_token"].as_str().unwrap().to_owned()
+}
+
+async fn get(http: &reqwest::Client, url: &str, bearer: Option<&str>) -> u16 {
+    let mut request = http.get(url);
+    if let Some(token) = bearer {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap().status().as_u16()
+}
+
+/// Waits until stderr contains `needle` (bounded), returning whether it appeared.
+fn wait_for_log(dev: &Dev, needle: &str, from: usize) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if dev.stderr.lock().unwrap()[from..].contains(needle) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[tokio::test]
+async fn quickstart_walkthrough_survives_restart_and_bad_config() {
+    let config = tempfile::tempdir().unwrap();
+    let state_dir = tempfile::tempdir().unwrap();
+    let state: PathBuf = state_dir.path().join("state");
+    copy_quickstart(config.path());
+    let http = reqwest::Client::new();
+
+    let dev = start(config.path(), &state);
+    let orders = format!("{}/orders/42", dev.sidecar);
+    let id = credential(&state, "shop/reporting", "client_id");
+    let secret = credential(&state, "shop/reporting", "client_secret");
+
+    // Client credentials token → allowed read; no token → 401; too little scope → 403.
+    let read_token = access_token(&http, &dev, &id, &secret).await;
+    assert_eq!(get(&http, &orders, Some(&read_token)).await, 200);
+    let unauthenticated = http.get(&orders).send().await.unwrap();
+    assert_eq!(unauthenticated.status(), 401);
+    assert_eq!(
+        unauthenticated.headers()["www-authenticate"],
+        "Bearer realm=\"https://orders.shop.svc\""
+    );
+    let forbidden = http.post(&orders).bearer_auth(&read_token).send().await.unwrap();
+    assert_eq!(forbidden.status(), 403);
+    assert_eq!(
+        forbidden.headers()["www-authenticate"],
+        "Bearer realm=\"https://orders.shop.svc\", error=\"insufficient_scope\", scope=\"orders.write\""
+    );
+    assert_eq!(get(&http, &format!("{}/healthz", dev.sidecar), None).await, 200);
+
+    // Key-pair JWT signed by the warehouse's own key → allowed.
+    let warehouse_id = credential(&state, "shop/warehouse", "client_id");
+    let key = SigningKey::from_pkcs8_pem(&credential(&state, "shop/warehouse", "private_key.pem")).unwrap();
+    let jwt = sign_keypair_jwt(&key, &warehouse_id, None, Duration::from_secs(300), unix_now()).unwrap();
+    assert_eq!(get(&http, &orders, Some(&jwt)).await, 200);
+
+    // API key in X-API-Key → allowed.
+    let api_key = credential(&state, "shop/partner", "api_key");
+    let status = http.get(&orders).header("X-API-Key", &api_key).send().await.unwrap().status();
+    assert_eq!(status, 200);
+
+    // Revoke ("logout") → refused.
+    let revoked = http
+        .post(dev.token_url.replace("/token", "/revoke"))
+        .basic_auth(&id, Some(&secret))
+        .form(&[("token", read_token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&http, &orders, Some(&read_token)).await != 401 {
+        assert!(Instant::now() < deadline, "revoked token still accepted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Restart: the same credentials still work, the revocation is still in force.
+    drop(dev);
+    let dev = start(config.path(), &state);
+    let orders = format!("{}/orders/42", dev.sidecar);
+    assert_eq!(credential(&state, "shop/reporting", "client_secret"), secret);
+    let fresh = access_token(&http, &dev, &id, &secret).await;
+    assert_eq!(get(&http, &orders, Some(&fresh)).await, 200);
+    assert_eq!(get(&http, &orders, Some(&jwt)).await, 200);
+    assert_eq!(get(&http, &orders, Some(&read_token)).await, 401);
+
+    // Broken configuration is refused on reload; the running configuration keeps serving.
+    let broken: [(&str, &str, &str); 4] = [
+        ("broken.yaml", "apiVersion: keygate.dev/v1alpha1\nkind: [oops\n", "not valid YAML"),
+        (
+            "unknown-role.yaml",
+            "apiVersion: keygate.dev/v1alpha1\nkind: ApiClient\nmetadata: {name: ghost, namespace: shop}\nspec: {roles: [nobody]}\n",
+            "unknown role \"nobody\"",
+        ),
+        (
+            "duplicate.yaml",
+            "apiVersion: keygate.dev/v1alpha1\nkind: M2MRole\nmetadata: {name: orders-reader, namespace: shop}\nspec:\n  permissions: [{resource: https://orders.shop.svc, scopes: [orders.read]}]\n",
+            "duplicate name",
+        ),
+        (
+            "bad-pattern.yaml",
+            "apiVersion: keygate.dev/v1alpha1\nkind: ScopePolicy\nmetadata: {name: bad, namespace: shop}\nspec:\n  resource: https://bad.shop.svc\n  rules: [{name: r, paths: [\"/a/**/b\"]}]\n",
+            "spec.rules[0]",
+        ),
+    ];
+    for (file, text, expected) in broken {
+        let from = dev.stderr.lock().unwrap().len();
+        std::fs::write(config.path().join(file), text).unwrap();
+        assert!(
+            wait_for_log(&dev, "keeping the last good configuration", from),
+            "{file}: no reload error logged:\n{}",
+            dev.stderr.lock().unwrap()
+        );
+        let log = dev.stderr.lock().unwrap()[from..].to_owned();
+        assert!(log.contains(expected), "{file}: expected {expected:?} in:\n{log}");
+        assert!(log.contains(file), "{file}: the error names the file:\n{log}");
+        let token = access_token(&http, &dev, &id, &secret).await;
+        assert_eq!(get(&http, &orders, Some(&token)).await, 200, "{file}: still serving");
+        std::fs::remove_file(config.path().join(file)).unwrap();
+    }
+
+    // A good change applies: a new client gets credentials and a token.
+    let from = dev.stderr.lock().unwrap().len();
+    std::fs::write(
+        config.path().join("new-client.yaml"),
+        "apiVersion: keygate.dev/v1alpha1\nkind: ApiClient\nmetadata: {name: auditor, namespace: shop}\nspec: {roles: [orders-reader]}\n",
+    )
+    .unwrap();
+    assert!(wait_for_log(&dev, "configuration reloaded", from));
+    let auditor_id = credential(&state, "shop/auditor", "client_id");
+    let auditor_secret = credential(&state, "shop/auditor", "client_secret");
+    let token = access_token(&http, &dev, &auditor_id, &auditor_secret).await;
+    assert_eq!(get(&http, &orders, Some(&token)).await, 200);
+
+    // No secret ever reaches the log.
+    let log = dev.stderr.lock().unwrap().clone();
+    for value in [&secret, &api_key, &auditor_secret, &fresh] {
+        assert!(!log.contains(value.as_str()), "a credential reached the log");
+    }
+}
