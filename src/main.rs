@@ -9,7 +9,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(name = "keygate", version, about = "Machine-to-machine API authentication for Kubernetes")]
+#[command(
+    name = "keygate",
+    version,
+    about = "Machine-to-machine API authentication for Kubernetes"
+)]
 struct Cli {
     /// Log line format.
     #[arg(long, env = "KEYGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain, global = true)]
@@ -71,7 +75,11 @@ enum Command {
 #[derive(clap::Args, Debug)]
 struct SidecarArgs {
     /// The policy file (the ScopePolicy's ConfigMap mount).
-    #[arg(long, env = "KEYGATE_POLICY", default_value = "/etc/keygate/policy.json")]
+    #[arg(
+        long,
+        env = "KEYGATE_POLICY",
+        default_value = "/etc/keygate/policy.json"
+    )]
     policy: PathBuf,
     /// Address for requests to the workload.
     #[arg(long, env = "KEYGATE_LISTEN", default_value = "0.0.0.0:8100")]
@@ -142,7 +150,11 @@ enum DevCommand {
 #[derive(clap::Args, Debug)]
 struct TokenArgs {
     /// The token endpoint.
-    #[arg(long, env = "KEYGATE_TOKEN_URL", default_value = "http://127.0.0.1:8400/oauth2/token")]
+    #[arg(
+        long,
+        env = "KEYGATE_TOKEN_URL",
+        default_value = "http://127.0.0.1:8400/oauth2/token"
+    )]
     token_url: String,
     /// The client id.
     #[arg(long, env = "KEYGATE_CLIENT_ID")]
@@ -185,7 +197,9 @@ fn init_tracing(format: LogFormat, filter: &str) -> anyhow::Result<()> {
 fn read_input(path: &PathBuf) -> anyhow::Result<String> {
     if path.as_os_str() == "-" {
         let mut text = String::new();
-        std::io::stdin().read_to_string(&mut text).context("reading standard input")?;
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading standard input")?;
         Ok(text)
     } else {
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
@@ -202,15 +216,26 @@ async fn main() -> anyhow::Result<()> {
         Command::Token(args) => fetch_token(args).await?,
         Command::Crd => print!("{}", keygate::api::crds_yaml()?),
         Command::Fingerprint { file } => {
-            println!("{}", keygate::credentials::fingerprint_pem(&read_input(&file)?)?);
+            println!(
+                "{}",
+                keygate::credentials::fingerprint_pem(&read_input(&file)?)?
+            );
         }
-        Command::KeypairJwt { private_key, client_id, audience, lifetime } => {
-            use keygate::credentials::{MAX_KEYPAIR_JWT_LIFETIME, SigningKey, sign_keypair_jwt, unix_now};
+        Command::KeypairJwt {
+            private_key,
+            client_id,
+            audience,
+            lifetime,
+        } => {
+            use keygate::credentials::{
+                MAX_KEYPAIR_JWT_LIFETIME, SigningKey, sign_keypair_jwt, unix_now,
+            };
             if lifetime > MAX_KEYPAIR_JWT_LIFETIME {
                 tracing::warn!(requested = ?lifetime, "key-pair JWT lifetime capped at one hour");
             }
             let key = SigningKey::from_pkcs8_pem(&read_input(&private_key)?)?;
-            let jwt = sign_keypair_jwt(&key, &client_id, audience.as_deref(), lifetime, unix_now())?;
+            let jwt =
+                sign_keypair_jwt(&key, &client_id, audience.as_deref(), lifetime, unix_now())?;
             println!("{jwt}");
         }
     }
@@ -218,15 +243,19 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run_sidecar(args: SidecarArgs) -> anyhow::Result<()> {
+    use keygate::policy::PolicyDocument;
     use keygate::sidecar::forward::{ForwardConfig, Forwarder};
     use keygate::sidecar::server::{Sidecar, serve, watch_policy_file};
-    use keygate::policy::PolicyDocument;
 
     // Read once up front to learn the upstream port and to refuse to start without a policy.
     let document = std::fs::read(&args.policy)
         .with_context(|| format!("reading the policy file {}", args.policy.display()))?;
-    let document = PolicyDocument::parse(&document)
-        .with_context(|| format!("the policy file {} is invalid; refusing to start", args.policy.display()))?;
+    let document = PolicyDocument::parse(&document).with_context(|| {
+        format!(
+            "the policy file {} is invalid; refusing to start",
+            args.policy.display()
+        )
+    })?;
     let upstream = args
         .upstream
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], document.spec.upstream.port)));
@@ -253,7 +282,11 @@ async fn run_sidecar(args: SidecarArgs) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let admin_task = tokio::spawn(keygate::admin::serve(admin_listener, admin, stopped(stop_rx.clone())));
+    let admin_task = tokio::spawn(keygate::admin::serve(
+        admin_listener,
+        admin,
+        stopped(stop_rx.clone()),
+    ));
     let shutdown = async move {
         keygate::admin::shutdown_signal().await;
         let _ = stop_tx.send(true);
@@ -265,7 +298,12 @@ async fn run_sidecar(args: SidecarArgs) -> anyhow::Result<()> {
 }
 
 async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
-    if let Some(DevCommand::Credentials { client, state, field }) = args.command {
+    if let Some(DevCommand::Credentials {
+        client,
+        state,
+        field,
+    }) = args.command
+    {
         let data = keygate::dev::credentials_of(&state, &client).map_err(anyhow::Error::msg)?;
         match field {
             Some(field) => {
@@ -278,7 +316,9 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let config = args.config.context("--config DIR is required to run keygate dev")?;
+    let config = args
+        .config
+        .context("--config DIR is required to run keygate dev")?;
     let upstream = match args.upstream {
         Some(text) => {
             let text = text.trim_start_matches("http://").trim_end_matches('/');
@@ -325,7 +365,8 @@ async fn fetch_token(args: TokenArgs) -> anyhow::Result<()> {
     match (&args.client_secret, &args.private_key) {
         (Some(secret), None) => {
             // RFC 6749 section 2.3.1: form-encode both parts before Basic encoding.
-            let encode = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+            let encode =
+                |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
             request = request.basic_auth(encode(&args.client_id), Some(encode(secret)));
         }
         (_, Some(path)) => {
@@ -337,7 +378,10 @@ async fn fetch_token(args: TokenArgs) -> anyhow::Result<()> {
             });
             let assertion = key.sign(jsonwebtoken::Header::default(), &claims)?;
             form.push(("client_id", args.client_id.clone()));
-            form.push(("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into()));
+            form.push((
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".into(),
+            ));
             form.push(("client_assertion", assertion));
         }
         _ => anyhow::bail!("give --client-secret (or KEYGATE_CLIENT_SECRET) or --private-key"),
@@ -348,7 +392,10 @@ async fn fetch_token(args: TokenArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("calling {}", args.token_url))?;
     let status = response.status();
-    let body: serde_json::Value = response.json().await.context("the token endpoint did not answer JSON")?;
+    let body: serde_json::Value = response
+        .json()
+        .await
+        .context("the token endpoint did not answer JSON")?;
     if !status.is_success() {
         anyhow::bail!(
             "token request refused ({status}): {} {}",
@@ -359,7 +406,12 @@ async fn fetch_token(args: TokenArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{body}");
     } else {
-        println!("{}", body["access_token"].as_str().context("no access_token in the response")?);
+        println!(
+            "{}",
+            body["access_token"]
+                .as_str()
+                .context("no access_token in the response")?
+        );
     }
     Ok(())
 }

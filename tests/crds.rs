@@ -18,12 +18,26 @@ fn assert_structural(node: &Value, path: &str) {
         map.contains_key("type") || map.contains_key("x-kubernetes-int-or-string"),
         "{path}: node without a type"
     );
-    for forbidden in ["$ref", "oneOf", "anyOf", "allOf", "not", "definitions", "$defs"] {
+    for forbidden in [
+        "$ref",
+        "oneOf",
+        "anyOf",
+        "allOf",
+        "not",
+        "definitions",
+        "$defs",
+    ] {
         if forbidden == "anyOf" || forbidden == "oneOf" || forbidden == "allOf" {
             // Allowed only as pure value validations without types, which we never emit.
-            assert!(!map.contains_key(forbidden), "{path}: {forbidden} in schema");
+            assert!(
+                !map.contains_key(forbidden),
+                "{path}: {forbidden} in schema"
+            );
         } else {
-            assert!(!map.contains_key(forbidden), "{path}: {forbidden} in schema");
+            assert!(
+                !map.contains_key(forbidden),
+                "{path}: {forbidden} in schema"
+            );
         }
     }
     if map.get("type") == Some(&Value::from("object")) {
@@ -52,7 +66,10 @@ fn rules(version: &Value) -> Vec<String> {
         match node {
             Value::Object(map) => {
                 if let Some(Value::Array(list)) = map.get("x-kubernetes-validations") {
-                    out.extend(list.iter().filter_map(|r| r["rule"].as_str().map(str::to_owned)));
+                    out.extend(
+                        list.iter()
+                            .filter_map(|r| r["rule"].as_str().map(str::to_owned)),
+                    );
                 }
                 map.values().for_each(|v| walk(v, out));
             }
@@ -76,8 +93,11 @@ fn column_names(version: &Value) -> Vec<String> {
 
 #[test]
 fn committed_crds_match_the_types() {
-    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/keygate.dev.yaml"))
-        .expect("crds/keygate.dev.yaml exists");
+    let committed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/keygate.dev.yaml"
+    ))
+    .expect("crds/keygate.dev.yaml exists");
     assert!(
         committed == crds_yaml().unwrap(),
         "crds/keygate.dev.yaml is stale: run `cargo run -- crd > crds/keygate.dev.yaml`"
@@ -86,7 +106,11 @@ fn committed_crds_match_the_types() {
 
 #[test]
 fn schemas_are_structural_with_status_subresource() {
-    for version in [schema_of::<M2MRole>(), schema_of::<ApiClient>(), schema_of::<ScopePolicy>()] {
+    for version in [
+        schema_of::<M2MRole>(),
+        schema_of::<ApiClient>(),
+        schema_of::<ScopePolicy>(),
+    ] {
         assert_structural(&version["schema"]["openAPIV3Schema"], "");
         assert_eq!(version["subresources"]["status"], serde_json::json!({}));
         assert_eq!(version["served"], true);
@@ -99,11 +123,21 @@ fn schemas_are_structural_with_status_subresource() {
 
 #[test]
 fn names_are_namespaced_with_short_names_and_category() {
-    for (crd, short) in [(M2MRole::crd(), "m2mr"), (ApiClient::crd(), "kgc"), (ScopePolicy::crd(), "sp")] {
+    for (crd, short) in [
+        (M2MRole::crd(), "m2mr"),
+        (ApiClient::crd(), "kgc"),
+        (ScopePolicy::crd(), "sp"),
+    ] {
         assert_eq!(crd.spec.group, "keygate.dev");
         assert_eq!(crd.spec.scope, "Namespaced");
-        assert_eq!(crd.spec.names.short_names.as_deref(), Some(&[short.to_owned()][..]));
-        assert_eq!(crd.spec.names.categories.as_deref(), Some(&["keygate".to_owned()][..]));
+        assert_eq!(
+            crd.spec.names.short_names.as_deref(),
+            Some(&[short.to_owned()][..])
+        );
+        assert_eq!(
+            crd.spec.names.categories.as_deref(),
+            Some(&["keygate".to_owned()][..])
+        );
         assert_eq!(crd.spec.versions[0].name, "v1alpha1");
     }
 }
@@ -112,9 +146,20 @@ fn names_are_namespaced_with_short_names_and_category() {
 fn printer_columns_make_kubectl_get_useful() {
     assert_eq!(
         column_names(&schema_of::<ApiClient>()),
-        ["Ready", "Client ID", "Roles", "Secret", "Fingerprint", "Disabled", "Age"]
+        [
+            "Ready",
+            "Client ID",
+            "Roles",
+            "Secret",
+            "Fingerprint",
+            "Disabled",
+            "Age"
+        ]
     );
-    assert_eq!(column_names(&schema_of::<M2MRole>()), ["Resources", "Ready", "Age"]);
+    assert_eq!(
+        column_names(&schema_of::<M2MRole>()),
+        ["Resources", "Ready", "Age"]
+    );
     assert_eq!(
         column_names(&schema_of::<ScopePolicy>()),
         ["Resource", "Ready", "Rules", "Clients", "ConfigMap", "Age"]
@@ -124,7 +169,9 @@ fn printer_columns_make_kubectl_get_useful() {
 #[test]
 fn cel_rules_cover_static_checks() {
     let client = rules(&schema_of::<ApiClient>()).join("\n");
-    assert!(client.contains("duration(self) >= duration('1m') && duration(self) <= duration('24h')"));
+    assert!(
+        client.contains("duration(self) >= duration('1m') && duration(self) <= duration('24h')")
+    );
     assert!(client.contains("duration(self.overlap) < duration(self.every)"));
     let policy = rules(&schema_of::<ScopePolicy>()).join("\n");
     assert!(policy.contains("has(self.anyOf) != has(self.allOf)"));
@@ -160,10 +207,16 @@ mod cel {
     fn lifetimes_and_rotation_are_bounded() {
         assert!(client(serde_json::json!({"tokenLifetime": "15m"})).is_ok());
         let err = client(serde_json::json!({"tokenLifetime": "48h"})).unwrap_err();
-        assert!(err.contains("tokenLifetime must be a duration between 1m and 24h"), "{err}");
+        assert!(
+            err.contains("tokenLifetime must be a duration between 1m and 24h"),
+            "{err}"
+        );
         assert!(client(serde_json::json!({"tokenLifetime": "10s"})).is_err());
-        assert!(client(serde_json::json!({"rotation": {"every": "720h", "overlap": "24h"}})).is_ok());
-        let err = client(serde_json::json!({"rotation": {"every": "24h", "overlap": "48h"}})).unwrap_err();
+        assert!(
+            client(serde_json::json!({"rotation": {"every": "720h", "overlap": "24h"}})).is_ok()
+        );
+        let err = client(serde_json::json!({"rotation": {"every": "24h", "overlap": "48h"}}))
+            .unwrap_err();
         assert!(err.contains("overlap must be shorter"), "{err}");
     }
 
@@ -185,8 +238,17 @@ mod cel {
             "resource": "https://orders.shop.svc",
             "rules": [{"name": "r", "paths": ["/"], "public": true, "requireScopes": {"anyOf": ["a"]}}]
         });
-        assert!(policy(public_with_scopes).unwrap_err().contains("public rule cannot require scopes"));
-        for bad in ["orders.shop.svc", "https://orders#frag", "https://", "not a uri"] {
+        assert!(
+            policy(public_with_scopes)
+                .unwrap_err()
+                .contains("public rule cannot require scopes")
+        );
+        for bad in [
+            "orders.shop.svc",
+            "https://orders#frag",
+            "https://",
+            "not a uri",
+        ] {
             let spec = serde_json::json!({"resource": bad});
             assert!(policy(spec).unwrap_err().contains("absolute URI"), "{bad}");
         }
@@ -195,6 +257,10 @@ mod cel {
         });
         assert!(policy(bad_scope).unwrap_err().contains("each scope"));
         let bad_method = serde_json::json!({"resource": "https://o", "rules": [{"name": "r", "methods": ["get"], "paths": ["/"]}]});
-        assert!(policy(bad_method).unwrap_err().contains("upper-case HTTP methods"));
+        assert!(
+            policy(bad_method)
+                .unwrap_err()
+                .contains("upper-case HTTP methods")
+        );
     }
 }

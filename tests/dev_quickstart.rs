@@ -36,7 +36,15 @@ fn copy_quickstart(to: &Path) {
 /// Starts `keygate dev` on free ports and waits for its walkthrough.
 fn start(config: &Path, state: &Path) -> Dev {
     let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args(["dev", "--port", "0", "--sidecar-port", "0", "--reload-interval", "200ms"])
+        .args([
+            "dev",
+            "--port",
+            "0",
+            "--sidecar-port",
+            "0",
+            "--reload-interval",
+            "200ms",
+        ])
         .arg("--config")
         .arg(config)
         .arg("--state")
@@ -62,7 +70,10 @@ fn start(config: &Path, state: &Path) -> Dev {
             .next()
             .unwrap_or_else(|| panic!("keygate dev exited early:\n{}", stderr.lock().unwrap()))
             .unwrap();
-        let url = line.split_whitespace().find(|w| w.starts_with("http://")).map(str::to_owned);
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .map(str::to_owned);
         if line.trim_start().starts_with("token server") {
             token_url = url.map(|u| format!("{u}/oauth2/token"));
         } else if line.trim_start().starts_with("sidecar") {
@@ -70,7 +81,12 @@ fn start(config: &Path, state: &Path) -> Dev {
         }
     }
     std::thread::spawn(move || for _ in lines {});
-    Dev { child, token_url: token_url.unwrap(), sidecar: sidecar.unwrap(), stderr }
+    Dev {
+        child,
+        token_url: token_url.unwrap(),
+        sidecar: sidecar.unwrap(),
+        stderr,
+    }
 }
 
 fn credential(state: &Path, client: &str, field: &str) -> String {
@@ -79,7 +95,11 @@ fn credential(state: &Path, client: &str, field: &str) -> String {
         .arg(state)
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
 
@@ -141,23 +161,45 @@ async fn quickstart_walkthrough_survives_restart_and_bad_config() {
         unauthenticated.headers()["www-authenticate"],
         "Bearer realm=\"https://orders.shop.svc\""
     );
-    let forbidden = http.post(&orders).bearer_auth(&read_token).send().await.unwrap();
+    let forbidden = http
+        .post(&orders)
+        .bearer_auth(&read_token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(forbidden.status(), 403);
     assert_eq!(
         forbidden.headers()["www-authenticate"],
         "Bearer realm=\"https://orders.shop.svc\", error=\"insufficient_scope\", scope=\"orders.write\""
     );
-    assert_eq!(get(&http, &format!("{}/healthz", dev.sidecar), None).await, 200);
+    assert_eq!(
+        get(&http, &format!("{}/healthz", dev.sidecar), None).await,
+        200
+    );
 
     // Key-pair JWT signed by the warehouse's own key → allowed.
     let warehouse_id = credential(&state, "shop/warehouse", "client_id");
-    let key = SigningKey::from_pkcs8_pem(&credential(&state, "shop/warehouse", "private_key.pem")).unwrap();
-    let jwt = sign_keypair_jwt(&key, &warehouse_id, None, Duration::from_secs(300), unix_now()).unwrap();
+    let key = SigningKey::from_pkcs8_pem(&credential(&state, "shop/warehouse", "private_key.pem"))
+        .unwrap();
+    let jwt = sign_keypair_jwt(
+        &key,
+        &warehouse_id,
+        None,
+        Duration::from_secs(300),
+        unix_now(),
+    )
+    .unwrap();
     assert_eq!(get(&http, &orders, Some(&jwt)).await, 200);
 
     // API key in X-API-Key → allowed.
     let api_key = credential(&state, "shop/partner", "api_key");
-    let status = http.get(&orders).header("X-API-Key", &api_key).send().await.unwrap().status();
+    let status = http
+        .get(&orders)
+        .header("X-API-Key", &api_key)
+        .send()
+        .await
+        .unwrap()
+        .status();
     assert_eq!(status, 200);
 
     // Revoke ("logout") → refused.
@@ -179,7 +221,10 @@ async fn quickstart_walkthrough_survives_restart_and_bad_config() {
     drop(dev);
     let dev = start(config.path(), &state);
     let orders = format!("{}/orders/42", dev.sidecar);
-    assert_eq!(credential(&state, "shop/reporting", "client_secret"), secret);
+    assert_eq!(
+        credential(&state, "shop/reporting", "client_secret"),
+        secret
+    );
     let fresh = access_token(&http, &dev, &id, &secret).await;
     assert_eq!(get(&http, &orders, Some(&fresh)).await, 200);
     assert_eq!(get(&http, &orders, Some(&jwt)).await, 200);
@@ -187,7 +232,11 @@ async fn quickstart_walkthrough_survives_restart_and_bad_config() {
 
     // Broken configuration is refused on reload; the running configuration keeps serving.
     let broken: [(&str, &str, &str); 4] = [
-        ("broken.yaml", "apiVersion: keygate.dev/v1alpha1\nkind: [oops\n", "not valid YAML"),
+        (
+            "broken.yaml",
+            "apiVersion: keygate.dev/v1alpha1\nkind: [oops\n",
+            "not valid YAML",
+        ),
         (
             "unknown-role.yaml",
             "apiVersion: keygate.dev/v1alpha1\nkind: ApiClient\nmetadata: {name: ghost, namespace: shop}\nspec: {roles: [nobody]}\n",
@@ -213,10 +262,20 @@ async fn quickstart_walkthrough_survives_restart_and_bad_config() {
             dev.stderr.lock().unwrap()
         );
         let log = dev.stderr.lock().unwrap()[from..].to_owned();
-        assert!(log.contains(expected), "{file}: expected {expected:?} in:\n{log}");
-        assert!(log.contains(file), "{file}: the error names the file:\n{log}");
+        assert!(
+            log.contains(expected),
+            "{file}: expected {expected:?} in:\n{log}"
+        );
+        assert!(
+            log.contains(file),
+            "{file}: the error names the file:\n{log}"
+        );
         let token = access_token(&http, &dev, &id, &secret).await;
-        assert_eq!(get(&http, &orders, Some(&token)).await, 200, "{file}: still serving");
+        assert_eq!(
+            get(&http, &orders, Some(&token)).await,
+            200,
+            "{file}: still serving"
+        );
         std::fs::remove_file(config.path().join(file)).unwrap();
     }
 
@@ -236,6 +295,9 @@ async fn quickstart_walkthrough_survives_restart_and_bad_config() {
     // No secret ever reaches the log.
     let log = dev.stderr.lock().unwrap().clone();
     for value in [&secret, &api_key, &auditor_secret, &fresh] {
-        assert!(!log.contains(value.as_str()), "a credential reached the log");
+        assert!(
+            !log.contains(value.as_str()),
+            "a credential reached the log"
+        );
     }
 }

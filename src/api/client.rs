@@ -21,13 +21,36 @@ use serde::{Deserialize, Serialize};
     namespaced,
     cel,
     status = "ApiClientStatus",
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
     printcolumn(name = "Client ID", type_ = "string", json_path = ".status.clientId"),
     printcolumn(name = "Roles", type_ = "string", json_path = ".spec.roles"),
-    printcolumn(name = "Secret", type_ = "string", json_path = ".status.secretName", priority = 1),
-    printcolumn(name = "Fingerprint", type_ = "string", json_path = ".status.keyFingerprint", priority = 1),
-    printcolumn(name = "Disabled", type_ = "boolean", json_path = ".spec.disabled", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Secret",
+        type_ = "string",
+        json_path = ".status.secretName",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Fingerprint",
+        type_ = "string",
+        json_path = ".status.keyFingerprint",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Disabled",
+        type_ = "boolean",
+        json_path = ".spec.disabled",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ApiClientSpec {

@@ -20,11 +20,24 @@ use serde::{Deserialize, Serialize};
     cel,
     status = "ScopePolicyStatus",
     printcolumn(name = "Resource", type_ = "string", json_path = ".spec.resource"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
     printcolumn(name = "Rules", type_ = "integer", json_path = ".status.rules"),
     printcolumn(name = "Clients", type_ = "integer", json_path = ".status.clients"),
-    printcolumn(name = "ConfigMap", type_ = "string", json_path = ".status.configMap", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "ConfigMap",
+        type_ = "string",
+        json_path = ".status.configMap",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ScopePolicySpec {
@@ -177,7 +190,9 @@ pub struct RequireScopes {
 }
 
 /// What happens to a request that no rule matches.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 pub enum DefaultAction {
     /// Refuse it with 403.
     #[default]
@@ -187,7 +202,9 @@ pub enum DefaultAction {
 }
 
 /// How a held scope satisfies a required scope.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 pub enum ScopeMatching {
     /// Only the same scope string.
     #[default]

@@ -18,9 +18,21 @@ use serde::{Deserialize, Serialize};
     namespaced,
     cel,
     status = "M2MRoleStatus",
-    printcolumn(name = "Resources", type_ = "string", json_path = ".spec.permissions[*].resource"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Resources",
+        type_ = "string",
+        json_path = ".spec.permissions[*].resource"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct M2MRoleSpec {

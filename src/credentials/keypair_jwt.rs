@@ -32,7 +32,8 @@ pub fn keypair_issuer(client_id: &str, fingerprint: &str) -> String {
 pub fn split_keypair_issuer(iss: &str) -> Option<(&str, &str)> {
     let at = iss.find(".SHA256:")?;
     let (client_id, fingerprint) = (&iss[..at], &iss[at + 1..]);
-    (!client_id.is_empty() && fingerprint.len() > "SHA256:".len()).then_some((client_id, fingerprint))
+    (!client_id.is_empty() && fingerprint.len() > "SHA256:".len())
+        .then_some((client_id, fingerprint))
 }
 
 /// Signs a key-pair JWT valid from `now` (seconds since the epoch) for `lifetime`, which is
@@ -93,7 +94,9 @@ pub fn verify_keypair_jwt(
     now: u64,
 ) -> Result<KeyPairClaims> {
     if key.fingerprint != identity.fingerprint {
-        return Err(Error::InvalidJwt("fingerprint does not name this key".into()));
+        return Err(Error::InvalidJwt(
+            "fingerprint does not name this key".into(),
+        ));
     }
     let header = jsonwebtoken::decode_header(token)
         .map_err(|_| Error::InvalidJwt("malformed header".into()))?;
@@ -141,9 +144,10 @@ pub fn jwt_error_reason(error: &jsonwebtoken::errors::Error) -> String {
         ErrorKind::InvalidSubject => "wrong subject".into(),
         ErrorKind::InvalidAlgorithm => "algorithm not allowed".into(),
         ErrorKind::MissingRequiredClaim(claim) => format!("missing claim {claim}"),
-        ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Json(_) | ErrorKind::Utf8(_) => {
-            "malformed token".into()
-        }
+        ErrorKind::InvalidToken
+        | ErrorKind::Base64(_)
+        | ErrorKind::Json(_)
+        | ErrorKind::Utf8(_) => "malformed token".into(),
         _ => "invalid token".into(),
     }
 }
@@ -176,16 +180,32 @@ mod tests {
         )
     }
 
-    fn verify(token: &str, key: &VerifyingKey, aud: Option<&str>, now: u64) -> Result<KeyPairClaims> {
+    fn verify(
+        token: &str,
+        key: &VerifyingKey,
+        aud: Option<&str>,
+        now: u64,
+    ) -> Result<KeyPairClaims> {
         let identity = peek_keypair_identity(token)?;
         verify_keypair_jwt(token, &identity, key, aud, LEEWAY, now)
     }
 
     #[test]
     fn signed_jwt_verifies_for_every_algorithm() {
-        for algorithm in [KeyAlgorithm::ES256, KeyAlgorithm::EdDSA, KeyAlgorithm::RS256] {
+        for algorithm in [
+            KeyAlgorithm::ES256,
+            KeyAlgorithm::EdDSA,
+            KeyAlgorithm::RS256,
+        ] {
             let (signing, verifying) = keys(algorithm);
-            let token = sign_keypair_jwt(&signing, CLIENT, Some("https://orders"), Duration::from_secs(600), NOW).unwrap();
+            let token = sign_keypair_jwt(
+                &signing,
+                CLIENT,
+                Some("https://orders"),
+                Duration::from_secs(600),
+                NOW,
+            )
+            .unwrap();
             let claims = verify(&token, &verifying, Some("https://orders"), NOW + 10).unwrap();
             assert_eq!(claims.sub, CLIENT);
             assert_eq!(claims.iss, format!("{CLIENT}.{}", verifying.fingerprint));
@@ -196,7 +216,8 @@ mod tests {
     #[test]
     fn lifetime_is_capped_at_one_hour() {
         let (signing, verifying) = keys(KeyAlgorithm::ES256);
-        let token = sign_keypair_jwt(&signing, CLIENT, None, Duration::from_secs(86_400), NOW).unwrap();
+        let token =
+            sign_keypair_jwt(&signing, CLIENT, None, Duration::from_secs(86_400), NOW).unwrap();
         let claims = verify(&token, &verifying, None, NOW).unwrap();
         assert_eq!(claims.exp - claims.iat, 3600);
     }
@@ -229,11 +250,34 @@ mod tests {
     fn expired_future_and_wrong_audience_are_rejected() {
         let (signing, verifying) = keys(KeyAlgorithm::EdDSA);
         let now = unix_now();
-        let token = sign_keypair_jwt(&signing, CLIENT, Some("https://a"), Duration::from_secs(60), now).unwrap();
-        assert!(verify(&token, &verifying, Some("https://b"), now).unwrap_err().to_string().contains("audience"));
-        assert!(verify(&token, &verifying, Some("https://a"), now + 3600).unwrap_err().to_string().contains("expired"));
-        let future = sign_keypair_jwt(&signing, CLIENT, None, Duration::from_secs(60), now + 600).unwrap();
-        assert!(verify(&future, &verifying, None, now).unwrap_err().to_string().contains("future"));
+        let token = sign_keypair_jwt(
+            &signing,
+            CLIENT,
+            Some("https://a"),
+            Duration::from_secs(60),
+            now,
+        )
+        .unwrap();
+        assert!(
+            verify(&token, &verifying, Some("https://b"), now)
+                .unwrap_err()
+                .to_string()
+                .contains("audience")
+        );
+        assert!(
+            verify(&token, &verifying, Some("https://a"), now + 3600)
+                .unwrap_err()
+                .to_string()
+                .contains("expired")
+        );
+        let future =
+            sign_keypair_jwt(&signing, CLIENT, None, Duration::from_secs(60), now + 600).unwrap();
+        assert!(
+            verify(&future, &verifying, None, now)
+                .unwrap_err()
+                .to_string()
+                .contains("future")
+        );
     }
 
     #[test]

@@ -191,7 +191,8 @@ impl SigningKey {
     ) -> Result<String> {
         header.alg = jws_algorithm(self.algorithm);
         header.kid = Some(self.kid.clone());
-        jsonwebtoken::encode(&header, claims, &self.encoding).map_err(|e| Error::Sign(e.to_string()))
+        jsonwebtoken::encode(&header, claims, &self.encoding)
+            .map_err(|e| Error::Sign(e.to_string()))
     }
 }
 
@@ -278,7 +279,8 @@ impl VerifyingKey {
                 )));
             }
         }
-        let decoding = DecodingKey::from_jwk(jwk).map_err(|e| Error::UnsupportedKey(e.to_string()))?;
+        let decoding =
+            DecodingKey::from_jwk(jwk).map_err(|e| Error::UnsupportedKey(e.to_string()))?;
         let kid = match &jwk.common.key_id {
             Some(kid) => kid.clone(),
             None => jwk_thumbprint(jwk)?,
@@ -343,9 +345,16 @@ mod tests {
 
     #[test]
     fn generated_keys_round_trip_for_every_algorithm() {
-        for algorithm in [KeyAlgorithm::ES256, KeyAlgorithm::EdDSA, KeyAlgorithm::RS256] {
+        for algorithm in [
+            KeyAlgorithm::ES256,
+            KeyAlgorithm::EdDSA,
+            KeyAlgorithm::RS256,
+        ] {
             let pair = generate_key_pair(algorithm).unwrap();
-            assert!(pair.private_pem.contains("BEGIN PRIVATE KEY"), "{algorithm}");
+            assert!(
+                pair.private_pem.contains("BEGIN PRIVATE KEY"),
+                "{algorithm}"
+            );
             assert!(pair.public_pem.contains("BEGIN PUBLIC KEY"), "{algorithm}");
             let signing = SigningKey::from_pkcs8_pem(&pair.private_pem).unwrap();
             let verifying = VerifyingKey::from_spki_pem(&pair.public_pem).unwrap();

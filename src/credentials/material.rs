@@ -5,8 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::{
-    Result, SecretDigest, VerifyingKey, generate_api_key, generate_client_secret,
-    generate_key_pair,
+    Result, SecretDigest, VerifyingKey, generate_api_key, generate_client_secret, generate_key_pair,
 };
 use crate::api::ApiClientSpec;
 
@@ -132,7 +131,10 @@ pub fn rotate(
             None => out.remove(previous),
         };
     }
-    out.insert(key::PREVIOUS_EXPIRES_AT.into(), previous_expires_at.to_string());
+    out.insert(
+        key::PREVIOUS_EXPIRES_AT.into(),
+        previous_expires_at.to_string(),
+    );
     let client_id = data.get(key::CLIENT_ID).cloned().unwrap_or_default();
     let token_url = data.get(key::TOKEN_URL).cloned().unwrap_or_default();
     let issuer = data.get(key::ISSUER).cloned().unwrap_or_default();
@@ -200,12 +202,21 @@ impl ClientMaterial {
             (key::PREVIOUS_CLIENT_SECRET, previous_until),
         ] {
             if let Some(secret) = data.get(k) {
-                material.secrets.push(Valid { value: SecretDigest::of(secret), until });
+                material.secrets.push(Valid {
+                    value: SecretDigest::of(secret),
+                    until,
+                });
             }
         }
-        for (k, until) in [(key::API_KEY, None), (key::PREVIOUS_API_KEY, previous_until)] {
+        for (k, until) in [
+            (key::API_KEY, None),
+            (key::PREVIOUS_API_KEY, previous_until),
+        ] {
             if let Some(secret) = data.get(k) {
-                material.api_keys.push(Valid { value: SecretDigest::of(secret), until });
+                material.api_keys.push(Valid {
+                    value: SecretDigest::of(secret),
+                    until,
+                });
             }
         }
         for (k, until) in [
@@ -213,9 +224,8 @@ impl ClientMaterial {
             (key::PREVIOUS_PUBLIC_KEY, previous_until),
         ] {
             if let Some(pem) = data.get(k) {
-                let value = VerifyingKey::from_spki_pem(pem).map_err(|e| {
-                    super::Error::UnsupportedKey(format!("{k}: {e}"))
-                })?;
+                let value = VerifyingKey::from_spki_pem(pem)
+                    .map_err(|e| super::Error::UnsupportedKey(format!("{k}: {e}")))?;
                 material.keys.push(Valid { value, until });
             }
         }
@@ -234,7 +244,10 @@ impl ClientMaterial {
 
     /// The public keys valid at `now`.
     pub fn keys_at(&self, now: u64) -> impl Iterator<Item = &VerifyingKey> {
-        self.keys.iter().filter(move |k| k.is_valid_at(now)).map(|k| &k.value)
+        self.keys
+            .iter()
+            .filter(move |k| k.is_valid_at(now))
+            .map(|k| &k.value)
     }
 }
 
@@ -253,18 +266,42 @@ mod tests {
     }
 
     fn mk_data(spec: &ApiClientSpec) -> CredentialData {
-        ensure_material(spec, "kgc_1", "http://t/oauth2/token", "http://t", &CredentialData::new())
-            .unwrap()
-            .0
+        ensure_material(
+            spec,
+            "kgc_1",
+            "http://t/oauth2/token",
+            "http://t",
+            &CredentialData::new(),
+        )
+        .unwrap()
+        .0
     }
 
     #[test]
     fn generates_what_the_spec_enables() {
         let spec = mk_spec(Some(KeyAlgorithm::ES256), true);
-        let (data, generated) =
-            ensure_material(&spec, "kgc_1", "http://t/oauth2/token", "http://t", &CredentialData::new()).unwrap();
-        assert_eq!(generated.0, vec![key::CLIENT_SECRET, key::PRIVATE_KEY, key::API_KEY]);
-        for k in [key::CLIENT_ID, key::CLIENT_SECRET, key::PRIVATE_KEY, key::PUBLIC_KEY, key::KEY_FINGERPRINT, key::API_KEY, key::TOKEN_URL, key::ISSUER] {
+        let (data, generated) = ensure_material(
+            &spec,
+            "kgc_1",
+            "http://t/oauth2/token",
+            "http://t",
+            &CredentialData::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            generated.0,
+            vec![key::CLIENT_SECRET, key::PRIVATE_KEY, key::API_KEY]
+        );
+        for k in [
+            key::CLIENT_ID,
+            key::CLIENT_SECRET,
+            key::PRIVATE_KEY,
+            key::PUBLIC_KEY,
+            key::KEY_FINGERPRINT,
+            key::API_KEY,
+            key::TOKEN_URL,
+            key::ISSUER,
+        ] {
             assert!(data.contains_key(k), "{k}");
         }
         assert!(data[key::KEY_FINGERPRINT].starts_with("SHA256:"));
@@ -295,8 +332,14 @@ mod tests {
         let first = mk_data(&spec);
         let rotated = rotate(&spec, &first, 2_000).unwrap();
         assert_ne!(rotated[key::CLIENT_SECRET], first[key::CLIENT_SECRET]);
-        assert_eq!(rotated[key::PREVIOUS_CLIENT_SECRET], first[key::CLIENT_SECRET]);
-        assert_eq!(rotated[key::PREVIOUS_KEY_FINGERPRINT], first[key::KEY_FINGERPRINT]);
+        assert_eq!(
+            rotated[key::PREVIOUS_CLIENT_SECRET],
+            first[key::CLIENT_SECRET]
+        );
+        assert_eq!(
+            rotated[key::PREVIOUS_KEY_FINGERPRINT],
+            first[key::KEY_FINGERPRINT]
+        );
         assert_eq!(rotated[key::PREVIOUS_API_KEY], first[key::API_KEY]);
         assert_eq!(rotated[key::CLIENT_ID], "kgc_1");
 

@@ -2,13 +2,13 @@
 //! Snowflake-style key-pair JWTs. Pure functions over bytes and PEM; no I/O but the OS RNG.
 
 mod keypair_jwt;
-mod material;
 mod keys;
+mod material;
 mod secret;
 
 pub use keypair_jwt::*;
-pub use material::*;
 pub use keys::*;
+pub use material::*;
 pub use secret::*;
 
 /// Why credential material could not be made or used. Messages never contain key material.

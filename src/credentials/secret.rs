@@ -104,7 +104,11 @@ mod tests {
         assert_ne!(a, derive_client_id("other-uid"));
         assert!(a.starts_with("kgc_"));
         assert_eq!(a.len(), 4 + 32);
-        assert!(a[4..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert!(
+            a[4..]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
     }
 
     #[test]
@@ -133,6 +137,9 @@ mod tests {
     fn digest_of_known_vector() {
         // sha256("abc"), FIPS 180-2 appendix B.1.
         let expected = "ungWv48Bz-pBQUDeXa4iI7ADYaOWF3qctBD_YfIAFa0";
-        assert_eq!(SecretDigest::of("abc").encode(), format!("sha256:{expected}"));
+        assert_eq!(
+            SecretDigest::of("abc").encode(),
+            format!("sha256:{expected}")
+        );
     }
 }

@@ -54,10 +54,7 @@ pub struct Config {
 pub fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_file()
-                && p.extension().is_some_and(|e| e == "yaml" || e == "yml")
-        })
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
         .collect();
     files.sort();
     Ok(files)
@@ -98,7 +95,10 @@ pub fn load_sources(sources: &[(PathBuf, String)]) -> Result<Config, Vec<ConfigE
     let mut errors = Vec::new();
     for (file, text) in sources {
         for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-            let origin = Origin { file: file.clone(), document: index + 1 };
+            let origin = Origin {
+                file: file.clone(),
+                document: index + 1,
+            };
             let error = |object: Option<String>, message: String| ConfigError {
                 file: origin.file.clone(),
                 document: origin.document,
@@ -125,7 +125,10 @@ pub fn load_sources(sources: &[(PathBuf, String)]) -> Result<Config, Vec<ConfigE
                 ));
                 continue;
             }
-            let name = value["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+            let name = value["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
             let namespace = value["metadata"]["namespace"]
                 .as_str()
                 .unwrap_or(DEFAULT_NAMESPACE)
@@ -156,7 +159,10 @@ pub fn load_sources(sources: &[(PathBuf, String)]) -> Result<Config, Vec<ConfigE
                 }),
                 "ScopePolicy" => parse::<ScopePolicy>(value, &namespace).and_then(|o| {
                     CompiledPolicy::compile(&o.spec).map_err(|errs| {
-                        errs.iter().map(|e| format!("spec.{e}")).collect::<Vec<_>>().join("; ")
+                        errs.iter()
+                            .map(|e| format!("spec.{e}"))
+                            .collect::<Vec<_>>()
+                            .join("; ")
                     })?;
                     config.policies.insert(key.clone(), o);
                     Ok(())
@@ -174,7 +180,11 @@ pub fn load_sources(sources: &[(PathBuf, String)]) -> Result<Config, Vec<ConfigE
         }
     }
     cross_check(&config, &origins, &mut errors);
-    if errors.is_empty() { Ok(config) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(errors)
+    }
 }
 
 /// Deserialises with the failing field's path in the error, then runs the CRD's CEL rules.
@@ -213,11 +223,17 @@ fn cross_check(
     };
     for (key, client) in &config.clients {
         for role in &client.spec.roles {
-            if !config.roles.contains_key(&ObjectKey::new(&key.namespace, role)) {
+            if !config
+                .roles
+                .contains_key(&ObjectKey::new(&key.namespace, role))
+            {
                 errors.push(at(
                     "ApiClient",
                     key,
-                    format!("spec.roles: unknown role {role:?}: no M2MRole {}/{role} is defined", key.namespace),
+                    format!(
+                        "spec.roles: unknown role {role:?}: no M2MRole {}/{role} is defined",
+                        key.namespace
+                    ),
                 ));
             }
         }
@@ -228,7 +244,10 @@ fn cross_check(
             errors.push(at(
                 "ScopePolicy",
                 key,
-                format!("spec.resource: {} is already declared by ScopePolicy {first}", policy.spec.resource),
+                format!(
+                    "spec.resource: {} is already declared by ScopePolicy {first}",
+                    policy.spec.resource
+                ),
             ));
         }
     }
@@ -269,13 +288,23 @@ spec: {roles: [reader]}
         let config = load(GOOD).unwrap();
         assert_eq!(config.policies.len(), 1);
         assert_eq!(config.roles.len(), 1);
-        assert!(config.clients[&ObjectKey::new("shop", "reporting")].spec.client_secret);
+        assert!(
+            config.clients[&ObjectKey::new("shop", "reporting")]
+                .spec
+                .client_secret
+        );
     }
 
     #[test]
     fn broken_yaml_names_file_and_document() {
         let errors = load("apiVersion: keygate.dev/v1alpha1\nkind: [unclosed\n").unwrap_err();
-        assert!(errors[0].to_string().starts_with("t.yaml (document 1): not valid YAML"), "{}", errors[0]);
+        assert!(
+            errors[0]
+                .to_string()
+                .starts_with("t.yaml (document 1): not valid YAML"),
+            "{}",
+            errors[0]
+        );
     }
 
     #[test]
@@ -301,21 +330,38 @@ spec:
   rules: [{name: r, paths: ["/a/**/b"]}]
 "#
         );
-        let errors: Vec<String> = load(&text).unwrap_err().iter().map(ToString::to_string).collect();
+        let errors: Vec<String> = load(&text)
+            .unwrap_err()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         let all = errors.join("\n");
         assert!(all.contains("(document 5) M2MRole shop/reader: duplicate name: already defined in t.yaml (document 2)"), "{all}");
         assert!(all.contains("ScopePolicy shop/bad: spec.rules[0]"), "{all}");
-        assert!(all.contains("ApiClient shop/ghost: spec.roles: unknown role \"nobody\""), "{all}");
+        assert!(
+            all.contains("ApiClient shop/ghost: spec.roles: unknown role \"nobody\""),
+            "{all}"
+        );
     }
 
     #[test]
     fn field_errors_and_cel_errors_name_the_field() {
         let wrong_type = "apiVersion: keygate.dev/v1alpha1\nkind: ApiClient\nmetadata: {name: c}\nspec: {roles: 5}\n";
         let errors = load(wrong_type).unwrap_err();
-        assert!(errors[0].message.starts_with("spec.roles: invalid type"), "{}", errors[0]);
+        assert!(
+            errors[0].message.starts_with("spec.roles: invalid type"),
+            "{}",
+            errors[0]
+        );
         let cel = "apiVersion: keygate.dev/v1alpha1\nkind: ApiClient\nmetadata: {name: c}\nspec: {tokenLifetime: 48h}\n";
         let errors = load(cel).unwrap_err();
-        assert!(errors[0].message.contains("spec.tokenLifetime: tokenLifetime must be a duration between 1m and 24h"), "{}", errors[0]);
+        assert!(
+            errors[0].message.contains(
+                "spec.tokenLifetime: tokenLifetime must be a duration between 1m and 24h"
+            ),
+            "{}",
+            errors[0]
+        );
         assert_eq!(errors[0].object.as_deref(), Some("ApiClient default/c"));
     }
 }

@@ -17,7 +17,10 @@ async fn echo(request: Request) -> Json<Value> {
         .iter()
         .filter(|(name, _)| name.as_str().starts_with("x-keygate-"))
         .map(|(name, value)| {
-            (name.as_str().to_owned(), Value::from(value.to_str().unwrap_or_default()))
+            (
+                name.as_str().to_owned(),
+                Value::from(value.to_str().unwrap_or_default()),
+            )
         })
         .collect();
     Json(json!({

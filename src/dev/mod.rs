@@ -86,7 +86,13 @@ fn build_inputs(config: &Config, state: &StateDir, issuer: &str) -> Result<Input
         inputs.roles.insert(key.clone(), role.spec.clone());
     }
     for (key, policy) in &config.policies {
-        inputs.policies.insert(key.clone(), PolicyInput { spec: policy.spec.clone(), created: None });
+        inputs.policies.insert(
+            key.clone(),
+            PolicyInput {
+                spec: policy.spec.clone(),
+                created: None,
+            },
+        );
     }
     for (key, client) in &config.clients {
         let existing = state.client(key)?.unwrap_or_default();
@@ -94,7 +100,8 @@ fn build_inputs(config: &Config, state: &StateDir, issuer: &str) -> Result<Input
             .get(key::CLIENT_ID)
             .cloned()
             .unwrap_or_else(|| derive_client_id(&format!("dev:{key}")));
-        let (mut data, generated) = ensure_material(&client.spec, &client_id, &token_url, issuer, &existing)?;
+        let (mut data, generated) =
+            ensure_material(&client.spec, &client_id, &token_url, issuer, &existing)?;
         prune_expired_previous(&mut data, now);
         if data != existing {
             state.save_client(key, &data)?;
@@ -102,7 +109,13 @@ fn build_inputs(config: &Config, state: &StateDir, issuer: &str) -> Result<Input
         if !generated.0.is_empty() {
             tracing::info!(client = %key, generated = ?generated.0, "generated credentials");
         }
-        inputs.clients.insert(key.clone(), ClientInput { spec: client.spec.clone(), credentials: Some(data) });
+        inputs.clients.insert(
+            key.clone(),
+            ClientInput {
+                spec: client.spec.clone(),
+                credentials: Some(data),
+            },
+        );
     }
     Ok(inputs)
 }
@@ -175,7 +188,9 @@ pub async fn run(
             let addr = listener.local_addr()?;
             let stop = wait_shutdown();
             tokio::spawn(async move {
-                let _ = axum::serve(listener, echo::router()).with_graceful_shutdown(stop).await;
+                let _ = axum::serve(listener, echo::router())
+                    .with_graceful_shutdown(stop)
+                    .await;
             });
             addr
         }
@@ -192,10 +207,11 @@ pub async fn run(
         )
     };
     let (ready_tx, ready_rx) = watch::channel(true);
-    let router = crate::token::router(token_server).merge(crate::admin::router(crate::admin::AdminState {
-        metrics: metrics.clone(),
-        ready: ready_rx,
-    }));
+    let router =
+        crate::token::router(token_server).merge(crate::admin::router(crate::admin::AdminState {
+            metrics: metrics.clone(),
+            ready: ready_rx,
+        }));
     let token_task = tokio::spawn(crate::admin::serve(token_listener, router, wait_shutdown()));
 
     // Persist revocations as the token server adds them.
@@ -230,17 +246,23 @@ pub async fn run(
         let addr = listener.local_addr()?;
         let sidecar = {
             let mut m = metrics.write().unwrap_or_else(|p| p.into_inner());
-            let mut sub = m.sub_registry_with_label(("policy".into(), key.to_string().into()));
-            Sidecar::new(Forwarder::new(ForwardConfig::new(upstream)), leeway, &mut sub)
+            let sub = m.sub_registry_with_label(("policy".into(), key.to_string().into()));
+            Sidecar::new(Forwarder::new(ForwardConfig::new(upstream)), leeway, sub)
         };
         let task = tokio::spawn({
             let sidecar = sidecar.clone();
             let stop = wait_shutdown();
             async move {
-                let _ = crate::sidecar::server::serve(listener, sidecar, stop, Duration::from_secs(10)).await;
+                let _ =
+                    crate::sidecar::server::serve(listener, sidecar, stop, Duration::from_secs(10))
+                        .await;
             }
         });
-        Ok(RunningSidecar { sidecar, addr, task })
+        Ok(RunningSidecar {
+            sidecar,
+            addr,
+            task,
+        })
     };
     let publish = |sidecars: &BTreeMap<ObjectKey, RunningSidecar>| {
         let snapshot = registry.snapshot();
@@ -269,7 +291,12 @@ pub async fn run(
         sidecars: sidecars
             .iter()
             .map(|(k, r)| {
-                let resource = registry.snapshot().policies.get(k).map(|p| p.spec.resource.clone()).unwrap_or_default();
+                let resource = registry
+                    .snapshot()
+                    .policies
+                    .get(k)
+                    .map(|p| p.spec.resource.clone())
+                    .unwrap_or_default();
                 (k.clone(), (r.addr, resource))
             })
             .collect(),
@@ -277,8 +304,13 @@ pub async fn run(
         walkthrough: String::new(),
     };
     let mut first = endpoints(&sidecars);
-    first.walkthrough =
-        walkthrough::walkthrough(&first, &config, &registry.snapshot(), &options.state, &options.command);
+    first.walkthrough = walkthrough::walkthrough(
+        &first,
+        &config,
+        &registry.snapshot(),
+        &options.state,
+        &options.command,
+    );
     started(&first);
 
     let mut snapshots = registry.subscribe();

@@ -28,7 +28,9 @@ impl StateDir {
             std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))?;
             std::fs::set_permissions(root.join("clients"), std::fs::Permissions::from_mode(0o700))?;
         }
-        Ok(Self { root: root.to_owned() })
+        Ok(Self {
+            root: root.to_owned(),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -36,7 +38,9 @@ impl StateDir {
     }
 
     fn client_path(&self, key: &ObjectKey) -> PathBuf {
-        self.root.join("clients").join(format!("{}.{}.json", key.namespace, key.name))
+        self.root
+            .join("clients")
+            .join(format!("{}.{}.json", key.namespace, key.name))
     }
 
     /// The stored credentials of a client, if any.
@@ -68,9 +72,16 @@ impl StateDir {
         match matches.as_slice() {
             [path] => read_json(path)
                 .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-                .ok_or_else(|| format!("no credentials for {reference} in {}", self.root.display())),
-            [] => Err(format!("no credentials for {reference} in {}", self.root.display())),
-            _ => Err(format!("{reference} is ambiguous: name it as namespace/name")),
+                .ok_or_else(|| {
+                    format!("no credentials for {reference} in {}", self.root.display())
+                }),
+            [] => Err(format!(
+                "no credentials for {reference} in {}",
+                self.root.display()
+            )),
+            _ => Err(format!(
+                "{reference} is ambiguous: name it as namespace/name"
+            )),
         }
     }
 
@@ -93,9 +104,12 @@ impl StateDir {
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> std::io::Result<Option<T>> {
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))),
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
@@ -138,7 +152,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join("clients/shop.reporting.json")).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join("clients/shop.reporting.json"))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
     }

@@ -44,19 +44,34 @@ fn allows(spec: &ScopePolicySpec, rule: &RouteRule, held: &[String]) -> bool {
 }
 
 /// The walkthrough text.
-pub fn walkthrough(endpoints: &Endpoints, config: &Config, snapshot: &Snapshot, state: &Path, exe: &str) -> String {
+pub fn walkthrough(
+    endpoints: &Endpoints,
+    config: &Config,
+    snapshot: &Snapshot,
+    state: &Path,
+    exe: &str,
+) -> String {
     let mut out = String::new();
     let token_url = format!("http://{}/oauth2/token", endpoints.token_addr);
     let _ = writeln!(out, "keygate dev is running");
-    let _ = writeln!(out, "  token server  {}  (JWKS {}/.well-known/jwks.json)", endpoints.issuer, endpoints.issuer);
+    let _ = writeln!(
+        out,
+        "  token server  {}  (JWKS {}/.well-known/jwks.json)",
+        endpoints.issuer, endpoints.issuer
+    );
     for (key, (addr, resource)) in &endpoints.sidecars {
-        let _ = writeln!(out, "  sidecar       http://{addr}  ScopePolicy {key}, resource {resource}");
+        let _ = writeln!(
+            out,
+            "  sidecar       http://{addr}  ScopePolicy {key}, resource {resource}"
+        );
     }
     let _ = writeln!(out, "  upstream      http://{}", endpoints.upstream);
     let _ = writeln!(out, "  state         {}", state.display());
 
     for (key, (addr, resource)) in &endpoints.sidecars {
-        let Some(policy) = config.policies.get(key) else { continue };
+        let Some(policy) = config.policies.get(key) else {
+            continue;
+        };
         let spec = &policy.spec;
         let protected = |scopes: &[String], want: bool| {
             spec.rules
@@ -69,7 +84,11 @@ pub fn walkthrough(endpoints: &Endpoints, config: &Config, snapshot: &Snapshot, 
             .iter()
             .filter(|(_, c)| c.spec.client_secret && !c.spec.disabled)
             .filter_map(|(client_key, _)| {
-                let grants = snapshot.clients_by_key.get(client_key)?.grants.get(resource)?;
+                let grants = snapshot
+                    .clients_by_key
+                    .get(client_key)?
+                    .grants
+                    .get(resource)?;
                 Some((client_key, grants.iter().cloned().collect::<Vec<String>>()))
             })
             .filter(|(_, scopes)| protected(scopes, true).is_some())
@@ -79,17 +98,46 @@ pub fn walkthrough(endpoints: &Endpoints, config: &Config, snapshot: &Snapshot, 
             .iter()
             .find(|(_, scopes)| protected(scopes, false).is_some())
             .or(candidates.first());
-        let Some((client_key, scopes)) = chosen else { continue };
-        let Some(ok_rule) = protected(scopes, true) else { continue };
+        let Some((client_key, scopes)) = chosen else {
+            continue;
+        };
+        let Some(ok_rule) = protected(scopes, true) else {
+            continue;
+        };
         let state = state.display();
-        let _ = writeln!(out, "\nTry it with client {client_key} (scopes: {}):", scopes.join(" "));
-        let _ = writeln!(out, "  export KEYGATE_CLIENT_ID=$({exe} dev credentials {client_key} --state {state} --field client_id)");
-        let _ = writeln!(out, "  export KEYGATE_CLIENT_SECRET=$({exe} dev credentials {client_key} --state {state} --field client_secret)");
-        let _ = writeln!(out, "  TOKEN=$({exe} token --token-url {token_url} --resource {resource})");
-        let _ = writeln!(out, "  # or with curl: curl -u \"$KEYGATE_CLIENT_ID:$KEYGATE_CLIENT_SECRET\" -d grant_type=client_credentials -d resource={resource} {token_url}");
+        let _ = writeln!(
+            out,
+            "\nTry it with client {client_key} (scopes: {}):",
+            scopes.join(" ")
+        );
+        let _ = writeln!(
+            out,
+            "  export KEYGATE_CLIENT_ID=$({exe} dev credentials {client_key} --state {state} --field client_id)"
+        );
+        let _ = writeln!(
+            out,
+            "  export KEYGATE_CLIENT_SECRET=$({exe} dev credentials {client_key} --state {state} --field client_secret)"
+        );
+        let _ = writeln!(
+            out,
+            "  TOKEN=$({exe} token --token-url {token_url} --resource {resource})"
+        );
+        let _ = writeln!(
+            out,
+            "  # or with curl: curl -u \"$KEYGATE_CLIENT_ID:$KEYGATE_CLIENT_SECRET\" -d grant_type=client_credentials -d resource={resource} {token_url}"
+        );
         let ok_path = demo_path(&ok_rule.paths[0]);
-        let _ = writeln!(out, "  curl -i -X {} -H \"Authorization: Bearer $TOKEN\" http://{addr}{ok_path}   # 200: rule {}", method_of(ok_rule), ok_rule.name);
-        let _ = writeln!(out, "  curl -i -X {} http://{addr}{ok_path}   # 401: no token", method_of(ok_rule));
+        let _ = writeln!(
+            out,
+            "  curl -i -X {} -H \"Authorization: Bearer $TOKEN\" http://{addr}{ok_path}   # 200: rule {}",
+            method_of(ok_rule),
+            ok_rule.name
+        );
+        let _ = writeln!(
+            out,
+            "  curl -i -X {} http://{addr}{ok_path}   # 401: no token",
+            method_of(ok_rule)
+        );
         if let Some(forbidden) = protected(scopes, false) {
             let _ = writeln!(
                 out,
@@ -100,7 +148,12 @@ pub fn walkthrough(endpoints: &Endpoints, config: &Config, snapshot: &Snapshot, 
             );
         }
         if let Some(public) = spec.rules.iter().find(|r| r.public) {
-            let _ = writeln!(out, "  curl -i http://{addr}{}   # 200: public rule {}", demo_path(&public.paths[0]), public.name);
+            let _ = writeln!(
+                out,
+                "  curl -i http://{addr}{}   # 200: public rule {}",
+                demo_path(&public.paths[0]),
+                public.name
+            );
         }
         break;
     }

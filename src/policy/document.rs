@@ -98,7 +98,10 @@ impl PolicyDocument {
         let policy = snapshot.policies.get(key).ok_or(BuildError::NotFound)?;
         CompiledPolicy::compile(&policy.spec).map_err(BuildError::Rules)?;
         let resource = &policy.spec.resource;
-        let owns_resource = snapshot.resources.get(resource).is_some_and(|r| &r.policy == key);
+        let owns_resource = snapshot
+            .resources
+            .get(resource)
+            .is_some_and(|r| &r.policy == key);
         let mut clients = Vec::new();
         let mut disabled_clients = Vec::new();
         if owns_resource {
@@ -126,7 +129,10 @@ impl PolicyDocument {
                         .material
                         .api_keys
                         .iter()
-                        .map(|k| PolicyApiKey { digest: k.value.encode(), not_after: k.until })
+                        .map(|k| PolicyApiKey {
+                            digest: k.value.encode(),
+                            not_after: k.until,
+                        })
                         .collect(),
                 });
             }
@@ -138,7 +144,10 @@ impl PolicyDocument {
             policy: key.to_string(),
             resource: resource.clone(),
             spec: policy.spec.clone(),
-            keygate: KeygateIssuer { issuer: issuer.to_owned(), jwks: jwks.clone() },
+            keygate: KeygateIssuer {
+                issuer: issuer.to_owned(),
+                jwks: jwks.clone(),
+            },
             clients,
             disabled_clients,
             revocations: revocations.clone(),

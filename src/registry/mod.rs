@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::api::{ApiClientSpec, Grant, IneffectiveGrant, M2MRoleSpec, ScopePolicySpec, parse_duration};
+use crate::api::{
+    ApiClientSpec, Grant, IneffectiveGrant, M2MRoleSpec, ScopePolicySpec, parse_duration,
+};
 use crate::credentials::{ClientMaterial, CredentialData};
 use crate::grants::AllowedScopes;
 
@@ -29,7 +31,10 @@ pub struct ObjectKey {
 
 impl ObjectKey {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self { namespace: namespace.into(), name: name.into() }
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 }
 
@@ -123,7 +128,10 @@ impl Snapshot {
         ordered.sort_by_key(|(key, p)| (p.created.unwrap_or(i64::MIN), (*key).clone()));
         let mut resources = BTreeMap::new();
         for (key, policy) in ordered {
-            if let Some(owner) = resources.get(&policy.spec.resource).map(|r: &ResourceView| r.policy.clone()) {
+            if let Some(owner) = resources
+                .get(&policy.spec.resource)
+                .map(|r: &ResourceView| r.policy.clone())
+            {
                 problems.push(Problem {
                     kind: "ScopePolicy",
                     key: key.clone(),
@@ -149,7 +157,10 @@ impl Snapshot {
         let mut clients = HashMap::new();
         let mut clients_by_key = BTreeMap::new();
         for (key, client) in &inputs.clients {
-            let labels = inputs.namespace_labels.get(&key.namespace).unwrap_or(&no_labels);
+            let labels = inputs
+                .namespace_labels
+                .get(&key.namespace)
+                .unwrap_or(&no_labels);
             let (grants, ineffective) = resolve_grants(
                 &key.namespace,
                 labels,
@@ -160,7 +171,11 @@ impl Snapshot {
             let material = match client.credentials.as_ref().map(ClientMaterial::from_data) {
                 Some(Ok(material)) => Some(material),
                 Some(Err(e)) => {
-                    problems.push(Problem { kind: "ApiClient", key: key.clone(), message: e.to_string() });
+                    problems.push(Problem {
+                        kind: "ApiClient",
+                        key: key.clone(),
+                        message: e.to_string(),
+                    });
                     None
                 }
                 None => None,
@@ -168,14 +183,21 @@ impl Snapshot {
             let token_lifetime = match client.spec.token_lifetime.as_deref().map(parse_duration) {
                 Some(Ok(d)) => Some(d),
                 Some(Err(e)) => {
-                    problems.push(Problem { kind: "ApiClient", key: key.clone(), message: e });
+                    problems.push(Problem {
+                        kind: "ApiClient",
+                        key: key.clone(),
+                        message: e,
+                    });
                     None
                 }
                 None => None,
             };
             let view = Arc::new(ClientView {
                 key: key.clone(),
-                client_id: material.as_ref().map(|m| m.client_id.clone()).unwrap_or_default(),
+                client_id: material
+                    .as_ref()
+                    .map(|m| m.client_id.clone())
+                    .unwrap_or_default(),
                 disabled: client.spec.disabled,
                 token_lifetime,
                 material: material.clone().unwrap_or_default(),
@@ -198,7 +220,9 @@ impl Snapshot {
 
     /// Clients with an effective grant on `resource`, with their scopes there.
     pub fn clients_of(&self, resource: &str) -> impl Iterator<Item = &Arc<ClientView>> {
-        self.clients.values().filter(move |c| c.grants.contains_key(resource))
+        self.clients
+            .values()
+            .filter(move |c| c.grants.contains_key(resource))
     }
 }
 
@@ -218,7 +242,10 @@ impl Default for Registry {
 impl Registry {
     pub fn new(inputs: Inputs) -> Self {
         let snapshot = Arc::new(Snapshot::build(&inputs));
-        Self { inputs: Mutex::new(inputs), tx: watch::Sender::new(snapshot) }
+        Self {
+            inputs: Mutex::new(inputs),
+            tx: watch::Sender::new(snapshot),
+        }
     }
 
     /// The current snapshot.

@@ -41,7 +41,11 @@ impl ResourceView {
     /// Whether a role scope grants anything here: it must satisfy some defined scope under
     /// the policy's matching (so `orders` counts under Hierarchic when `orders.read` is defined).
     pub fn defines(&self, scope: &str) -> bool {
-        self.defined.contains(scope) || self.defined.iter().any(|d| self.matching.satisfies(scope, d))
+        self.defined.contains(scope)
+            || self
+                .defined
+                .iter()
+                .any(|d| self.matching.satisfies(scope, d))
     }
 }
 
@@ -118,7 +122,10 @@ pub fn resolve_grants<'a>(
             if !undefined.is_empty() {
                 refuse(
                     undefined.into_iter().cloned().collect(),
-                    format!("ScopePolicy {} does not define these scopes", resource.policy),
+                    format!(
+                        "ScopePolicy {} does not define these scopes",
+                        resource.policy
+                    ),
                 );
             }
             if !defined.is_empty() {
@@ -140,7 +147,11 @@ mod tests {
 
     const ORDERS: &str = "https://orders.shop.svc";
 
-    fn mk_resource(ns: &str, defined: &[&str], namespaces: Option<ClientNamespaces>) -> ResourceView {
+    fn mk_resource(
+        ns: &str,
+        defined: &[&str],
+        namespaces: Option<ClientNamespaces>,
+    ) -> ResourceView {
         ResourceView {
             policy: ObjectKey::new(ns, "orders"),
             matching: ScopeMatching::Exact,
@@ -165,9 +176,18 @@ mod tests {
         role: &M2MRoleSpec,
         resource: ResourceView,
     ) -> (AllowedScopes, Vec<IneffectiveGrant>) {
-        let labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let resources = BTreeMap::from([(ORDERS.to_string(), resource)]);
-        resolve_grants(ns, &labels, &["r".into()], |name| (name == "r").then_some(role), &resources)
+        resolve_grants(
+            ns,
+            &labels,
+            &["r".into()],
+            |name| (name == "r").then_some(role),
+            &resources,
+        )
     }
 
     #[test]
@@ -187,12 +207,29 @@ mod tests {
     #[test]
     fn other_namespace_needs_admission() {
         let role = mk_role(ORDERS, &["orders.read"]);
-        let (allowed, ineffective) = resolve("billing", &[], &role, mk_resource("shop", &["orders.read"], None));
+        let (allowed, ineffective) = resolve(
+            "billing",
+            &[],
+            &role,
+            mk_resource("shop", &["orders.read"], None),
+        );
         assert!(allowed.is_empty());
-        assert!(ineffective[0].reason.contains("does not admit clients from namespace billing"));
+        assert!(
+            ineffective[0]
+                .reason
+                .contains("does not admit clients from namespace billing")
+        );
 
-        let by_name = ClientNamespaces { names: vec!["billing".into()], selector: None };
-        let (allowed, _) = resolve("billing", &[], &role, mk_resource("shop", &["orders.read"], Some(by_name)));
+        let by_name = ClientNamespaces {
+            names: vec!["billing".into()],
+            selector: None,
+        };
+        let (allowed, _) = resolve(
+            "billing",
+            &[],
+            &role,
+            mk_resource("shop", &["orders.read"], Some(by_name)),
+        );
         assert!(allowed.contains_key(ORDERS));
 
         let by_label = ClientNamespaces {
@@ -203,8 +240,16 @@ mod tests {
             }),
         };
         let resource = mk_resource("shop", &["orders.read"], Some(by_label));
-        assert!(resolve("billing", &[("team", "finance")], &role, resource.clone()).0.contains_key(ORDERS));
-        assert!(resolve("billing", &[("team", "ops")], &role, resource).0.is_empty());
+        assert!(
+            resolve("billing", &[("team", "finance")], &role, resource.clone())
+                .0
+                .contains_key(ORDERS)
+        );
+        assert!(
+            resolve("billing", &[("team", "ops")], &role, resource)
+                .0
+                .is_empty()
+        );
     }
 
     #[test]
@@ -215,8 +260,18 @@ mod tests {
         assert!(ineffective[0].reason.contains("no ScopePolicy declares"));
 
         let resources = BTreeMap::new();
-        let (_, ineffective) = resolve_grants("shop", &BTreeMap::new(), &["ghost".into()], |_| None, &resources);
-        assert!(ineffective[0].reason.contains("M2MRole shop/ghost does not exist"));
+        let (_, ineffective) = resolve_grants(
+            "shop",
+            &BTreeMap::new(),
+            &["ghost".into()],
+            |_| None,
+            &resources,
+        );
+        assert!(
+            ineffective[0]
+                .reason
+                .contains("M2MRole shop/ghost does not exist")
+        );
     }
 
     #[test]

@@ -56,7 +56,9 @@ impl Default for Revocations {
 impl Revocations {
     /// Starts from a persisted list.
     pub fn new(initial: RevocationList) -> Self {
-        Self { tx: watch::Sender::new(Arc::new(initial)) }
+        Self {
+            tx: watch::Sender::new(Arc::new(initial)),
+        }
     }
 
     /// The current list.
@@ -83,10 +85,16 @@ impl Revocations {
     /// Revokes every token of `client_id` issued before `not_before`.
     pub fn revoke_client(&self, client_id: &str, not_before: u64) {
         self.tx.send_if_modified(|list| {
-            if list.clients.get(client_id).is_some_and(|nb| *nb >= not_before) {
+            if list
+                .clients
+                .get(client_id)
+                .is_some_and(|nb| *nb >= not_before)
+            {
                 return false;
             }
-            Arc::make_mut(list).clients.insert(client_id.to_owned(), not_before);
+            Arc::make_mut(list)
+                .clients
+                .insert(client_id.to_owned(), not_before);
             true
         });
     }

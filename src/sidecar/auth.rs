@@ -12,8 +12,8 @@ use serde::Deserialize;
 
 use super::jwks::JwksCache;
 use crate::credentials::{
-    SecretDigest, VerifyingKey, jws_algorithm, jwt_error_reason, split_keypair_issuer,
-    verify_keypair_jwt, KeyPairJwtIdentity,
+    KeyPairJwtIdentity, SecretDigest, VerifyingKey, jws_algorithm, jwt_error_reason,
+    split_keypair_issuer, verify_keypair_jwt,
 };
 use crate::policy::{CompiledPolicy, PolicyDocument};
 use crate::token::access_token;
@@ -99,7 +99,9 @@ pub struct LoadedPolicy {
 
 /// Removes characters that cannot appear inside a quoted header parameter.
 pub fn header_safe(text: &str) -> String {
-    text.chars().filter(|c| *c != '"' && *c != '\\' && !c.is_control()).collect()
+    text.chars()
+        .filter(|c| *c != '"' && *c != '\\' && !c.is_control())
+        .collect()
 }
 
 impl LoadedPolicy {
@@ -109,7 +111,11 @@ impl LoadedPolicy {
         jwks_for: impl Fn(&str) -> Arc<JwksCache>,
     ) -> Result<Self, String> {
         let compiled = CompiledPolicy::compile(&document.spec).map_err(|errors| {
-            errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
         })?;
         let mut keygate_keys = HashMap::new();
         for jwk in &document.keygate.jwks.keys {
@@ -128,9 +134,15 @@ impl LoadedPolicy {
                 let parsed = VerifyingKey::from_spki_pem(&key.public_key)
                     .map_err(|e| format!("client {}: {e}", client.name))?;
                 if parsed.fingerprint != key.fingerprint {
-                    return Err(format!("client {}: key fingerprint does not match its key", client.name));
+                    return Err(format!(
+                        "client {}: key fingerprint does not match its key",
+                        client.name
+                    ));
                 }
-                client_keys.insert(key.fingerprint.clone(), (entry.clone(), parsed, key.not_after));
+                client_keys.insert(
+                    key.fingerprint.clone(),
+                    (entry.clone(), parsed, key.not_after),
+                );
             }
             for api_key in &client.api_keys {
                 let digest = SecretDigest::decode(&api_key.digest)
@@ -187,7 +199,9 @@ impl LoadedPolicy {
             .get(&digest)
             .cloned();
         let (caller, hit) = match cached {
-            Some(caller) if caller.exp.is_none_or(|exp| exp + leeway.as_secs() > now) => (caller, true),
+            Some(caller) if caller.exp.is_none_or(|exp| exp + leeway.as_secs() > now) => {
+                (caller, true)
+            }
             _ => {
                 let caller = self.verify(credential, &digest, leeway, now).await?;
                 self.remember(digest, &caller);
@@ -217,7 +231,10 @@ impl LoadedPolicy {
         }
         // An API key or key-pair JWT of a client revoked "now" must stop working as well.
         if caller.method == Method::ApiKey
-            && revocations.clients.get(&*caller.client_id).is_some_and(|nb| *nb <= now)
+            && revocations
+                .clients
+                .get(&*caller.client_id)
+                .is_some_and(|nb| *nb <= now)
         {
             return Err(AuthFailure::Invalid("client revoked".into()));
         }
@@ -233,7 +250,10 @@ impl LoadedPolicy {
     ) -> Result<Caller, AuthFailure> {
         let invalid = |reason: &str| AuthFailure::Invalid(reason.to_owned());
         if credential.bytes().filter(|b| *b == b'.').count() != 2 {
-            let (entry, not_after) = self.api_keys.get(digest).ok_or_else(|| invalid("unknown API key"))?;
+            let (entry, not_after) = self
+                .api_keys
+                .get(digest)
+                .ok_or_else(|| invalid("unknown API key"))?;
             if not_after.is_some_and(|t| now >= t) {
                 return Err(invalid("API key expired"));
             }
@@ -269,7 +289,11 @@ impl LoadedPolicy {
                 .ok_or_else(|| invalid("client has no grant on this API"))?;
             return Ok(Caller {
                 client_id: entry.client_id.clone(),
-                scopes: claims.scopes().map(str::to_owned).collect::<Vec<_>>().into(),
+                scopes: claims
+                    .scopes()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+                    .into(),
                 method: Method::AccessToken,
                 jti: Some(claims.jti.as_str().into()),
                 iat: claims.iat,
@@ -293,8 +317,15 @@ impl LoadedPolicy {
             if aud.as_deref().is_some_and(|a| a != self.document.resource) {
                 return Err(invalid("wrong audience"));
             }
-            let claims = verify_keypair_jwt(credential, &identity, key, aud.as_deref(), leeway, now)
-                .map_err(|e| AuthFailure::Invalid(e.to_string().trim_start_matches("invalid key-pair JWT: ").to_owned()))?;
+            let claims =
+                verify_keypair_jwt(credential, &identity, key, aud.as_deref(), leeway, now)
+                    .map_err(|e| {
+                        AuthFailure::Invalid(
+                            e.to_string()
+                                .trim_start_matches("invalid key-pair JWT: ")
+                                .to_owned(),
+                        )
+                    })?;
             return Ok(Caller {
                 client_id: entry.client_id.clone(),
                 scopes: entry.scopes.clone(),
@@ -317,7 +348,9 @@ fn audience_claim(token: &str) -> Option<String> {
     struct Aud {
         aud: Option<String>,
     }
-    jsonwebtoken::dangerous::insecure_decode_claims::<Aud>(token).ok()?.aud
+    jsonwebtoken::dangerous::insecure_decode_claims::<Aud>(token)
+        .ok()?
+        .aud
 }
 
 /// The credential of a request: `Authorization: Bearer <x>` or `X-API-Key: <x>`.
@@ -328,7 +361,9 @@ fn credential(headers: &HeaderMap) -> Result<&str, AuthFailure> {
             .map_err(|_| AuthFailure::Invalid("malformed Authorization header".into()))?;
         let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
         if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
-            return Err(AuthFailure::Invalid("expected Authorization: Bearer".into()));
+            return Err(AuthFailure::Invalid(
+                "expected Authorization: Bearer".into(),
+            ));
         }
         return Ok(token.trim());
     }
@@ -369,7 +404,11 @@ async fn verify_external(
     let invalid = |reason: &str| AuthFailure::Invalid(reason.to_owned());
     let header = jsonwebtoken::decode_header(token).map_err(|_| invalid("malformed token"))?;
     let kid = header.kid.as_deref().ok_or_else(|| invalid("no kid"))?;
-    let key = issuer.jwks.key(kid).await.ok_or_else(|| invalid("unknown kid"))?;
+    let key = issuer
+        .jwks
+        .key(kid)
+        .await
+        .ok_or_else(|| invalid("unknown kid"))?;
     // The algorithm comes from the key, never from the token: no `none`, no HMAC.
     let alg: Algorithm = jws_algorithm(key.algorithm);
     if header.alg != alg {
@@ -392,7 +431,11 @@ async fn verify_external(
         .or(claims.sub)
         .ok_or_else(|| invalid("token names no client"))?;
     let scopes: Vec<String> = match (claims.scope, claims.scp) {
-        (Some(scope), _) => scope.split(' ').filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+        (Some(scope), _) => scope
+            .split(' ')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
         (None, Some(scp)) => scp,
         (None, None) => Vec::new(),
     };

@@ -89,7 +89,10 @@ impl JwksCache {
         if !response.status().is_success() {
             return Err(format!("status {}", response.status()));
         }
-        let body = response.bytes().await.map_err(|e| format!("reading body: {e}"))?;
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| format!("reading body: {e}"))?;
         if body.len() > MAX_JWKS_BYTES {
             return Err("JWKS too large".into());
         }

@@ -58,12 +58,36 @@ impl Metrics {
             reload_errors: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("keygate_sidecar");
-        r.register("decisions", "Requests by outcome and matched rule", metrics.decisions.clone());
-        r.register("verify_duration_seconds", "Time to check a credential", metrics.verify_seconds.clone());
-        r.register("verify_cache_hits", "Credential checks answered from the cache", metrics.cache_hits.clone());
-        r.register("upstream_errors", "Requests the workload could not answer", metrics.upstream_errors.clone());
-        r.register("policy_generation", "Policies installed since start", metrics.policy_generation.clone());
-        r.register("policy_reload_errors", "Policy files refused on reload", metrics.reload_errors.clone());
+        r.register(
+            "decisions",
+            "Requests by outcome and matched rule",
+            metrics.decisions.clone(),
+        );
+        r.register(
+            "verify_duration_seconds",
+            "Time to check a credential",
+            metrics.verify_seconds.clone(),
+        );
+        r.register(
+            "verify_cache_hits",
+            "Credential checks answered from the cache",
+            metrics.cache_hits.clone(),
+        );
+        r.register(
+            "upstream_errors",
+            "Requests the workload could not answer",
+            metrics.upstream_errors.clone(),
+        );
+        r.register(
+            "policy_generation",
+            "Policies installed since start",
+            metrics.policy_generation.clone(),
+        );
+        r.register(
+            "policy_reload_errors",
+            "Policy files refused on reload",
+            metrics.reload_errors.clone(),
+        );
         metrics
     }
 }
@@ -132,12 +156,30 @@ impl Sidecar {
     /// Answers one request.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let Some(policy) = self.policy.load_full() else {
-            return self.finish("no_policy", "", plain(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "no valid policy is loaded", None));
+            return self.finish(
+                "no_policy",
+                "",
+                plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "no valid policy is loaded",
+                    None,
+                ),
+            );
         };
         let path = match normalize(req.uri().path()) {
             Ok(path) => path.into_owned(),
             Err(e) => {
-                return self.finish("bad_request", "", plain(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string(), None));
+                return self.finish(
+                    "bad_request",
+                    "",
+                    plain(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_request",
+                        &e.to_string(),
+                        None,
+                    ),
+                );
             }
         };
         let target = match req.uri().query() {
@@ -145,20 +187,39 @@ impl Sidecar {
             None => path.clone(),
         };
         let decision = policy.compiled.decide(req.method(), &path);
-        let rule = decision.rule.map(|r| r.name).unwrap_or("(default)").to_owned();
+        let rule = decision
+            .rule
+            .map(|r| r.name)
+            .unwrap_or("(default)")
+            .to_owned();
         let requirement = match decision.access {
             Access::Public => {
-                return self.forward(req, &target, None, peer, &policy, "public", rule).await;
+                return self
+                    .forward(req, &target, None, peer, &policy, "public", rule)
+                    .await;
             }
             Access::Deny => {
-                return self.finish("denied", &rule, plain(StatusCode::FORBIDDEN, "access_denied", "no rule allows this request", None));
+                return self.finish(
+                    "denied",
+                    &rule,
+                    plain(
+                        StatusCode::FORBIDDEN,
+                        "access_denied",
+                        "no rule allows this request",
+                        None,
+                    ),
+                );
             }
             Access::Authenticated => None,
             Access::Scopes(requirement) => Some(requirement),
         };
         let started = Instant::now();
-        let result = policy.authenticate(req.headers(), self.leeway, unix_now()).await;
-        self.metrics.verify_seconds.observe(started.elapsed().as_secs_f64());
+        let result = policy
+            .authenticate(req.headers(), self.leeway, unix_now())
+            .await;
+        self.metrics
+            .verify_seconds
+            .observe(started.elapsed().as_secs_f64());
         let caller = match result {
             Ok((caller, cache_hit)) => {
                 if cache_hit {
@@ -168,30 +229,69 @@ impl Sidecar {
             }
             Err(AuthFailure::Missing) => {
                 let challenge = format!("Bearer realm=\"{}\"", policy.realm);
-                return self.finish("unauthenticated", &rule, plain(StatusCode::UNAUTHORIZED, "invalid_token", "a credential is required", Some(challenge)));
+                return self.finish(
+                    "unauthenticated",
+                    &rule,
+                    plain(
+                        StatusCode::UNAUTHORIZED,
+                        "invalid_token",
+                        "a credential is required",
+                        Some(challenge),
+                    ),
+                );
             }
             Err(AuthFailure::Invalid(reason)) => {
                 let reason = header_safe(&reason);
-                let challenge = format!("Bearer realm=\"{}\", error=\"invalid_token\", error_description=\"{reason}\"", policy.realm);
-                return self.finish("invalid_credential", &rule, plain(StatusCode::UNAUTHORIZED, "invalid_token", &reason, Some(challenge)));
+                let challenge = format!(
+                    "Bearer realm=\"{}\", error=\"invalid_token\", error_description=\"{reason}\"",
+                    policy.realm
+                );
+                return self.finish(
+                    "invalid_credential",
+                    &rule,
+                    plain(
+                        StatusCode::UNAUTHORIZED,
+                        "invalid_token",
+                        &reason,
+                        Some(challenge),
+                    ),
+                );
             }
         };
-        if let Some(requirement) = requirement {
-            if !requirement.is_satisfied_by(&caller.scopes) {
-                let challenge = format!(
-                    "Bearer realm=\"{}\", error=\"insufficient_scope\", scope=\"{}\"",
-                    policy.realm,
-                    requirement.scope_param()
-                );
-                return self.finish("forbidden", &rule, plain(StatusCode::FORBIDDEN, "insufficient_scope", "the credential lacks a required scope", Some(challenge)));
-            }
+        if let Some(requirement) = requirement
+            && !requirement.is_satisfied_by(&caller.scopes)
+        {
+            let challenge = format!(
+                "Bearer realm=\"{}\", error=\"insufficient_scope\", scope=\"{}\"",
+                policy.realm,
+                requirement.scope_param()
+            );
+            return self.finish(
+                "forbidden",
+                &rule,
+                plain(
+                    StatusCode::FORBIDDEN,
+                    "insufficient_scope",
+                    "the credential lacks a required scope",
+                    Some(challenge),
+                ),
+            );
         }
         let identity = Identity {
             client_id: caller.client_id.to_string(),
             scopes: caller.scope_string(),
             auth_method: caller.method.as_str(),
         };
-        self.forward(req, &target, Some(&identity), peer, &policy, "allowed", rule).await
+        self.forward(
+            req,
+            &target,
+            Some(&identity),
+            peer,
+            &policy,
+            "allowed",
+            rule,
+        )
+        .await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -206,33 +306,63 @@ impl Sidecar {
         rule: String,
     ) -> Response<ProxyBody> {
         let forward_authorization = policy.document.spec.upstream.forward_authorization;
-        let response = match self.forwarder.try_forward(req, target, identity, peer, forward_authorization).await {
+        let response = match self
+            .forwarder
+            .try_forward(req, target, identity, peer, forward_authorization)
+            .await
+        {
             Ok(response) => response,
             Err(e) => {
-                self.metrics.upstream_errors.get_or_create(&UpstreamLabels { kind: e.as_label() }).inc();
+                self.metrics
+                    .upstream_errors
+                    .get_or_create(&UpstreamLabels { kind: e.as_label() })
+                    .inc();
                 e.into_response()
             }
         };
-        self.metrics.decisions.get_or_create(&DecisionLabels { outcome, rule }).inc();
+        self.metrics
+            .decisions
+            .get_or_create(&DecisionLabels { outcome, rule })
+            .inc();
         response
     }
 
-    fn finish(&self, outcome: &'static str, rule: &str, response: Response<ProxyBody>) -> Response<ProxyBody> {
+    fn finish(
+        &self,
+        outcome: &'static str,
+        rule: &str,
+        response: Response<ProxyBody>,
+    ) -> Response<ProxyBody> {
         self.metrics
             .decisions
-            .get_or_create(&DecisionLabels { outcome, rule: rule.to_owned() })
+            .get_or_create(&DecisionLabels {
+                outcome,
+                rule: rule.to_owned(),
+            })
             .inc();
         response
     }
 }
 
 /// A short JSON answer from the sidecar itself.
-fn plain(status: StatusCode, error: &str, description: &str, challenge: Option<String>) -> Response<ProxyBody> {
+fn plain(
+    status: StatusCode,
+    error: &str,
+    description: &str,
+    challenge: Option<String>,
+) -> Response<ProxyBody> {
     let body = serde_json::json!({ "error": error, "error_description": description }).to_string();
-    let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
+    let mut response = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
     *response.status_mut() = status;
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if let Some(challenge) = challenge.and_then(|c| HeaderValue::from_str(&c).ok()) {
         headers.insert(header::WWW_AUTHENTICATE, challenge);
@@ -281,7 +411,10 @@ pub async fn serve(
         }
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("in-flight requests did not finish before the drain timeout");
     }
     Ok(())
@@ -299,11 +432,14 @@ pub async fn watch_policy_file(
         let bytes = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         bytes.hash(&mut hasher);
-        let document = PolicyDocument::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        let document =
+            PolicyDocument::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok((hasher.finish(), document))
     };
     let (mut last, document) = read(&path)?;
-    sidecar.install(document).map_err(|e| format!("{}: {e}", path.display()))?;
+    sidecar
+        .install(document)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(async move {
         let mut ticker = tokio::time::interval(interval);
         loop {
@@ -331,7 +467,9 @@ pub async fn watch_policy_file(
             };
             match installed {
                 Ok(()) => tracing::info!(path = %path.display(), "policy reloaded"),
-                Err(error) => tracing::error!(path = %path.display(), %error, "invalid policy file; keeping the last good policy"),
+                Err(error) => {
+                    tracing::error!(path = %path.display(), %error, "invalid policy file; keeping the last good policy")
+                }
             }
         }
     })

@@ -65,14 +65,28 @@ pub fn verify(
 ) -> Result<AccessClaims, Rejected> {
     let header =
         jsonwebtoken::decode_header(token).map_err(|_| Rejected("malformed token".into()))?;
-    if header.typ.as_deref().map(str::to_ascii_lowercase).as_deref() != Some(ACCESS_TOKEN_TYP)
-        && header.typ.as_deref().map(str::to_ascii_lowercase).as_deref()
+    if header
+        .typ
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+        != Some(ACCESS_TOKEN_TYP)
+        && header
+            .typ
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
             != Some("application/at+jwt")
     {
         return Err(Rejected("not an access token (typ)".into()));
     }
-    let kid = header.kid.as_deref().ok_or_else(|| Rejected("no kid".into()))?;
-    let key = keys.get(kid).ok_or_else(|| Rejected("unknown kid".into()))?;
+    let kid = header
+        .kid
+        .as_deref()
+        .ok_or_else(|| Rejected("no kid".into()))?;
+    let key = keys
+        .get(kid)
+        .ok_or_else(|| Rejected("unknown kid".into()))?;
     if header.alg != jws_algorithm(key.algorithm) {
         return Err(Rejected("algorithm not allowed".into()));
     }
@@ -131,7 +145,11 @@ mod tests {
 
     #[test]
     fn issued_tokens_verify_for_every_algorithm() {
-        for algorithm in [KeyAlgorithm::ES256, KeyAlgorithm::EdDSA, KeyAlgorithm::RS256] {
+        for algorithm in [
+            KeyAlgorithm::ES256,
+            KeyAlgorithm::EdDSA,
+            KeyAlgorithm::RS256,
+        ] {
             let (key, keys) = mk_key(algorithm);
             let now = unix_now();
             let claims = mk_claims(now);
@@ -139,9 +157,20 @@ mod tests {
             let header = jsonwebtoken::decode_header(&token).unwrap();
             assert_eq!(header.typ.as_deref(), Some("at+jwt"));
             assert_eq!(header.kid.as_deref(), Some(key.kid.as_str()));
-            let got = verify(&token, &keys, "http://issuer", Some("https://orders"), Duration::ZERO, now).unwrap();
+            let got = verify(
+                &token,
+                &keys,
+                "http://issuer",
+                Some("https://orders"),
+                Duration::ZERO,
+                now,
+            )
+            .unwrap();
             assert_eq!(got, claims);
-            assert_eq!(got.scopes().collect::<Vec<_>>(), ["orders.read", "orders.write"]);
+            assert_eq!(
+                got.scopes().collect::<Vec<_>>(),
+                ["orders.read", "orders.write"]
+            );
         }
     }
 
@@ -152,13 +181,30 @@ mod tests {
         let now = unix_now();
         let token = issue(&key, &mk_claims(now)).unwrap();
         let check = |keys: &HashMap<String, VerifyingKey>, iss: &str, aud: &str, at: u64| {
-            verify(&token, keys, iss, Some(aud), Duration::from_secs(5), at).unwrap_err().0
+            verify(&token, keys, iss, Some(aud), Duration::from_secs(5), at)
+                .unwrap_err()
+                .0
         };
-        assert_eq!(check(&keys, "http://other", "https://orders", now), "wrong issuer");
-        assert_eq!(check(&keys, "http://issuer", "https://billing", now), "wrong audience");
-        assert_eq!(check(&other_keys, "http://issuer", "https://orders", now), "unknown kid");
-        assert_eq!(check(&keys, "http://issuer", "https://orders", now + 700), "expired");
-        assert_eq!(check(&keys, "http://issuer", "https://orders", now - 100), "issued in the future");
+        assert_eq!(
+            check(&keys, "http://other", "https://orders", now),
+            "wrong issuer"
+        );
+        assert_eq!(
+            check(&keys, "http://issuer", "https://billing", now),
+            "wrong audience"
+        );
+        assert_eq!(
+            check(&other_keys, "http://issuer", "https://orders", now),
+            "unknown kid"
+        );
+        assert_eq!(
+            check(&keys, "http://issuer", "https://orders", now + 700),
+            "expired"
+        );
+        assert_eq!(
+            check(&keys, "http://issuer", "https://orders", now - 100),
+            "issued in the future"
+        );
     }
 
     #[test]

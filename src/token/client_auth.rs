@@ -48,8 +48,15 @@ pub type Params = HashMap<String, String>;
 /// What the client presented, before any check.
 #[derive(Debug)]
 pub enum Presented {
-    Secret { client_id: String, secret: String, method: AuthMethod },
-    Assertion { client_id: String, assertion: String },
+    Secret {
+        client_id: String,
+        secret: String,
+        method: AuthMethod,
+    },
+    Assertion {
+        client_id: String,
+        assertion: String,
+    },
 }
 
 impl Presented {
@@ -86,12 +93,19 @@ pub fn presented(authorization: Option<&str>, params: &Params) -> Result<Present
     if let Some(header) = authorization {
         let (client_id, secret) = parse_basic(header)?;
         if form_id.is_some_and(|id| *id != client_id) {
-            return Err(invalid_request("client_id does not match the Authorization header"));
+            return Err(invalid_request(
+                "client_id does not match the Authorization header",
+            ));
         }
-        return Ok(Presented::Secret { client_id, secret, method: AuthMethod::SecretBasic });
+        return Ok(Presented::Secret {
+            client_id,
+            secret,
+            method: AuthMethod::SecretBasic,
+        });
     }
     if let Some(secret) = form_secret {
-        let client_id = form_id.ok_or_else(|| invalid_request("client_secret without client_id"))?;
+        let client_id =
+            form_id.ok_or_else(|| invalid_request("client_secret without client_id"))?;
         return Ok(Presented::Secret {
             client_id: client_id.clone(),
             secret: secret.clone(),
@@ -107,9 +121,14 @@ pub fn presented(authorization: Option<&str>, params: &Params) -> Result<Present
         let assertion = assertion.ok_or_else(|| invalid_request("client_assertion is missing"))?;
         let claimed = assertion_subject(assertion)?;
         if form_id.is_some_and(|id| *id != claimed) {
-            return Err(invalid_request("client_id does not match the client assertion"));
+            return Err(invalid_request(
+                "client_id does not match the client assertion",
+            ));
         }
-        return Ok(Presented::Assertion { client_id: claimed, assertion: assertion.clone() });
+        return Ok(Presented::Assertion {
+            client_id: claimed,
+            assertion: assertion.clone(),
+        });
     }
     Err(invalid_client("client authentication is required"))
 }
@@ -119,7 +138,9 @@ pub fn presented(authorization: Option<&str>, params: &Params) -> Result<Present
 fn parse_basic(header: &str) -> Result<(String, String), OAuthError> {
     let (scheme, value) = header.trim().split_once(' ').unwrap_or((header, ""));
     if !scheme.eq_ignore_ascii_case("basic") {
-        return Err(invalid_client("the Authorization header must use the Basic scheme"));
+        return Err(invalid_client(
+            "the Authorization header must use the Basic scheme",
+        ));
     }
     let malformed = || invalid_client("malformed Basic credentials");
     let decoded = STANDARD.decode(value.trim()).map_err(|_| malformed())?;
@@ -197,7 +218,10 @@ pub fn authenticate(
                 _ => Err(invalid_client("unknown client or wrong secret")),
             }
         }
-        Presented::Assertion { client_id, assertion } => {
+        Presented::Assertion {
+            client_id,
+            assertion,
+        } => {
             let client = client.ok_or_else(|| invalid_client("unknown client or wrong key"))?;
             verify_assertion(client, client_id, assertion, audiences, replay, leeway, now)?;
             Ok((client.clone(), AuthMethod::PrivateKeyJwt))
@@ -228,7 +252,8 @@ fn verify_assertion(
     let mut last_error = invalid_client("the client has no key pair");
     for key in client.material.keys_at(now) {
         if jws_algorithm(key.algorithm) != header.alg {
-            last_error = invalid_client("client assertion algorithm does not match the client's key");
+            last_error =
+                invalid_client("client assertion algorithm does not match the client's key");
             continue;
         }
         let mut validation = Validation::new(header.alg);
@@ -237,21 +262,29 @@ fn verify_assertion(
         validation.set_issuer(&[client_id]);
         validation.sub = Some(client_id.to_owned());
         validation.set_audience(audiences);
-        let claims = match jsonwebtoken::decode::<AssertionClaims>(assertion, &key.decoding, &validation) {
-            Ok(data) => data.claims,
-            Err(e) => {
-                last_error = invalid_client(&format!("client assertion rejected: {}", jwt_error_reason(&e)));
-                continue;
-            }
-        };
+        let claims =
+            match jsonwebtoken::decode::<AssertionClaims>(assertion, &key.decoding, &validation) {
+                Ok(data) => data.claims,
+                Err(e) => {
+                    last_error = invalid_client(&format!(
+                        "client assertion rejected: {}",
+                        jwt_error_reason(&e)
+                    ));
+                    continue;
+                }
+            };
         if claims.exp + leeway.as_secs() <= now {
             return Err(invalid_client("client assertion rejected: expired"));
         }
         let issued = claims.iat.unwrap_or(now);
-        if claims.exp.saturating_sub(issued.min(now)) > MAX_ASSERTION_LIFETIME_SECS + leeway.as_secs() {
+        if claims.exp.saturating_sub(issued.min(now))
+            > MAX_ASSERTION_LIFETIME_SECS + leeway.as_secs()
+        {
             return Err(invalid_client("client assertion lifetime exceeds one hour"));
         }
-        let jti = claims.jti.ok_or_else(|| invalid_client("client assertion has no jti"))?;
+        let jti = claims
+            .jti
+            .ok_or_else(|| invalid_client("client assertion has no jti"))?;
         if !replay.first_use(client_id, &jti, claims.exp + leeway.as_secs(), now) {
             return Err(invalid_client("client assertion was already used"));
         }
@@ -278,7 +311,12 @@ impl Default for Throttle {
 
 impl Throttle {
     pub fn new(window_secs: u64, max_failures: u32, max_entries: usize) -> Self {
-        Self { failures: Mutex::new(HashMap::new()), window_secs, max_failures, max_entries }
+        Self {
+            failures: Mutex::new(HashMap::new()),
+            window_secs,
+            max_failures,
+            max_entries,
+        }
     }
 
     /// Whether `client_id` from `ip` must wait at `now`.
@@ -286,7 +324,9 @@ impl Throttle {
         let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         failures
             .get(&(client_id.to_owned(), ip))
-            .is_some_and(|(start, count)| now < start + self.window_secs && *count >= self.max_failures)
+            .is_some_and(|(start, count)| {
+                now < start + self.window_secs && *count >= self.max_failures
+            })
     }
 
     /// Records a failure.
@@ -300,7 +340,9 @@ impl Throttle {
                 failures.clear();
             }
         }
-        let entry = failures.entry((client_id.to_owned(), ip)).or_insert((now, 0));
+        let entry = failures
+            .entry((client_id.to_owned(), ip))
+            .or_insert((now, 0));
         if now >= entry.0 + self.window_secs {
             *entry = (now, 0);
         }
@@ -319,7 +361,10 @@ mod tests {
     use super::*;
 
     fn mk_params(pairs: &[(&str, &str)]) -> Params {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn basic(id: &str, secret: &str) -> String {
@@ -329,27 +374,63 @@ mod tests {
     #[test]
     fn basic_credentials_are_form_decoded() {
         let header = basic("kgc_1", "a%2Bb%3Ac+d");
-        let Presented::Secret { client_id, secret, method } = presented(Some(&header), &Params::new()).unwrap() else {
+        let Presented::Secret {
+            client_id,
+            secret,
+            method,
+        } = presented(Some(&header), &Params::new()).unwrap()
+        else {
             panic!("expected a secret");
         };
-        assert_eq!((client_id.as_str(), secret.as_str(), method), ("kgc_1", "a+b:c d", AuthMethod::SecretBasic));
+        assert_eq!(
+            (client_id.as_str(), secret.as_str(), method),
+            ("kgc_1", "a+b:c d", AuthMethod::SecretBasic)
+        );
     }
 
     #[test]
     fn more_than_one_method_is_invalid_request() {
-        let err = presented(Some(&basic("a", "b")), &mk_params(&[("client_secret", "b"), ("client_id", "a")])).unwrap_err();
+        let err = presented(
+            Some(&basic("a", "b")),
+            &mk_params(&[("client_secret", "b"), ("client_id", "a")]),
+        )
+        .unwrap_err();
         assert_eq!(err.code, ErrorCode::InvalidRequest);
     }
 
     #[test]
     fn missing_and_malformed_credentials() {
-        assert_eq!(presented(None, &Params::new()).unwrap_err().code, ErrorCode::InvalidClient);
-        assert_eq!(presented(Some("Basic !!!"), &Params::new()).unwrap_err().code, ErrorCode::InvalidClient);
-        assert_eq!(presented(Some("Bearer abc"), &Params::new()).unwrap_err().code, ErrorCode::InvalidClient);
+        assert_eq!(
+            presented(None, &Params::new()).unwrap_err().code,
+            ErrorCode::InvalidClient
+        );
+        assert_eq!(
+            presented(Some("Basic !!!"), &Params::new())
+                .unwrap_err()
+                .code,
+            ErrorCode::InvalidClient
+        );
+        assert_eq!(
+            presented(Some("Bearer abc"), &Params::new())
+                .unwrap_err()
+                .code,
+            ErrorCode::InvalidClient
+        );
         let no_colon = format!("Basic {}", STANDARD.encode("kgc_1"));
-        assert_eq!(presented(Some(&no_colon), &Params::new()).unwrap_err().description, "malformed Basic credentials");
-        let wrong_type = mk_params(&[("client_assertion", "x.y.z"), ("client_assertion_type", "other")]);
-        assert_eq!(presented(None, &wrong_type).unwrap_err().code, ErrorCode::InvalidRequest);
+        assert_eq!(
+            presented(Some(&no_colon), &Params::new())
+                .unwrap_err()
+                .description,
+            "malformed Basic credentials"
+        );
+        let wrong_type = mk_params(&[
+            ("client_assertion", "x.y.z"),
+            ("client_assertion_type", "other"),
+        ]);
+        assert_eq!(
+            presented(None, &wrong_type).unwrap_err().code,
+            ErrorCode::InvalidRequest
+        );
     }
 
     #[test]

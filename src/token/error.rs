@@ -58,7 +58,10 @@ pub struct OAuthError {
 
 impl OAuthError {
     pub fn new(code: ErrorCode, description: impl Into<String>) -> Self {
-        Self { code, description: description.into() }
+        Self {
+            code,
+            description: description.into(),
+        }
     }
 }
 
@@ -72,7 +75,10 @@ impl IntoResponse for OAuthError {
     fn into_response(self) -> Response {
         let mut response = (
             self.code.status(),
-            Json(Body { error: self.code.as_str(), error_description: &self.description }),
+            Json(Body {
+                error: self.code.as_str(),
+                error_description: &self.description,
+            }),
         )
             .into_response();
         let headers = response.headers_mut();

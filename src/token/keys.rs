@@ -74,17 +74,17 @@ impl StoredKeySet {
             .iter()
             .find(|k| k.state == KeyState::Current)
             .map(|k| now.saturating_sub(k.since));
-        if current_age.is_some_and(|age| age >= policy.every_secs) {
-            if let Some(next) = self.keys.iter().position(|k| k.state == KeyState::Next) {
-                for key in &mut self.keys {
-                    if key.state == KeyState::Current {
-                        key.state = KeyState::Previous;
-                        key.retire_at = Some(now + policy.max_token_lifetime_secs);
-                    }
+        if current_age.is_some_and(|age| age >= policy.every_secs)
+            && let Some(next) = self.keys.iter().position(|k| k.state == KeyState::Next)
+        {
+            for key in &mut self.keys {
+                if key.state == KeyState::Current {
+                    key.state = KeyState::Previous;
+                    key.retire_at = Some(now + policy.max_token_lifetime_secs);
                 }
-                self.keys[next].state = KeyState::Current;
-                self.keys[next].since = now;
             }
+            self.keys[next].state = KeyState::Current;
+            self.keys[next].since = now;
         }
         for state in [KeyState::Current, KeyState::Next] {
             if !self.keys.iter().any(|k| k.state == state) {
@@ -135,7 +135,11 @@ impl IssuerKeys {
         let current = current.ok_or_else(|| {
             credentials::Error::UnsupportedKey("the signing key set has no current key".into())
         })?;
-        Ok(Arc::new(Self { current, verifying, jwks }))
+        Ok(Arc::new(Self {
+            current,
+            verifying,
+            jwks,
+        }))
     }
 }
 
@@ -162,10 +166,16 @@ mod tests {
         let second = kid_of(&set, KeyState::Next).unwrap();
         let keys = IssuerKeys::from_stored(&set).unwrap();
         assert_eq!(keys.current.kid, first);
-        assert!(keys.verifying.contains_key(&second), "next key is in the JWKS");
+        assert!(
+            keys.verifying.contains_key(&second),
+            "next key is in the JWKS"
+        );
         assert_eq!(keys.jwks.keys.len(), 2);
 
-        assert!(!set.maintain(POLICY, 999).unwrap(), "nothing to do before the interval");
+        assert!(
+            !set.maintain(POLICY, 999).unwrap(),
+            "nothing to do before the interval"
+        );
         assert!(set.maintain(POLICY, 1000).unwrap());
         assert_eq!(kid_of(&set, KeyState::Current).unwrap(), second);
         assert_eq!(kid_of(&set, KeyState::Previous).unwrap(), first);
@@ -173,7 +183,10 @@ mod tests {
         assert_eq!(IssuerKeys::from_stored(&set).unwrap().jwks.keys.len(), 3);
         assert_ne!(third, first);
 
-        assert!(set.maintain(POLICY, 1100).unwrap(), "previous retires after max lifetime");
+        assert!(
+            set.maintain(POLICY, 1100).unwrap(),
+            "previous retires after max lifetime"
+        );
         assert_eq!(kid_of(&set, KeyState::Previous), None);
         assert_eq!(IssuerKeys::from_stored(&set).unwrap().jwks.keys.len(), 2);
     }

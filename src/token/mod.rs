@@ -94,8 +94,16 @@ impl Metrics {
             latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
         };
         let registry = registry.sub_registry_with_prefix("keygate_token");
-        registry.register("issued", "Access tokens issued, by signing algorithm", metrics.issued.clone());
-        registry.register("refused", "Token requests refused, by OAuth error", metrics.refused.clone());
+        registry.register(
+            "issued",
+            "Access tokens issued, by signing algorithm",
+            metrics.issued.clone(),
+        );
+        registry.register(
+            "refused",
+            "Token requests refused, by OAuth error",
+            metrics.refused.clone(),
+        );
         registry.register(
             "request_duration_seconds",
             "Time to answer a token request",
@@ -218,7 +226,10 @@ async fn read_form(headers: &HeaderMap, body: Body, limit: usize) -> Result<Para
     })?;
     let mut params = Params::new();
     for (key, value) in form_urlencoded::parse(&bytes) {
-        if params.insert(key.clone().into_owned(), value.into_owned()).is_some() {
+        if params
+            .insert(key.clone().into_owned(), value.into_owned())
+            .is_some()
+        {
             return Err(OAuthError::new(
                 ErrorCode::InvalidRequest,
                 format!("parameter {} is repeated", safe_name(&key)),
@@ -231,10 +242,20 @@ async fn read_form(headers: &HeaderMap, body: Body, limit: usize) -> Result<Para
 /// A parameter name fit for an error message: known names only.
 fn safe_name(name: &str) -> &'static str {
     const KNOWN: [&str; 9] = [
-        "grant_type", "scope", "resource", "client_id", "client_secret",
-        "client_assertion", "client_assertion_type", "token", "token_type_hint",
+        "grant_type",
+        "scope",
+        "resource",
+        "client_id",
+        "client_secret",
+        "client_assertion",
+        "client_assertion_type",
+        "token",
+        "token_type_hint",
     ];
-    KNOWN.into_iter().find(|k| *k == name).unwrap_or("(unknown)")
+    KNOWN
+        .into_iter()
+        .find(|k| *k == name)
+        .unwrap_or("(unknown)")
 }
 
 fn no_store(mut response: Response) -> Response {
@@ -252,10 +273,19 @@ async fn token(
 ) -> Response {
     let started = Instant::now();
     let result = issue_token(&server, &headers, body, peer.ip()).await;
-    server.metrics.latency.observe(started.elapsed().as_secs_f64());
+    server
+        .metrics
+        .latency
+        .observe(started.elapsed().as_secs_f64());
     match result {
         Ok((response, client, alg)) => {
-            server.metrics.issued.get_or_create(&AlgLabels { alg: alg.to_owned() }).inc();
+            server
+                .metrics
+                .issued
+                .get_or_create(&AlgLabels {
+                    alg: alg.to_owned(),
+                })
+                .inc();
             tracing::info!(client = %client.key, client_id = %client.client_id, "token issued");
             response
         }
@@ -263,7 +293,9 @@ async fn token(
             server
                 .metrics
                 .refused
-                .get_or_create(&RefusedLabels { error: error.code.as_str().to_owned() })
+                .get_or_create(&RefusedLabels {
+                    error: error.code.as_str().to_owned(),
+                })
                 .inc();
             tracing::info!(error = error.code.as_str(), reason = %error.description, peer = %peer.ip(), "token refused");
             error.into_response()
@@ -279,7 +311,12 @@ async fn issue_token(
 ) -> Result<(Response, Arc<ClientView>, &'static str), OAuthError> {
     let params = read_form(headers, body, server.config.max_body_bytes).await?;
     match params.get("grant_type").map(String::as_str) {
-        None => return Err(OAuthError::new(ErrorCode::InvalidRequest, "grant_type is required")),
+        None => {
+            return Err(OAuthError::new(
+                ErrorCode::InvalidRequest,
+                "grant_type is required",
+            ));
+        }
         Some("client_credentials") => {}
         Some(_) => {
             return Err(OAuthError::new(
@@ -291,7 +328,10 @@ async fn issue_token(
     let now = unix_now();
     let (client, _method) = server.authenticate(headers, &params, peer, now)?;
     if client.disabled {
-        return Err(OAuthError::new(ErrorCode::UnauthorizedClient, "this client is disabled"));
+        return Err(OAuthError::new(
+            ErrorCode::UnauthorizedClient,
+            "this client is disabled",
+        ));
     }
     let snapshot = server.registry.borrow().clone();
     let granted = grant(
@@ -331,7 +371,11 @@ async fn issue_token(
         "expires_in": lifetime,
         "scope": claims.scope,
     });
-    Ok((no_store(axum::Json(body).into_response()), client, keys.current.algorithm.as_str()))
+    Ok((
+        no_store(axum::Json(body).into_response()),
+        client,
+        keys.current.algorithm.as_str(),
+    ))
 }
 
 /// Verifies a token this server issued (signature with a published key, issuer, time) and
@@ -347,12 +391,16 @@ fn active_claims(server: &TokenServer, token: &str, now: u64) -> Option<AccessCl
         now,
     )
     .ok()?;
-    let revoked = server
-        .revocations
-        .current()
-        .is_revoked(Some(&claims.jti), &claims.client_id, claims.iat);
+    let revoked =
+        server
+            .revocations
+            .current()
+            .is_revoked(Some(&claims.jti), &claims.client_id, claims.iat);
     let snapshot = server.registry.borrow().clone();
-    let client_ok = snapshot.clients.get(&claims.client_id).is_some_and(|c| !c.disabled);
+    let client_ok = snapshot
+        .clients
+        .get(&claims.client_id)
+        .is_some_and(|c| !c.disabled);
     (!revoked && client_ok).then_some(claims)
 }
 
@@ -370,11 +418,11 @@ async fn revoke(
             .get("token")
             .ok_or_else(|| OAuthError::new(ErrorCode::InvalidRequest, "token is required"))?;
         // RFC 7009 §2.2: an invalid or foreign token is not an error; say nothing about it.
-        if let Some(claims) = active_claims(&server, token, now) {
-            if claims.client_id == client.client_id {
-                server.revocations.revoke_token(&claims.jti, claims.exp);
-                tracing::info!(client = %client.key, jti = %claims.jti, "token revoked");
-            }
+        if let Some(claims) = active_claims(&server, token, now)
+            && claims.client_id == client.client_id
+        {
+            server.revocations.revoke_token(&claims.jti, claims.exp);
+            tracing::info!(client = %client.key, jti = %claims.jti, "token revoked");
         }
         Ok::<_, OAuthError>(())
     }
@@ -394,7 +442,10 @@ async fn introspect(
     let result = async {
         let params = read_form(&headers, body, server.config.max_body_bytes).await?;
         let now = unix_now();
-        server.authenticate(&headers, &params, peer.ip(), now)?;
+        let (client, _) = server.authenticate(&headers, &params, peer.ip(), now)?;
+        if client.disabled {
+            return Err(OAuthError::new(ErrorCode::InvalidClient, "this client is disabled"));
+        }
         let token = params
             .get("token")
             .ok_or_else(|| OAuthError::new(ErrorCode::InvalidRequest, "token is required"))?;
@@ -426,17 +477,26 @@ async fn jwks(State(server): State<Arc<TokenServer>>) -> Response {
     let mut response = axum::Json(&keys.jwks).into_response();
     // Short enough that a new key, published a whole rotation interval before use, is
     // picked up long before it signs anything.
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
     response
 }
 
 async fn metadata(State(server): State<Arc<TokenServer>>) -> Response {
     let issuer = &server.config.issuer;
     let snapshot = server.registry.borrow().clone();
-    let scopes: BTreeSet<&String> = snapshot.resources.values().flat_map(|r| r.defined.iter()).collect();
-    let auth_methods = ["client_secret_basic", "client_secret_post", "private_key_jwt"];
+    let scopes: BTreeSet<&String> = snapshot
+        .resources
+        .values()
+        .flat_map(|r| r.defined.iter())
+        .collect();
+    let auth_methods = [
+        "client_secret_basic",
+        "client_secret_post",
+        "private_key_jwt",
+    ];
     let algs = ["ES256", "EdDSA", "RS256"];
     let body = json!({
         "issuer": issuer,
@@ -456,8 +516,9 @@ async fn metadata(State(server): State<Arc<TokenServer>>) -> Response {
         "access_token_signing_alg_values_supported": algs,
     });
     let mut response = axum::Json(body).into_response();
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300"));
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
     response
 }
