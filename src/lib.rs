@@ -3,9 +3,11 @@
 
 pub mod admin;
 pub mod api;
+pub mod controller;
 pub mod credentials;
 pub mod dev;
 pub mod grants;
+pub mod operator;
 pub mod policy;
 pub mod registry;
 pub mod sidecar;

@@ -62,6 +62,9 @@ enum Command {
         lifetime: Duration,
     },
 
+    /// Run the operator: controllers (leader only), token server and admission webhook.
+    Operator(OperatorArgs),
+
     /// Run the verifying proxy in front of a workload.
     Sidecar(SidecarArgs),
 
@@ -70,6 +73,40 @@ enum Command {
 
     /// Get an access token from a token endpoint (client credentials grant) and print it.
     Token(TokenArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct OperatorArgs {
+    /// The operator's namespace (signing keys, revocations, leader lease).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "keygate-system")]
+    namespace: String,
+    /// This replica's name, its identity in the leader lease.
+    #[arg(long, env = "POD_NAME", default_value = "keygate-operator")]
+    pod_name: String,
+    /// The issuer URL of the token server, as clients reach it.
+    #[arg(long, env = "KEYGATE_ISSUER", default_value = "http://keygate.keygate-system.svc")]
+    issuer: String,
+    /// Address of the token server.
+    #[arg(long, env = "KEYGATE_TOKEN_LISTEN", default_value = "0.0.0.0:8080")]
+    token_listen: SocketAddr,
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "KEYGATE_ADMIN", default_value = "0.0.0.0:8081")]
+    admin: SocketAddr,
+    /// Namespaces to watch, comma-separated; empty: all.
+    #[arg(long, env = "KEYGATE_WATCH_NAMESPACES", value_delimiter = ',', default_value = "")]
+    watch_namespaces: Vec<String>,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "KEYGATE_LEASE_NAME", default_value = "keygate-operator")]
+    lease_name: String,
+    /// Lifetime of tokens for clients that set none.
+    #[arg(long, env = "KEYGATE_DEFAULT_TOKEN_LIFETIME", default_value = "1h", value_parser = parse_duration)]
+    default_token_lifetime: Duration,
+    /// Upper bound on every token's lifetime.
+    #[arg(long, env = "KEYGATE_MAX_TOKEN_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    max_token_lifetime: Duration,
+    /// How long a signing key stays current.
+    #[arg(long, env = "KEYGATE_SIGNING_KEY_ROTATION", default_value = "720h", value_parser = parse_duration)]
+    signing_key_rotation: Duration,
 }
 
 #[derive(clap::Args, Debug)]
@@ -211,6 +248,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.log_format, &cli.log)?;
     match cli.command {
+        Command::Operator(args) => run_operator(args).await?,
         Command::Sidecar(args) => run_sidecar(args).await?,
         Command::Dev(args) => run_dev(args).await?,
         Command::Token(args) => fetch_token(args).await?,
@@ -239,6 +277,28 @@ async fn main() -> anyhow::Result<()> {
             println!("{jwt}");
         }
     }
+    Ok(())
+}
+
+async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes configuration (in-cluster service account or KUBECONFIG)")?;
+    let options = keygate::operator::OperatorOptions {
+        config: keygate::controller::OperatorConfig {
+            namespace: args.namespace,
+            issuer: args.issuer,
+            watch_namespaces: args.watch_namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
+            signing_key_rotation: args.signing_key_rotation,
+            max_token_lifetime: args.max_token_lifetime,
+        },
+        token_listen: args.token_listen,
+        admin_listen: args.admin,
+        lease_name: args.lease_name,
+        identity: args.pod_name,
+        default_token_lifetime: args.default_token_lifetime,
+    };
+    keygate::operator::run(client, options, keygate::admin::shutdown_signal()).await?;
     Ok(())
 }
 

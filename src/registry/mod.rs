@@ -68,6 +68,9 @@ pub struct Inputs {
     pub clients: BTreeMap<ObjectKey, ClientInput>,
     pub policies: BTreeMap<ObjectKey, PolicyInput>,
     pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// Credentials by ApiClient key, when they arrive separately from the ApiClient (the
+    /// operator watches Secrets and ApiClients apart; either may come first).
+    pub credentials: BTreeMap<ObjectKey, CredentialData>,
 }
 
 /// One client as the token server and policy builder see it.
@@ -116,6 +119,9 @@ pub struct Snapshot {
     pub resources: BTreeMap<String, ResourceView>,
     /// Policies by key (including ones that lost a resource conflict).
     pub policies: BTreeMap<ObjectKey, PolicyInput>,
+    /// Roles by key, for resolving an ApiClient's grants from its latest spec.
+    pub roles: BTreeMap<ObjectKey, M2MRoleSpec>,
+    pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
     pub problems: Vec<Problem>,
 }
 
@@ -168,7 +174,8 @@ impl Snapshot {
                 |role| inputs.roles.get(&ObjectKey::new(&key.namespace, role)),
                 &resources,
             );
-            let material = match client.credentials.as_ref().map(ClientMaterial::from_data) {
+            let credentials = client.credentials.as_ref().or_else(|| inputs.credentials.get(key));
+            let material = match credentials.map(ClientMaterial::from_data) {
                 Some(Ok(material)) => Some(material),
                 Some(Err(e)) => {
                     problems.push(Problem {
@@ -214,8 +221,22 @@ impl Snapshot {
             clients_by_key,
             resources,
             policies: inputs.policies.clone(),
+            roles: inputs.roles.clone(),
+            namespace_labels: inputs.namespace_labels.clone(),
             problems,
         }
+    }
+
+    /// The grants of a client in `namespace` with `roles`, resolved against this snapshot.
+    pub fn resolve(&self, namespace: &str, roles: &[String]) -> (AllowedScopes, Vec<IneffectiveGrant>) {
+        let no_labels = BTreeMap::new();
+        resolve_grants(
+            namespace,
+            self.namespace_labels.get(namespace).unwrap_or(&no_labels),
+            roles,
+            |role| self.roles.get(&ObjectKey::new(namespace, role)),
+            &self.resources,
+        )
     }
 
     /// Clients with an effective grant on `resource`, with their scopes there.

@@ -1,0 +1,228 @@
+//! The reconcilers: the only code that writes to the Kubernetes API.
+//!
+//! - ApiClient → credentials Secret and status ([`clients`]);
+//! - ScopePolicy → policy ConfigMap and status ([`policies`]);
+//! - M2MRole → status ([`roles`]);
+//! - the issuer's signing keys Secret ([`signing`]) and the revocation ConfigMap
+//!   ([`revocations`]);
+//! - the registry fed from watches ([`watch`]), and leader election ([`leader`]).
+//!
+//! Decisions are pure functions (credential material, grants, policy documents); the
+//! reconcilers read the registry snapshot and the existing child, and write only when the
+//! desired object differs, with server-side apply under one field manager.
+
+pub mod clients;
+pub mod leader;
+pub mod policies;
+pub mod revocations;
+pub mod roles;
+pub mod signing;
+pub mod watch;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::Client;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Recorder, Reporter};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use tokio::sync::watch as channel;
+
+use crate::registry::{Registry, Revocations};
+use crate::token::keys::IssuerKeys;
+
+/// The field manager of every server-side apply keygate makes.
+pub const MANAGER: &str = "keygate";
+/// Label on every object keygate creates.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "keygate");
+/// Label naming the ApiClient a Secret belongs to.
+pub const CLIENT_LABEL: &str = "keygate.dev/client";
+/// Label naming the ScopePolicy a ConfigMap belongs to.
+pub const POLICY_LABEL: &str = "keygate.dev/policy";
+/// Annotation on an ApiClient: set a new value to rotate its credentials now.
+pub const ROTATE_ANNOTATION: &str = "keygate.dev/rotate";
+/// Annotation on an ApiClient: set a new value to revoke every token issued to it so far.
+pub const REVOKE_ANNOTATION: &str = "keygate.dev/revoke-tokens";
+/// Every API call gives up after this long.
+pub const API_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Settings of the operator.
+#[derive(Debug, Clone)]
+pub struct OperatorConfig {
+    /// The operator's own namespace (signing keys, revocations, lease).
+    pub namespace: String,
+    /// The token server's issuer URL.
+    pub issuer: String,
+    /// Namespaces to watch; empty: all.
+    pub watch_namespaces: Vec<String>,
+    /// How long a signing key stays current.
+    pub signing_key_rotation: Duration,
+    /// The longest token lifetime; previous signing keys are kept this long.
+    pub max_token_lifetime: Duration,
+}
+
+impl OperatorConfig {
+    pub fn token_url(&self) -> String {
+        format!("{}/oauth2/token", self.issuer.trim_end_matches('/'))
+    }
+}
+
+/// Why a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("the API call timed out")]
+    Timeout,
+    #[error("credentials: {0}")]
+    Credentials(#[from] crate::credentials::Error),
+    #[error("serialisation: {0}")]
+    Serialization(#[from] serde_json::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Error {
+    /// A stable label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Kube(_) => "kube",
+            Self::Timeout => "timeout",
+            Self::Credentials(_) => "credentials",
+            Self::Serialization(_) => "serialization",
+            Self::Invalid(_) => "invalid",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Runs an API call with [`API_TIMEOUT`].
+pub async fn timed<T>(call: impl std::future::Future<Output = kube::Result<T>>) -> Result<T> {
+    match tokio::time::timeout(API_TIMEOUT, call).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(Error::Timeout),
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileLabels {
+    pub controller: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub controller: &'static str,
+    pub reason: &'static str,
+}
+
+/// Controller metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    pub reconciles: Family<ReconcileLabels, Counter>,
+    pub failures: Family<FailureLabels, Counter>,
+    pub duration: Family<ReconcileLabels, Histogram>,
+    pub writes: Family<ReconcileLabels, Counter>,
+    pub managed: Family<ReconcileLabels, Gauge>,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let metrics = Self {
+            reconciles: Family::default(),
+            failures: Family::default(),
+            duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 14))),
+            writes: Family::default(),
+            managed: Family::default(),
+        };
+        let r = registry.sub_registry_with_prefix("keygate_controller");
+        r.register("reconciles", "Reconciles started", metrics.reconciles.clone());
+        r.register("failures", "Reconciles failed, by reason", metrics.failures.clone());
+        r.register("reconcile_duration_seconds", "Reconcile duration", metrics.duration.clone());
+        r.register("writes", "Writes to the Kubernetes API", metrics.writes.clone());
+        r.register("managed_objects", "Objects the controller manages", metrics.managed.clone());
+        metrics
+    }
+}
+
+/// What every reconciler shares.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub registry: Arc<Registry>,
+    pub keys: channel::Receiver<Arc<IssuerKeys>>,
+    pub revocations: Arc<Revocations>,
+    pub config: OperatorConfig,
+    pub metrics: Metrics,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        registry: Arc<Registry>,
+        keys: channel::Receiver<Arc<IssuerKeys>>,
+        revocations: Arc<Revocations>,
+        config: OperatorConfig,
+        metrics: &mut prometheus_client::registry::Registry,
+    ) -> Arc<Self> {
+        let reporter = Reporter {
+            controller: "keygate".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Arc::new(Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            registry,
+            keys,
+            revocations,
+            config,
+            metrics: Metrics::register(metrics),
+        })
+    }
+
+    /// Counts one write by `controller`.
+    pub fn wrote(&self, controller: &'static str) {
+        self.metrics.writes.get_or_create(&ReconcileLabels { controller }).inc();
+    }
+}
+
+/// The error policy shared by the controllers: a permanent problem waits for a change to the
+/// object (the reconciler already reported it in status and an Event); anything else is
+/// retried with a delay, never in a hot loop.
+pub fn error_policy(controller: &'static str, error: &Error, ctx: &Context) -> Action {
+    ctx.metrics
+        .failures
+        .get_or_create(&FailureLabels { controller, reason: error.label() })
+        .inc();
+    tracing::warn!(controller, %error, "reconcile failed");
+    match error {
+        Error::Invalid(_) => Action::await_change(),
+        _ => Action::requeue(Duration::from_secs(10)),
+    }
+}
+
+/// Whether `namespace` is watched.
+pub fn watched(config: &OperatorConfig, namespace: &str) -> bool {
+    config.watch_namespaces.is_empty() || config.watch_namespaces.iter().any(|n| n == namespace)
+}
+
+/// `Api`s for a namespaced kind over the watched namespaces.
+pub fn apis<K>(client: &Client, config: &OperatorConfig) -> Vec<kube::Api<K>>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    if config.watch_namespaces.is_empty() {
+        vec![kube::Api::all(client.clone())]
+    } else {
+        config
+            .watch_namespaces
+            .iter()
+            .map(|ns| kube::Api::namespaced(client.clone(), ns))
+            .collect()
+    }
+}

@@ -1,0 +1,170 @@
+//! ScopePolicy → policy ConfigMap (`<name>-keygate-policy`, key `policy.json`) and status.
+//! The ConfigMap holds exactly the sidecar's policy file, built by the same function
+//! `keygate dev` uses, from the registry snapshot, the signing keys and the revocations.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::api::{Patch, PatchParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Api, Resource, ResourceExt};
+
+use super::clients::publish;
+use super::{Context, Error, MANAGED_BY, MANAGER, POLICY_LABEL, ReconcileLabels, Result, timed};
+use crate::api::{ScopePolicy, ScopePolicyStatus, ready_condition};
+use crate::policy::{BuildError, PolicyDocument};
+use crate::registry::ObjectKey;
+
+/// The ConfigMap key holding the policy file.
+pub const POLICY_KEY: &str = "policy.json";
+
+/// The ConfigMap name of a ScopePolicy.
+pub fn config_map_name(policy: &str) -> String {
+    format!("{policy}-keygate-policy")
+}
+
+/// Reconciles one ScopePolicy.
+pub async fn reconcile(object: Arc<DeserializeGuard<ScopePolicy>>, ctx: Arc<Context>) -> Result<Action> {
+    let policy = match &object.0 {
+        Ok(policy) => policy,
+        Err(invalid) => {
+            tracing::warn!(error = %invalid.error, name = ?invalid.metadata.name, "malformed ScopePolicy");
+            return Ok(Action::await_change());
+        }
+    };
+    let labels = ReconcileLabels { controller: "scopepolicy" };
+    ctx.metrics.reconciles.get_or_create(&labels).inc();
+    let started = Instant::now();
+    let result = reconcile_policy(policy, &ctx).await;
+    ctx.metrics.duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    result
+}
+
+#[tracing::instrument(skip(policy, ctx), fields(ns = %policy.namespace().unwrap_or_default(), name = %policy.name_any()))]
+async fn reconcile_policy(policy: &ScopePolicy, ctx: &Context) -> Result<Action> {
+    let namespace = policy.namespace().ok_or_else(|| Error::Invalid("ScopePolicy without namespace".into()))?;
+    let key = ObjectKey::new(&namespace, policy.name_any());
+    let snapshot = ctx.registry.snapshot();
+    let Some(known) = snapshot.policies.get(&key) else {
+        // The registry's watch has not seen this object yet; it triggers a reconcile when it does.
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    };
+    if known.spec != policy.spec {
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    }
+    let reference = policy.object_ref(&());
+    if let Some(owner) = snapshot
+        .resources
+        .get(&policy.spec.resource)
+        .map(|r| &r.policy)
+        .filter(|owner| **owner != key)
+    {
+        let message = format!("resource {} is already declared by ScopePolicy {owner}", policy.spec.resource);
+        publish(ctx, &reference, EventType::Warning, "ResourceConflict", &message).await;
+        let status = status(policy, false, "ResourceConflict", &message, 0, 0, None, Vec::new());
+        patch_status(ctx, policy, status).await?;
+        return Ok(Action::await_change());
+    }
+    let keys = ctx.keys.borrow().clone();
+    let revocations = ctx.revocations.current();
+    let document = match PolicyDocument::build(&snapshot, &key, &ctx.config.issuer, &keys.jwks, &revocations) {
+        Ok(document) => document,
+        Err(BuildError::Rules(errors)) => {
+            let rule_errors: Vec<String> = errors.iter().map(|e| format!("spec.{e}")).collect();
+            let message = format!("{} rule error(s); the sidecars keep the last good policy", rule_errors.len());
+            publish(ctx, &reference, EventType::Warning, "InvalidRules", &rule_errors.join("; ")).await;
+            let status = status(policy, false, "InvalidRules", &message, 0, 0, None, rule_errors);
+            patch_status(ctx, policy, status).await?;
+            return Ok(Action::await_change());
+        }
+        Err(other) => return Err(Error::Invalid(other.to_string())),
+    };
+    let json = serde_json::to_string_pretty(&document)?;
+    let name = config_map_name(&policy.name_any());
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
+    let existing = timed(config_maps.get_opt(&name)).await?;
+    let current = existing
+        .as_ref()
+        .and_then(|cm| cm.data.as_ref())
+        .and_then(|d| d.get(POLICY_KEY));
+    if current != Some(&json) {
+        let desired = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(namespace.clone()),
+                labels: Some(BTreeMap::from([
+                    (MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned()),
+                    (POLICY_LABEL.to_owned(), policy.name_any()),
+                ])),
+                owner_references: policy.controller_owner_ref(&()).map(|o| vec![o]),
+                ..ObjectMeta::default()
+            },
+            data: Some(BTreeMap::from([(POLICY_KEY.to_owned(), json)])),
+            ..ConfigMap::default()
+        };
+        timed(config_maps.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))).await?;
+        ctx.wrote("scopepolicy");
+    }
+    let message = format!("policy ConfigMap {name} is up to date");
+    let status = status(
+        policy,
+        true,
+        "PolicyPublished",
+        &message,
+        i32::try_from(policy.spec.rules.len()).unwrap_or(i32::MAX),
+        i32::try_from(document.clients.len()).unwrap_or(i32::MAX),
+        Some(name),
+        Vec::new(),
+    );
+    patch_status(ctx, policy, status).await?;
+    ctx.metrics
+        .managed
+        .get_or_create(&ReconcileLabels { controller: "scopepolicy" })
+        .set(snapshot.policies.len() as i64);
+    Ok(Action::requeue(Duration::from_secs(3600)))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn status(
+    policy: &ScopePolicy,
+    ready: bool,
+    reason: &str,
+    message: &str,
+    rules: i32,
+    clients: i32,
+    config_map: Option<String>,
+    rule_errors: Vec<String>,
+) -> ScopePolicyStatus {
+    let previous = policy.status.clone().unwrap_or_default();
+    ScopePolicyStatus {
+        observed_generation: policy.metadata.generation,
+        config_map: config_map.or(previous.config_map),
+        rules,
+        clients,
+        rule_errors,
+        conditions: vec![ready_condition(
+            ready,
+            reason,
+            message,
+            policy.metadata.generation,
+            &previous.conditions,
+            Time(jiff::Timestamp::now()),
+        )],
+    }
+}
+
+async fn patch_status(ctx: &Context, policy: &ScopePolicy, status: ScopePolicyStatus) -> Result<()> {
+    if policy.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let api: Api<ScopePolicy> = Api::namespaced(ctx.client.clone(), &policy.namespace().unwrap_or_default());
+    let patch = serde_json::json!({"apiVersion": "keygate.dev/v1alpha1", "kind": "ScopePolicy", "status": status});
+    timed(api.patch_status(&policy.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))).await?;
+    ctx.wrote("scopepolicy");
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! Feeds the registry from watches: ApiClients, M2MRoles, ScopePolicies, keygate's Secrets
+//! and Namespaces. A relist replaces what the watch covers; one malformed object is skipped
+//! (and dropped from the registry: fail closed) instead of stalling the watch.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::core::DeserializeGuard;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+
+use super::{CLIENT_LABEL, MANAGED_BY, OperatorConfig, apis};
+use crate::api::{ApiClient, M2MRole, ScopePolicy};
+use crate::credentials::CredentialData;
+use crate::registry::{ClientInput, Inputs, ObjectKey, PolicyInput, Registry};
+
+enum Change<K> {
+    Reset(Vec<K>),
+    Apply(K),
+    Delete(K),
+}
+
+/// Runs one watch forever, turning its events into registry changes.
+async fn feed<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    registry: Arc<Registry>,
+    apply: impl Fn(&mut Inputs, Change<K>) + Send + Sync + 'static,
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    let mut buffer: Vec<K> = Vec::new();
+    let mut events = watcher(api, config).default_backoff().boxed();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Init) => buffer.clear(),
+            Ok(watcher::Event::InitApply(object)) => buffer.push(object),
+            Ok(watcher::Event::InitDone) => {
+                let objects = std::mem::take(&mut buffer);
+                registry.update(|inputs| apply(inputs, Change::Reset(objects)));
+            }
+            Ok(watcher::Event::Apply(object)) => registry.update(|inputs| apply(inputs, Change::Apply(object))),
+            Ok(watcher::Event::Delete(object)) => registry.update(|inputs| apply(inputs, Change::Delete(object))),
+            Err(error) => tracing::warn!(%error, "watch failed; retrying with backoff"),
+        }
+    }
+}
+
+fn key_of<K: kube::Resource>(object: &K) -> ObjectKey {
+    ObjectKey::new(object.meta().namespace.clone().unwrap_or_default(), object.meta().name.clone().unwrap_or_default())
+}
+
+/// Applies a change to one map of the inputs, for objects that may fail to deserialise.
+/// `scope` is the namespace the watch covers (`None`: all), so a relist only replaces that.
+fn apply_guarded<K, V>(
+    map: &mut BTreeMap<ObjectKey, V>,
+    scope: Option<&str>,
+    change: Change<DeserializeGuard<K>>,
+    convert: impl Fn(&K) -> V,
+    kind: &str,
+) where
+    K: kube::Resource,
+{
+    let upsert = |map: &mut BTreeMap<ObjectKey, V>, object: DeserializeGuard<K>| match object.0 {
+        Ok(object) => {
+            map.insert(key_of(&object), convert(&object));
+        }
+        Err(invalid) => {
+            let key = ObjectKey::new(
+                invalid.metadata.namespace.clone().unwrap_or_default(),
+                invalid.metadata.name.clone().unwrap_or_default(),
+            );
+            tracing::warn!(kind, object = %key, error = %invalid.error, "skipping a malformed object");
+            map.remove(&key);
+        }
+    };
+    match change {
+        Change::Reset(objects) => {
+            map.retain(|key, _| scope.is_some_and(|ns| key.namespace != ns));
+            for object in objects {
+                upsert(map, object);
+            }
+        }
+        Change::Apply(object) => upsert(map, object),
+        Change::Delete(object) => {
+            let meta = match &object.0 {
+                Ok(o) => o.meta().clone(),
+                Err(invalid) => invalid.metadata.clone(),
+            };
+            map.remove(&ObjectKey::new(meta.namespace.unwrap_or_default(), meta.name.unwrap_or_default()));
+        }
+    }
+}
+
+/// The credential data of a keygate Secret, keyed by its ApiClient.
+fn secret_entry(secret: &Secret) -> Option<(ObjectKey, CredentialData)> {
+    let client = secret.labels().get(CLIENT_LABEL)?;
+    let data = secret
+        .data
+        .iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k.clone(), String::from_utf8(v.0.clone()).ok()?)))
+        .collect();
+    Some((ObjectKey::new(secret.namespace().unwrap_or_default(), client), data))
+}
+
+/// Spawns the watches that keep `registry` current. They run until the process ends.
+pub fn spawn_feeds(client: &Client, config: &OperatorConfig, registry: &Arc<Registry>) {
+    for (api, ns) in namespaced_apis::<DeserializeGuard<ApiClient>>(client, config) {
+        tokio::spawn(feed(api, watcher::Config::default(), registry.clone(), move |inputs, change| {
+            // Credentials come from the Secret watch, into `inputs.credentials`.
+            apply_guarded(&mut inputs.clients, ns.as_deref(), change, |c: &ApiClient| ClientInput {
+                spec: c.spec.clone(),
+                credentials: None,
+            }, "ApiClient");
+        }));
+    }
+    for (api, ns) in namespaced_apis::<DeserializeGuard<M2MRole>>(client, config) {
+        tokio::spawn(feed(api, watcher::Config::default(), registry.clone(), move |inputs, change| {
+            apply_guarded(&mut inputs.roles, ns.as_deref(), change, |r: &M2MRole| r.spec.clone(), "M2MRole");
+        }));
+    }
+    for (api, ns) in namespaced_apis::<DeserializeGuard<ScopePolicy>>(client, config) {
+        tokio::spawn(feed(api, watcher::Config::default(), registry.clone(), move |inputs, change| {
+            apply_guarded(&mut inputs.policies, ns.as_deref(), change, |p: &ScopePolicy| PolicyInput {
+                spec: p.spec.clone(),
+                created: p.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()),
+            }, "ScopePolicy");
+        }));
+    }
+    let selector = format!("{}={},{CLIENT_LABEL}", MANAGED_BY.0, MANAGED_BY.1);
+    for (api, ns) in namespaced_apis::<Secret>(client, config) {
+        let wc = watcher::Config::default().labels(&selector);
+        tokio::spawn(feed(api, wc, registry.clone(), move |inputs, change| match change {
+            Change::Reset(secrets) => {
+                inputs.credentials.retain(|key, _| ns.as_deref().is_some_and(|n| key.namespace != n));
+                inputs.credentials.extend(secrets.iter().filter_map(secret_entry));
+            }
+            Change::Apply(secret) => {
+                if let Some((key, data)) = secret_entry(&secret) {
+                    inputs.credentials.insert(key, data);
+                }
+            }
+            Change::Delete(secret) => {
+                if let Some((key, _)) = secret_entry(&secret) {
+                    inputs.credentials.remove(&key);
+                }
+            }
+        }));
+    }
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    tokio::spawn(feed(namespaces, watcher::Config::default(), registry.clone(), |inputs, change| {
+        let labels = |n: &Namespace| (n.name_any(), n.labels().clone());
+        match change {
+            Change::Reset(all) => inputs.namespace_labels = all.iter().map(labels).collect(),
+            Change::Apply(n) => {
+                let (name, l) = labels(&n);
+                inputs.namespace_labels.insert(name, l);
+            }
+            Change::Delete(n) => {
+                inputs.namespace_labels.remove(&n.name_any());
+            }
+        }
+    }));
+}
+
+/// The `Api`s of the watched namespaces with the namespace each covers (`None`: all).
+fn namespaced_apis<K>(client: &Client, config: &OperatorConfig) -> Vec<(Api<K>, Option<String>)>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    let apis = apis::<K>(client, config);
+    if config.watch_namespaces.is_empty() {
+        apis.into_iter().map(|a| (a, None)).collect()
+    } else {
+        apis.into_iter().zip(config.watch_namespaces.iter().cloned().map(Some)).collect()
+    }
+}

@@ -1,0 +1,262 @@
+//! `keygate operator`: the controllers (leader only), the token server and the admin
+//! endpoints (every replica), fed by one registry of watches.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::ListParams;
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::Controller;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use tokio::sync::watch;
+
+use crate::api::{ApiClient, M2MRole, ScopePolicy};
+use crate::controller::{self, Context, MANAGED_BY, OperatorConfig, apis, error_policy};
+use crate::registry::{Registry, Revocations, Snapshot};
+use crate::token::keys::RotationPolicy;
+use crate::token::{TokenConfig, TokenServer};
+
+/// Settings of `keygate operator`.
+#[derive(Debug, Clone)]
+pub struct OperatorOptions {
+    pub config: OperatorConfig,
+    pub token_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub lease_name: String,
+    /// This replica's identity in the lease (the pod name).
+    pub identity: String,
+    pub default_token_lifetime: Duration,
+}
+
+/// Why the operator stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    #[error("the keygate CRDs are not installed in this cluster: run `kubectl apply --server-side -f crds/` (or install the Helm chart)")]
+    CrdsMissing,
+    #[error("cannot reach the Kubernetes API: {0}")]
+    Api(kube::Error),
+    #[error("{0}")]
+    Controller(#[from] controller::Error),
+    #[error("listening: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Refuses to start without the CRDs, with a message that says what to do.
+async fn check_crds(client: &Client) -> Result<(), OperatorError> {
+    let api: Api<ApiClient> = Api::all(client.clone());
+    match api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Err(OperatorError::CrdsMissing),
+        Err(error) => Err(OperatorError::Api(error)),
+    }
+}
+
+/// A stream that yields once per change of `rx`, at most every `every`.
+fn changes<T: Send + Sync + 'static>(rx: watch::Receiver<T>, every: Duration) -> impl Stream<Item = ()> + Send {
+    futures::stream::unfold(rx, move |mut rx| async move {
+        rx.changed().await.ok()?;
+        tokio::time::sleep(every).await;
+        rx.borrow_and_update();
+        Some(((), rx))
+    })
+}
+
+/// ApiClients whose resolved grants differ between two snapshots.
+pub fn changed_clients(before: &Snapshot, after: &Snapshot) -> Vec<ObjectRef<DeserializeGuard<ApiClient>>> {
+    after
+        .clients_by_key
+        .iter()
+        .filter(|(key, view)| {
+            before
+                .clients_by_key
+                .get(*key)
+                .is_none_or(|old| old.grants != view.grants || old.ineffective != view.ineffective)
+        })
+        .map(|(key, _)| ObjectRef::new(&key.name).within(&key.namespace))
+        .collect()
+}
+
+/// Runs the operator until `shutdown` resolves or a critical task fails.
+pub async fn run(
+    client: Client,
+    options: OperatorOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), OperatorError> {
+    check_crds(&client).await?;
+    let config = options.config.clone();
+    let metrics = Arc::new(RwLock::new(prometheus_client::registry::Registry::default()));
+    let registry = Arc::new(Registry::default());
+    let revocations = Arc::new(Revocations::default());
+    controller::watch::spawn_feeds(&client, &config, &registry);
+    controller::revocations::spawn_sync(client.clone(), config.namespace.clone(), revocations.clone());
+
+    let (leading_tx, leading) = watch::channel(false);
+    let mut election = tokio::spawn(controller::leader::run(
+        client.clone(),
+        config.namespace.clone(),
+        options.lease_name.clone(),
+        options.identity.clone(),
+        leading_tx,
+    ));
+    let rotation = RotationPolicy {
+        algorithm: crate::api::KeyAlgorithm::ES256,
+        every_secs: config.signing_key_rotation.as_secs(),
+        max_token_lifetime_secs: config.max_token_lifetime.as_secs(),
+    };
+    tokio::spawn(controller::signing::maintain_while_leading(client.clone(), config.namespace.clone(), rotation, leading.clone()));
+
+    // Readiness: the token server can sign once the keys are there.
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let admin = crate::admin::router(crate::admin::AdminState { metrics: metrics.clone(), ready: ready_rx });
+    let admin_listener = tokio::net::TcpListener::bind(options.admin_listen).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let admin_task = tokio::spawn(crate::admin::serve(admin_listener, admin, stopped()));
+    tracing::info!(admin = %options.admin_listen, "waiting for the signing keys");
+    let keys = tokio::select! {
+        keys = controller::signing::watch_keys(client.clone(), config.namespace.clone()) => keys,
+        result = &mut election => {
+            return Err(match result {
+                Ok(Err(e)) => e.into(),
+                _ => controller::Error::Invalid("leader election stopped".into()).into(),
+            });
+        }
+    };
+
+    let mut token_config = TokenConfig::new(&config.issuer);
+    token_config.default_lifetime = options.default_token_lifetime;
+    token_config.max_lifetime = config.max_token_lifetime;
+    let token_server = {
+        let mut m = metrics.write().unwrap_or_else(|p| p.into_inner());
+        TokenServer::new(token_config, registry.subscribe(), keys.clone(), revocations.clone(), &mut m)
+    };
+    let token_listener = tokio::net::TcpListener::bind(options.token_listen).await?;
+    let token_task = tokio::spawn(crate::admin::serve(token_listener, crate::token::router(token_server), stopped()));
+    ready_tx.send_replace(true);
+    tracing::info!(token = %options.token_listen, "token server ready");
+
+    let ctx = {
+        let mut m = metrics.write().unwrap_or_else(|p| p.into_inner());
+        Context::new(client.clone(), registry.clone(), keys.clone(), revocations.clone(), config.clone(), &mut m)
+    };
+    let controllers = run_controllers_when_leading(ctx, leading, stopped());
+    tokio::pin!(controllers);
+    tokio::pin!(shutdown);
+    let outcome = tokio::select! {
+        () = &mut shutdown => Ok(()),
+        () = &mut controllers => Ok(()),
+        result = &mut election => match result {
+            Ok(Err(e)) => Err(e.into()),
+            _ => Err(controller::Error::Invalid("leader election stopped".into()).into()),
+        },
+    };
+    ready_tx.send_replace(false);
+    let _ = stop_tx.send(true);
+    let _ = token_task.await;
+    let _ = admin_task.await;
+    outcome
+}
+
+/// Waits for leadership, then runs the three controllers until `stop`.
+async fn run_controllers_when_leading(
+    ctx: Arc<Context>,
+    mut leading: watch::Receiver<bool>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    if leading.wait_for(|l| *l).await.is_err() {
+        return;
+    }
+    tracing::info!("leading: starting controllers");
+    let stop = futures::future::FutureExt::shared(Box::pin(stop));
+    let config = ctx.config.clone();
+    let client = ctx.client.clone();
+    let secret_selector = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
+
+    // ApiClients are reconciled again when their resolved grants change in the registry.
+    let (refs_tx, _) = tokio::sync::broadcast::channel::<ObjectRef<DeserializeGuard<ApiClient>>>(4096);
+    {
+        let refs_tx = refs_tx.clone();
+        let mut snapshots = ctx.registry.subscribe();
+        tokio::spawn(async move {
+            let mut before = snapshots.borrow_and_update().clone();
+            while snapshots.changed().await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let after = snapshots.borrow_and_update().clone();
+                for r in changed_clients(&before, &after) {
+                    let _ = refs_tx.send(r);
+                }
+                before = after;
+            }
+        });
+    }
+    let mut tasks = Vec::new();
+    for api in apis::<DeserializeGuard<ApiClient>>(&client, &config) {
+        let refs = futures::stream::unfold(refs_tx.subscribe(), |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(r) => return Some((r, rx)),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        let secrets: Vec<Api<Secret>> = apis::<Secret>(&client, &config);
+        let mut controller = Controller::new(api, watcher::Config::default())
+            .reconcile_on(refs)
+            .graceful_shutdown_on(stop.clone());
+        for secrets in secrets {
+            controller = controller.owns(secrets, watcher::Config::default().labels(&secret_selector));
+        }
+        let ctx = ctx.clone();
+        tasks.push(tokio::spawn(
+            controller
+                .run(controller::clients::reconcile, |_, e, c| error_policy("apiclient", e, &c), ctx)
+                .for_each(|_| async {}),
+        ));
+    }
+    for api in apis::<DeserializeGuard<ScopePolicy>>(&client, &config) {
+        let trigger = futures::stream::select(
+            futures::stream::select(
+                changes(ctx.registry.subscribe(), Duration::from_millis(200)),
+                changes(ctx.revocations.subscribe(), Duration::from_millis(200)),
+            ),
+            changes(ctx.keys.clone(), Duration::from_millis(200)),
+        );
+        let mut controller = Controller::new(api, watcher::Config::default())
+            .reconcile_all_on(trigger)
+            .graceful_shutdown_on(stop.clone());
+        for cms in apis::<ConfigMap>(&client, &config) {
+            controller = controller.owns(cms, watcher::Config::default().labels(&secret_selector));
+        }
+        let ctx = ctx.clone();
+        tasks.push(tokio::spawn(
+            controller
+                .run(controller::policies::reconcile, |_, e, c| error_policy("scopepolicy", e, &c), ctx)
+                .for_each(|_| async {}),
+        ));
+    }
+    for api in apis::<DeserializeGuard<M2MRole>>(&client, &config) {
+        let controller = Controller::new(api, watcher::Config::default())
+            .reconcile_all_on(changes(ctx.registry.subscribe(), Duration::from_millis(500)))
+            .graceful_shutdown_on(stop.clone());
+        let ctx = ctx.clone();
+        tasks.push(tokio::spawn(
+            controller
+                .run(controller::roles::reconcile, |_, e, c| error_policy("m2mrole", e, &c), ctx)
+                .for_each(|_| async {}),
+        ));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+}
