@@ -231,6 +231,16 @@ fn init_tracing(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints `text` and a newline; a reader that closed the pipe early (`| head`) is not an error.
+fn print_line(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 fn read_input(path: &PathBuf) -> anyhow::Result<String> {
     if path.as_os_str() == "-" {
         let mut text = String::new();
@@ -252,7 +262,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Sidecar(args) => run_sidecar(args).await?,
         Command::Dev(args) => run_dev(args).await?,
         Command::Token(args) => fetch_token(args).await?,
-        Command::Crd => print!("{}", keygate::api::crds_yaml()?),
+        Command::Crd => print_line(keygate::api::crds_yaml()?.trim_end())?,
         Command::Fingerprint { file } => {
             println!(
                 "{}",
@@ -274,7 +284,7 @@ async fn main() -> anyhow::Result<()> {
             let key = SigningKey::from_pkcs8_pem(&read_input(&private_key)?)?;
             let jwt =
                 sign_keypair_jwt(&key, &client_id, audience.as_deref(), lifetime, unix_now())?;
-            println!("{jwt}");
+            print_line(&jwt)?;
         }
     }
     Ok(())
@@ -370,9 +380,9 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
                 let value = data
                     .get(&field)
                     .with_context(|| format!("{client} has no {field:?} credential"))?;
-                println!("{value}");
+                print_line(value)?;
             }
-            None => println!("{}", serde_json::to_string_pretty(&data)?),
+            None => print_line(&serde_json::to_string_pretty(&data)?)?,
         }
         return Ok(());
     }
