@@ -41,12 +41,18 @@ fn claims() -> AccessClaims {
 }
 
 fn tokens(c: &mut Criterion) {
-    let algorithms = [KeyAlgorithm::ES256, KeyAlgorithm::EdDSA, KeyAlgorithm::RS256];
+    let algorithms = [
+        KeyAlgorithm::ES256,
+        KeyAlgorithm::EdDSA,
+        KeyAlgorithm::RS256,
+    ];
     let mut sign = c.benchmark_group("token/sign");
     for algorithm in algorithms {
         let (key, _) = keys(algorithm);
         let claims = claims();
-        sign.bench_function(algorithm.as_str(), |b| b.iter(|| issue(&key, black_box(&claims))));
+        sign.bench_function(algorithm.as_str(), |b| {
+            b.iter(|| issue(&key, black_box(&claims)))
+        });
     }
     sign.finish();
     let mut check = c.benchmark_group("token/verify");
@@ -55,7 +61,16 @@ fn tokens(c: &mut Criterion) {
         let token = issue(&key, &claims()).expect("token");
         let now = unix_now();
         check.bench_function(algorithm.as_str(), |b| {
-            b.iter(|| verify(black_box(&token), &verifying, ISSUER, Some(RESOURCE), Duration::from_secs(30), now))
+            b.iter(|| {
+                verify(
+                    black_box(&token),
+                    &verifying,
+                    ISSUER,
+                    Some(RESOURCE),
+                    Duration::from_secs(30),
+                    now,
+                )
+            })
         });
     }
     check.finish();
@@ -68,7 +83,10 @@ fn mk_rules(count: usize) -> ScopePolicySpec {
             methods: vec!["GET".into()],
             paths: vec![format!("/api/v1/resource{i}/*/items/**")],
             public: false,
-            require_scopes: Some(RequireScopes { any_of: Some(vec!["orders.read".into()]), all_of: None }),
+            require_scopes: Some(RequireScopes {
+                any_of: Some(vec!["orders.read".into()]),
+                all_of: None,
+            }),
         })
         .collect();
     ScopePolicySpec {
@@ -87,7 +105,12 @@ fn matching(c: &mut Criterion) {
         // The last rule: the worst case of a first-match scan.
         let path = format!("/api/v1/resource{}/42/items/7", count - 1);
         group.bench_with_input(BenchmarkId::from_parameter(count), &path, |b, path| {
-            b.iter(|| policy.decide(&Method::GET, black_box(path)).rule.map(|r| r.index))
+            b.iter(|| {
+                policy
+                    .decide(&Method::GET, black_box(path))
+                    .rule
+                    .map(|r| r.index)
+            })
         });
     }
     group.finish();
@@ -96,7 +119,9 @@ fn matching(c: &mut Criterion) {
         ("clean", "/api/v1/orders/42/items"),
         ("dirty", "/api//v1/./orders/%7Euser/../42/%2e%2e/items"),
     ] {
-        group.bench_function(name, |b| b.iter(|| normalize(black_box(path)).map(|p| p.len())));
+        group.bench_function(name, |b| {
+            b.iter(|| normalize(black_box(path)).map(|p| p.len()))
+        });
     }
     group.finish();
 }
@@ -105,7 +130,9 @@ fn cached_verification(c: &mut Criterion) {
     let (key, verifying) = keys(KeyAlgorithm::ES256);
     let claims = claims();
     let token = issue(&key, &claims).expect("token");
-    let jwks = jsonwebtoken::jwk::JwkSet { keys: verifying.values().map(|k| k.jwk.clone()).collect() };
+    let jwks = jsonwebtoken::jwk::JwkSet {
+        keys: verifying.values().map(|k| k.jwk.clone()).collect(),
+    };
     let document: PolicyDocument = serde_json::from_value(serde_json::json!({
         "apiVersion": "keygate.dev/policy/v1",
         "policy": "shop/orders",
@@ -116,14 +143,23 @@ fn cached_verification(c: &mut Criterion) {
         "revocations": {"tokens": {}, "clients": {}},
     }))
     .expect("document");
-    let policy = LoadedPolicy::load(document, |_| unreachable!("no external issuers")).expect("policy loads");
+    let policy = LoadedPolicy::load(document, |_| unreachable!("no external issuers"))
+        .expect("policy loads");
     let mut headers = HeaderMap::new();
-    headers.insert(http::header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {token}")).expect("header"));
-    let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    headers.insert(
+        http::header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
     let now = unix_now();
-    runtime.block_on(policy.authenticate(&headers, Duration::from_secs(30), now)).expect("valid");
+    runtime
+        .block_on(policy.authenticate(&headers, Duration::from_secs(30), now))
+        .expect("valid");
     c.bench_function("sidecar/authenticate_cached_es256", |b| {
-        b.to_async(&runtime).iter(|| policy.authenticate(black_box(&headers), Duration::from_secs(30), now))
+        b.to_async(&runtime)
+            .iter(|| policy.authenticate(black_box(&headers), Duration::from_secs(30), now))
     });
 }
 

@@ -84,7 +84,11 @@ struct OperatorArgs {
     #[arg(long, env = "POD_NAME", default_value = "keygate-operator")]
     pod_name: String,
     /// The issuer URL of the token server, as clients reach it.
-    #[arg(long, env = "KEYGATE_ISSUER", default_value = "http://keygate.keygate-system.svc")]
+    #[arg(
+        long,
+        env = "KEYGATE_ISSUER",
+        default_value = "http://keygate.keygate-system.svc"
+    )]
     issuer: String,
     /// Address of the token server.
     #[arg(long, env = "KEYGATE_TOKEN_LISTEN", default_value = "0.0.0.0:8080")]
@@ -93,7 +97,12 @@ struct OperatorArgs {
     #[arg(long, env = "KEYGATE_ADMIN", default_value = "0.0.0.0:8081")]
     admin: SocketAddr,
     /// Namespaces to watch, comma-separated; empty: all.
-    #[arg(long, env = "KEYGATE_WATCH_NAMESPACES", value_delimiter = ',', default_value = "")]
+    #[arg(
+        long,
+        env = "KEYGATE_WATCH_NAMESPACES",
+        value_delimiter = ',',
+        default_value = ""
+    )]
     watch_namespaces: Vec<String>,
     /// Name of the leader-election Lease.
     #[arg(long, env = "KEYGATE_LEASE_NAME", default_value = "keygate-operator")]
@@ -264,10 +273,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Token(args) => fetch_token(args).await?,
         Command::Crd => print_line(keygate::api::crds_yaml()?.trim_end())?,
         Command::Fingerprint { file } => {
-            println!(
-                "{}",
-                keygate::credentials::fingerprint_pem(&read_input(&file)?)?
-            );
+            print_line(&keygate::credentials::fingerprint_pem(&read_input(&file)?)?)?;
         }
         Command::KeypairJwt {
             private_key,
@@ -298,7 +304,11 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
         config: keygate::controller::OperatorConfig {
             namespace: args.namespace,
             issuer: args.issuer,
-            watch_namespaces: args.watch_namespaces.into_iter().filter(|n| !n.is_empty()).collect(),
+            watch_namespaces: args
+                .watch_namespaces
+                .into_iter()
+                .filter(|n| !n.is_empty())
+                .collect(),
             signing_key_rotation: args.signing_key_rotation,
             max_token_lifetime: args.max_token_lifetime,
         },
@@ -474,14 +484,12 @@ async fn fetch_token(args: TokenArgs) -> anyhow::Result<()> {
         );
     }
     if args.json {
-        println!("{body}");
+        print_line(&body.to_string())?;
     } else {
-        println!(
-            "{}",
-            body["access_token"]
-                .as_str()
-                .context("no access_token in the response")?
-        );
+        let token = body["access_token"]
+            .as_str()
+            .context("no access_token in the response")?;
+        print_line(token)?;
     }
     Ok(())
 }

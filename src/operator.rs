@@ -36,7 +36,9 @@ pub struct OperatorOptions {
 /// Why the operator stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum OperatorError {
-    #[error("the keygate CRDs are not installed in this cluster: run `kubectl apply --server-side -f crds/` (or install the Helm chart)")]
+    #[error(
+        "the keygate CRDs are not installed in this cluster: run `kubectl apply --server-side -f crds/` (or install the Helm chart)"
+    )]
     CrdsMissing,
     #[error("cannot reach the Kubernetes API: {0}")]
     Api(kube::Error),
@@ -57,7 +59,10 @@ async fn check_crds(client: &Client) -> Result<(), OperatorError> {
 }
 
 /// A stream that yields once per change of `rx`, at most every `every`.
-fn changes<T: Send + Sync + 'static>(rx: watch::Receiver<T>, every: Duration) -> impl Stream<Item = ()> + Send {
+fn changes<T: Send + Sync + 'static>(
+    rx: watch::Receiver<T>,
+    every: Duration,
+) -> impl Stream<Item = ()> + Send {
     futures::stream::unfold(rx, move |mut rx| async move {
         rx.changed().await.ok()?;
         tokio::time::sleep(every).await;
@@ -67,7 +72,10 @@ fn changes<T: Send + Sync + 'static>(rx: watch::Receiver<T>, every: Duration) ->
 }
 
 /// ApiClients whose resolved grants differ between two snapshots.
-pub fn changed_clients(before: &Snapshot, after: &Snapshot) -> Vec<ObjectRef<DeserializeGuard<ApiClient>>> {
+pub fn changed_clients(
+    before: &Snapshot,
+    after: &Snapshot,
+) -> Vec<ObjectRef<DeserializeGuard<ApiClient>>> {
     after
         .clients_by_key
         .iter()
@@ -93,7 +101,11 @@ pub async fn run(
     let registry = Arc::new(Registry::default());
     let revocations = Arc::new(Revocations::default());
     controller::watch::spawn_feeds(&client, &config, &registry);
-    controller::revocations::spawn_sync(client.clone(), config.namespace.clone(), revocations.clone());
+    controller::revocations::spawn_sync(
+        client.clone(),
+        config.namespace.clone(),
+        revocations.clone(),
+    );
 
     let (leading_tx, leading) = watch::channel(false);
     let mut election = tokio::spawn(controller::leader::run(
@@ -108,11 +120,19 @@ pub async fn run(
         every_secs: config.signing_key_rotation.as_secs(),
         max_token_lifetime_secs: config.max_token_lifetime.as_secs(),
     };
-    tokio::spawn(controller::signing::maintain_while_leading(client.clone(), config.namespace.clone(), rotation, leading.clone()));
+    tokio::spawn(controller::signing::maintain_while_leading(
+        client.clone(),
+        config.namespace.clone(),
+        rotation,
+        leading.clone(),
+    ));
 
     // Readiness: the token server can sign once the keys are there.
     let (ready_tx, ready_rx) = watch::channel(false);
-    let admin = crate::admin::router(crate::admin::AdminState { metrics: metrics.clone(), ready: ready_rx });
+    let admin = crate::admin::router(crate::admin::AdminState {
+        metrics: metrics.clone(),
+        ready: ready_rx,
+    });
     let admin_listener = tokio::net::TcpListener::bind(options.admin_listen).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -138,16 +158,33 @@ pub async fn run(
     token_config.max_lifetime = config.max_token_lifetime;
     let token_server = {
         let mut m = metrics.write().unwrap_or_else(|p| p.into_inner());
-        TokenServer::new(token_config, registry.subscribe(), keys.clone(), revocations.clone(), &mut m)
+        TokenServer::new(
+            token_config,
+            registry.subscribe(),
+            keys.clone(),
+            revocations.clone(),
+            &mut m,
+        )
     };
     let token_listener = tokio::net::TcpListener::bind(options.token_listen).await?;
-    let token_task = tokio::spawn(crate::admin::serve(token_listener, crate::token::router(token_server), stopped()));
+    let token_task = tokio::spawn(crate::admin::serve(
+        token_listener,
+        crate::token::router(token_server),
+        stopped(),
+    ));
     ready_tx.send_replace(true);
     tracing::info!(token = %options.token_listen, "token server ready");
 
     let ctx = {
         let mut m = metrics.write().unwrap_or_else(|p| p.into_inner());
-        Context::new(client.clone(), registry.clone(), keys.clone(), revocations.clone(), config.clone(), &mut m)
+        Context::new(
+            client.clone(),
+            registry.clone(),
+            keys.clone(),
+            revocations.clone(),
+            config.clone(),
+            &mut m,
+        )
     };
     let controllers = run_controllers_when_leading(ctx, leading, stopped());
     tokio::pin!(controllers);
@@ -183,7 +220,8 @@ async fn run_controllers_when_leading(
     let secret_selector = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
 
     // ApiClients are reconciled again when their resolved grants change in the registry.
-    let (refs_tx, _) = tokio::sync::broadcast::channel::<ObjectRef<DeserializeGuard<ApiClient>>>(4096);
+    let (refs_tx, _) =
+        tokio::sync::broadcast::channel::<ObjectRef<DeserializeGuard<ApiClient>>>(4096);
     {
         let refs_tx = refs_tx.clone();
         let mut snapshots = ctx.registry.subscribe();
@@ -215,12 +253,17 @@ async fn run_controllers_when_leading(
             .reconcile_on(refs)
             .graceful_shutdown_on(stop.clone());
         for secrets in secrets {
-            controller = controller.owns(secrets, watcher::Config::default().labels(&secret_selector));
+            controller =
+                controller.owns(secrets, watcher::Config::default().labels(&secret_selector));
         }
         let ctx = ctx.clone();
         tasks.push(tokio::spawn(
             controller
-                .run(controller::clients::reconcile, |_, e, c| error_policy("apiclient", e, &c), ctx)
+                .run(
+                    controller::clients::reconcile,
+                    |_, e, c| error_policy("apiclient", e, &c),
+                    ctx,
+                )
                 .for_each(|_| async {}),
         ));
     }
@@ -241,18 +284,29 @@ async fn run_controllers_when_leading(
         let ctx = ctx.clone();
         tasks.push(tokio::spawn(
             controller
-                .run(controller::policies::reconcile, |_, e, c| error_policy("scopepolicy", e, &c), ctx)
+                .run(
+                    controller::policies::reconcile,
+                    |_, e, c| error_policy("scopepolicy", e, &c),
+                    ctx,
+                )
                 .for_each(|_| async {}),
         ));
     }
     for api in apis::<DeserializeGuard<M2MRole>>(&client, &config) {
         let controller = Controller::new(api, watcher::Config::default())
-            .reconcile_all_on(changes(ctx.registry.subscribe(), Duration::from_millis(500)))
+            .reconcile_all_on(changes(
+                ctx.registry.subscribe(),
+                Duration::from_millis(500),
+            ))
             .graceful_shutdown_on(stop.clone());
         let ctx = ctx.clone();
         tasks.push(tokio::spawn(
             controller
-                .run(controller::roles::reconcile, |_, e, c| error_policy("m2mrole", e, &c), ctx)
+                .run(
+                    controller::roles::reconcile,
+                    |_, e, c| error_policy("m2mrole", e, &c),
+                    ctx,
+                )
                 .for_each(|_| async {}),
         ));
     }

@@ -80,7 +80,10 @@ pub fn plan_secret(
         .unwrap_or(now);
 
     let rotation = spec.rotation.as_ref().and_then(|r| {
-        Some((parse_duration(&r.every).ok()?.as_secs(), parse_duration(&r.overlap).ok()?.as_secs()))
+        Some((
+            parse_duration(&r.every).ok()?.as_secs(),
+            parse_duration(&r.overlap).ok()?.as_secs(),
+        ))
     });
     let requested = client_annotations.get(ROTATE_ANNOTATION);
     let acted_on = existing_annotations.get(ROTATED_FOR);
@@ -109,9 +112,19 @@ pub fn plan_secret(
     }
 
     let next_rotation = rotation.map(|(every, _)| last_rotation + every);
-    let previous_end = data.get(key::PREVIOUS_EXPIRES_AT).and_then(|t| t.parse::<u64>().ok());
+    let previous_end = data
+        .get(key::PREVIOUS_EXPIRES_AT)
+        .and_then(|t| t.parse::<u64>().ok());
     let wake_at = [next_rotation, previous_end].into_iter().flatten().min();
-    Ok(SecretPlan { data, annotations, rotated, revoke_before, last_rotation, next_rotation, wake_at })
+    Ok(SecretPlan {
+        data,
+        annotations,
+        rotated,
+        revoke_before,
+        last_rotation,
+        next_rotation,
+        wake_at,
+    })
 }
 
 fn secret_data(secret: &Secret) -> CredentialData {
@@ -131,11 +144,16 @@ fn owned_by(secret: &Secret, uid: &str) -> bool {
 }
 
 fn time(unix: u64) -> Option<Time> {
-    jiff::Timestamp::from_second(i64::try_from(unix).ok()?).ok().map(Time)
+    jiff::Timestamp::from_second(i64::try_from(unix).ok()?)
+        .ok()
+        .map(Time)
 }
 
 /// Reconciles one ApiClient.
-pub async fn reconcile(object: Arc<DeserializeGuard<ApiClient>>, ctx: Arc<Context>) -> Result<Action> {
+pub async fn reconcile(
+    object: Arc<DeserializeGuard<ApiClient>>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
     let client = match &object.0 {
         Ok(client) => client,
         Err(invalid) => {
@@ -143,18 +161,27 @@ pub async fn reconcile(object: Arc<DeserializeGuard<ApiClient>>, ctx: Arc<Contex
             return Ok(Action::await_change());
         }
     };
-    let labels = ReconcileLabels { controller: "apiclient" };
+    let labels = ReconcileLabels {
+        controller: "apiclient",
+    };
     ctx.metrics.reconciles.get_or_create(&labels).inc();
     let started = Instant::now();
     let result = reconcile_client(client, &ctx).await;
-    ctx.metrics.duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    ctx.metrics
+        .duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
     result
 }
 
 #[tracing::instrument(skip(client, ctx), fields(ns = %client.namespace().unwrap_or_default(), name = %client.name_any()))]
 async fn reconcile_client(client: &ApiClient, ctx: &Context) -> Result<Action> {
-    let namespace = client.namespace().ok_or_else(|| Error::Invalid("ApiClient without namespace".into()))?;
-    let uid = client.uid().ok_or_else(|| Error::Invalid("ApiClient without uid".into()))?;
+    let namespace = client
+        .namespace()
+        .ok_or_else(|| Error::Invalid("ApiClient without namespace".into()))?;
+    let uid = client
+        .uid()
+        .ok_or_else(|| Error::Invalid("ApiClient without uid".into()))?;
     let name = secret_name(client);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let existing = timed(secrets.get_opt(&name)).await?;
@@ -163,9 +190,23 @@ async fn reconcile_client(client: &ApiClient, ctx: &Context) -> Result<Action> {
 
     if let Some(secret) = &existing {
         if !owned_by(secret, &uid) {
-            let message = format!("Secret {name} exists and is not managed by this ApiClient; choose another spec.secretName");
-            publish(ctx, &reference, EventType::Warning, "SecretConflict", &message).await;
-            patch_status(ctx, client, status_with(client, ctx, None, false, "SecretConflict", &message)).await?;
+            let message = format!(
+                "Secret {name} exists and is not managed by this ApiClient; choose another spec.secretName"
+            );
+            publish(
+                ctx,
+                &reference,
+                EventType::Warning,
+                "SecretConflict",
+                &message,
+            )
+            .await;
+            patch_status(
+                ctx,
+                client,
+                status_with(client, ctx, None, false, "SecretConflict", &message),
+            )
+            .await?;
             return Ok(Action::await_change());
         }
     }
@@ -186,15 +227,29 @@ async fn reconcile_client(client: &ApiClient, ctx: &Context) -> Result<Action> {
         now,
     )?;
 
-    let mut secret_labels = client.spec.secret_template.as_ref().map(|t| t.labels.clone()).unwrap_or_default();
+    let mut secret_labels = client
+        .spec
+        .secret_template
+        .as_ref()
+        .map(|t| t.labels.clone())
+        .unwrap_or_default();
     secret_labels.insert(MANAGED_BY.0.into(), MANAGED_BY.1.into());
     secret_labels.insert(CLIENT_LABEL.into(), client.name_any());
-    let mut secret_annotations = client.spec.secret_template.as_ref().map(|t| t.annotations.clone()).unwrap_or_default();
+    let mut secret_annotations = client
+        .spec
+        .secret_template
+        .as_ref()
+        .map(|t| t.annotations.clone())
+        .unwrap_or_default();
     secret_annotations.extend(plan.annotations.clone());
     let up_to_date = existing.as_ref().is_some_and(|s| {
         existing_data.as_ref() == Some(&plan.data)
-            && secret_labels.iter().all(|(k, v)| s.labels().get(k) == Some(v))
-            && secret_annotations.iter().all(|(k, v)| s.annotations().get(k) == Some(v))
+            && secret_labels
+                .iter()
+                .all(|(k, v)| s.labels().get(k) == Some(v))
+            && secret_annotations
+                .iter()
+                .all(|(k, v)| s.annotations().get(k) == Some(v))
     });
     if !up_to_date {
         let desired = Secret {
@@ -207,20 +262,36 @@ async fn reconcile_client(client: &ApiClient, ctx: &Context) -> Result<Action> {
                 ..ObjectMeta::default()
             },
             type_: Some("Opaque".into()),
-            data: Some(plan.data.iter().map(|(k, v)| (k.clone(), ByteString(v.clone().into_bytes()))).collect()),
+            data: Some(
+                plan.data
+                    .iter()
+                    .map(|(k, v)| (k.clone(), ByteString(v.clone().into_bytes())))
+                    .collect(),
+            ),
             ..Secret::default()
         };
         let params = PatchParams::apply(MANAGER).force();
         timed(secrets.patch(&name, &params, &Patch::Apply(&desired))).await?;
         ctx.wrote("apiclient");
-        let had_credentials = client.status.as_ref().and_then(|s| s.client_id.as_ref()).is_some();
+        let had_credentials = client
+            .status
+            .as_ref()
+            .and_then(|s| s.client_id.as_ref())
+            .is_some();
         match (&existing, had_credentials) {
             (None, true) => {
                 publish(ctx, &reference, EventType::Warning, "CredentialsRegenerated",
                     &format!("Secret {name} was missing; new credentials were generated (the client id is unchanged)")).await;
             }
             (None, false) => {
-                publish(ctx, &reference, EventType::Normal, "CredentialsCreated", &format!("credentials stored in Secret {name}")).await;
+                publish(
+                    ctx,
+                    &reference,
+                    EventType::Normal,
+                    "CredentialsCreated",
+                    &format!("credentials stored in Secret {name}"),
+                )
+                .await;
             }
             _ if plan.rotated => {
                 publish(ctx, &reference, EventType::Normal, "CredentialsRotated",
@@ -231,16 +302,39 @@ async fn reconcile_client(client: &ApiClient, ctx: &Context) -> Result<Action> {
     }
     if let Some(before) = plan.revoke_before {
         ctx.revocations.revoke_client(&client_id, before);
-        publish(ctx, &reference, EventType::Normal, "TokensRevoked", "every access token issued to this client so far is revoked").await;
+        publish(
+            ctx,
+            &reference,
+            EventType::Normal,
+            "TokensRevoked",
+            "every access token issued to this client so far is revoked",
+        )
+        .await;
     }
 
     let mut status = status_with(client, ctx, Some((&client_id, &name, &plan)), true, "", "");
-    let missing_role = status.ineffective_grants.iter().find(|g| g.resource.is_empty()).map(|g| g.reason.clone());
+    let missing_role = status
+        .ineffective_grants
+        .iter()
+        .find(|g| g.resource.is_empty())
+        .map(|g| g.reason.clone());
     if let Some(reason) = &missing_role {
-        status = status_with(client, ctx, Some((&client_id, &name, &plan)), false, "RoleNotFound", reason);
+        status = status_with(
+            client,
+            ctx,
+            Some((&client_id, &name, &plan)),
+            false,
+            "RoleNotFound",
+            reason,
+        );
     }
     patch_status(ctx, client, status).await?;
-    ctx.metrics.managed.get_or_create(&ReconcileLabels { controller: "apiclient" }).set(ctx.registry.snapshot().clients_by_key.len() as i64);
+    ctx.metrics
+        .managed
+        .get_or_create(&ReconcileLabels {
+            controller: "apiclient",
+        })
+        .set(ctx.registry.snapshot().clients_by_key.len() as i64);
 
     Ok(match plan.wake_at {
         Some(at) => Action::requeue(Duration::from_secs(at.saturating_sub(now).clamp(1, 3600))),
@@ -262,8 +356,22 @@ fn status_with(
     let (grants, ineffective) = snapshot.resolve(&namespace, &client.spec.roles);
     let previous = client.status.clone().unwrap_or_default();
     let (reason, message) = if ready {
-        let note = if ineffective.is_empty() { String::new() } else { format!("; {} permission(s) grant nothing, see status.ineffectiveGrants", ineffective.len()) };
-        ("CredentialsReady".to_owned(), format!("credentials in Secret {}; {} resource(s) granted{note}", credentials.map(|c| c.1).unwrap_or_default(), grants.len()))
+        let note = if ineffective.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} permission(s) grant nothing, see status.ineffectiveGrants",
+                ineffective.len()
+            )
+        };
+        (
+            "CredentialsReady".to_owned(),
+            format!(
+                "credentials in Secret {}; {} resource(s) granted{note}",
+                credentials.map(|c| c.1).unwrap_or_default(),
+                grants.len()
+            ),
+        )
     } else {
         (reason.to_owned(), message.to_owned())
     };
@@ -273,10 +381,14 @@ fn status_with(
         client_id: credentials.map(|c| c.0.to_owned()).or(previous.client_id),
         secret_name: credentials.map(|c| c.1.to_owned()).or(previous.secret_name),
         key_fingerprint: credentials.and_then(|c| c.2.data.get(key::KEY_FINGERPRINT).cloned()),
-        previous_key_fingerprint: credentials.and_then(|c| c.2.data.get(key::PREVIOUS_KEY_FINGERPRINT).cloned()),
+        previous_key_fingerprint: credentials
+            .and_then(|c| c.2.data.get(key::PREVIOUS_KEY_FINGERPRINT).cloned()),
         grants: grants
             .iter()
-            .map(|(resource, scopes)| crate::api::Grant { resource: resource.clone(), scopes: scopes.iter().cloned().collect() })
+            .map(|(resource, scopes)| crate::api::Grant {
+                resource: resource.clone(),
+                scopes: scopes.iter().cloned().collect(),
+            })
             .collect(),
         ineffective_grants: ineffective,
         last_rotation_time: credentials.and_then(|c| time(c.2.last_rotation)),
@@ -296,19 +408,31 @@ async fn patch_status(ctx: &Context, client: &ApiClient, status: ApiClientStatus
     if client.status.as_ref() == Some(&status) {
         return Ok(());
     }
-    let api: Api<ApiClient> = Api::namespaced(ctx.client.clone(), &client.namespace().unwrap_or_default());
+    let api: Api<ApiClient> =
+        Api::namespaced(ctx.client.clone(), &client.namespace().unwrap_or_default());
     let patch = serde_json::json!({
         "apiVersion": "keygate.dev/v1alpha1",
         "kind": "ApiClient",
         "status": status,
     });
-    timed(api.patch_status(&client.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))).await?;
+    timed(api.patch_status(
+        &client.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    ))
+    .await?;
     ctx.wrote("apiclient");
     Ok(())
 }
 
 /// Publishes an Event; a failure to record one never fails the reconcile.
-pub async fn publish(ctx: &Context, reference: &k8s_openapi::api::core::v1::ObjectReference, type_: EventType, reason: &str, note: &str) {
+pub async fn publish(
+    ctx: &Context,
+    reference: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+) {
     let event = Event {
         type_,
         reason: reason.into(),
@@ -331,15 +455,37 @@ mod tests {
     fn mk_spec(rotation: Option<(&str, &str)>) -> ApiClientSpec {
         ApiClientSpec {
             client_secret: true,
-            key_pair: Some(KeyPairSpec { algorithm: KeyAlgorithm::ES256 }),
-            rotation: rotation.map(|(every, overlap)| RotationSpec { every: every.into(), overlap: overlap.into() }),
+            key_pair: Some(KeyPairSpec {
+                algorithm: KeyAlgorithm::ES256,
+            }),
+            rotation: rotation.map(|(every, overlap)| RotationSpec {
+                every: every.into(),
+                overlap: overlap.into(),
+            }),
             ..ApiClientSpec::default()
         }
     }
 
-    fn plan(spec: &ApiClientSpec, annotations: &[(&str, &str)], existing: Option<&SecretPlan>, now: u64) -> SecretPlan {
-        let annotations: BTreeMap<String, String> = annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        plan_secret(spec, &annotations, "kgc_1", "https://kg/oauth2/token", "https://kg", existing.map(|p| (&p.data, &p.annotations)), now).unwrap()
+    fn plan(
+        spec: &ApiClientSpec,
+        annotations: &[(&str, &str)],
+        existing: Option<&SecretPlan>,
+        now: u64,
+    ) -> SecretPlan {
+        let annotations: BTreeMap<String, String> = annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        plan_secret(
+            spec,
+            &annotations,
+            "kgc_1",
+            "https://kg/oauth2/token",
+            "https://kg",
+            existing.map(|p| (&p.data, &p.annotations)),
+            now,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -363,8 +509,14 @@ mod tests {
         assert!(!same.rotated);
         let rotated = plan(&spec, &[(ROTATE_ANNOTATION, "2")], Some(&first), NOW + 10);
         assert!(rotated.rotated);
-        assert_eq!(rotated.data[key::PREVIOUS_CLIENT_SECRET], first.data[key::CLIENT_SECRET]);
-        assert_eq!(rotated.data[key::PREVIOUS_EXPIRES_AT], (NOW + 10 + 24 * 3600).to_string());
+        assert_eq!(
+            rotated.data[key::PREVIOUS_CLIENT_SECRET],
+            first.data[key::CLIENT_SECRET]
+        );
+        assert_eq!(
+            rotated.data[key::PREVIOUS_EXPIRES_AT],
+            (NOW + 10 + 24 * 3600).to_string()
+        );
         assert_eq!(rotated.wake_at, Some(NOW + 10 + 24 * 3600));
     }
 
@@ -381,11 +533,18 @@ mod tests {
         assert!(due.rotated);
         assert_eq!(due.last_rotation, NOW + every);
         assert_eq!(due.next_rotation, Some(NOW + 2 * every));
-        assert_eq!(due.wake_at, Some(NOW + every + 24 * 3600), "the overlap ends first");
+        assert_eq!(
+            due.wake_at,
+            Some(NOW + every + 24 * 3600),
+            "the overlap ends first"
+        );
         let after_overlap = plan(&spec, &[], Some(&due), NOW + every + 24 * 3600);
         assert!(!after_overlap.rotated);
         assert!(!after_overlap.data.contains_key(key::PREVIOUS_CLIENT_SECRET));
-        assert_eq!(after_overlap.data[key::CLIENT_SECRET], due.data[key::CLIENT_SECRET]);
+        assert_eq!(
+            after_overlap.data[key::CLIENT_SECRET],
+            due.data[key::CLIENT_SECRET]
+        );
     }
 
     #[test]

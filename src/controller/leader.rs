@@ -37,7 +37,10 @@ async fn try_acquire(api: &Api<Lease>, name: &str, identity: &str) -> Result<boo
     let existing = timed(api.get_opt(name)).await?;
     let Some(mut lease) = existing else {
         let lease = Lease {
-            metadata: ObjectMeta { name: Some(name.into()), ..ObjectMeta::default() },
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..ObjectMeta::default()
+            },
             spec: Some(LeaseSpec {
                 holder_identity: Some(identity.into()),
                 lease_duration_seconds: Some(LEASE_SECONDS),
@@ -74,7 +77,13 @@ async fn try_acquire(api: &Api<Lease>, name: &str, identity: &str) -> Result<boo
 
 /// Campaigns for and renews the lease forever, publishing whether this replica leads.
 /// Returns an error when a held lease could not be renewed in time.
-pub async fn run(client: Client, namespace: String, name: String, identity: String, leading: watch::Sender<bool>) -> Result<()> {
+pub async fn run(
+    client: Client,
+    namespace: String,
+    name: String,
+    identity: String,
+    leading: watch::Sender<bool>,
+) -> Result<()> {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let mut last_renewal = tokio::time::Instant::now();
     loop {
@@ -88,13 +97,17 @@ pub async fn run(client: Client, namespace: String, name: String, identity: Stri
                 }
             }
             Ok(false) if held => {
-                return Err(super::Error::Invalid("lost the leader lease to another replica".into()));
+                return Err(super::Error::Invalid(
+                    "lost the leader lease to another replica".into(),
+                ));
             }
             Ok(false) => {}
             Err(error) => {
                 tracing::warn!(%error, "lease renewal failed");
                 if held && last_renewal.elapsed() > Duration::from_secs(LEASE_SECONDS as u64) {
-                    return Err(super::Error::Invalid("could not renew the leader lease in time".into()));
+                    return Err(super::Error::Invalid(
+                        "could not renew the leader lease in time".into(),
+                    ));
                 }
             }
         }

@@ -135,16 +135,38 @@ impl Metrics {
         let metrics = Self {
             reconciles: Family::default(),
             failures: Family::default(),
-            duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 14))),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 14))
+            }),
             writes: Family::default(),
             managed: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("keygate_controller");
-        r.register("reconciles", "Reconciles started", metrics.reconciles.clone());
-        r.register("failures", "Reconciles failed, by reason", metrics.failures.clone());
-        r.register("reconcile_duration_seconds", "Reconcile duration", metrics.duration.clone());
-        r.register("writes", "Writes to the Kubernetes API", metrics.writes.clone());
-        r.register("managed_objects", "Objects the controller manages", metrics.managed.clone());
+        r.register(
+            "reconciles",
+            "Reconciles started",
+            metrics.reconciles.clone(),
+        );
+        r.register(
+            "failures",
+            "Reconciles failed, by reason",
+            metrics.failures.clone(),
+        );
+        r.register(
+            "reconcile_duration_seconds",
+            "Reconcile duration",
+            metrics.duration.clone(),
+        );
+        r.register(
+            "writes",
+            "Writes to the Kubernetes API",
+            metrics.writes.clone(),
+        );
+        r.register(
+            "managed_objects",
+            "Objects the controller manages",
+            metrics.managed.clone(),
+        );
         metrics
     }
 }
@@ -186,7 +208,10 @@ impl Context {
 
     /// Counts one write by `controller`.
     pub fn wrote(&self, controller: &'static str) {
-        self.metrics.writes.get_or_create(&ReconcileLabels { controller }).inc();
+        self.metrics
+            .writes
+            .get_or_create(&ReconcileLabels { controller })
+            .inc();
     }
 }
 
@@ -196,7 +221,10 @@ impl Context {
 pub fn error_policy(controller: &'static str, error: &Error, ctx: &Context) -> Action {
     ctx.metrics
         .failures
-        .get_or_create(&FailureLabels { controller, reason: error.label() })
+        .get_or_create(&FailureLabels {
+            controller,
+            reason: error.label(),
+        })
         .inc();
     tracing::warn!(controller, %error, "reconcile failed");
     match error {

@@ -29,7 +29,10 @@ pub fn config_map_name(policy: &str) -> String {
 }
 
 /// Reconciles one ScopePolicy.
-pub async fn reconcile(object: Arc<DeserializeGuard<ScopePolicy>>, ctx: Arc<Context>) -> Result<Action> {
+pub async fn reconcile(
+    object: Arc<DeserializeGuard<ScopePolicy>>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
     let policy = match &object.0 {
         Ok(policy) => policy,
         Err(invalid) => {
@@ -37,17 +40,24 @@ pub async fn reconcile(object: Arc<DeserializeGuard<ScopePolicy>>, ctx: Arc<Cont
             return Ok(Action::await_change());
         }
     };
-    let labels = ReconcileLabels { controller: "scopepolicy" };
+    let labels = ReconcileLabels {
+        controller: "scopepolicy",
+    };
     ctx.metrics.reconciles.get_or_create(&labels).inc();
     let started = Instant::now();
     let result = reconcile_policy(policy, &ctx).await;
-    ctx.metrics.duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    ctx.metrics
+        .duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
     result
 }
 
 #[tracing::instrument(skip(policy, ctx), fields(ns = %policy.namespace().unwrap_or_default(), name = %policy.name_any()))]
 async fn reconcile_policy(policy: &ScopePolicy, ctx: &Context) -> Result<Action> {
-    let namespace = policy.namespace().ok_or_else(|| Error::Invalid("ScopePolicy without namespace".into()))?;
+    let namespace = policy
+        .namespace()
+        .ok_or_else(|| Error::Invalid("ScopePolicy without namespace".into()))?;
     let key = ObjectKey::new(&namespace, policy.name_any());
     let snapshot = ctx.registry.snapshot();
     let Some(known) = snapshot.policies.get(&key) else {
@@ -64,21 +74,65 @@ async fn reconcile_policy(policy: &ScopePolicy, ctx: &Context) -> Result<Action>
         .map(|r| &r.policy)
         .filter(|owner| **owner != key)
     {
-        let message = format!("resource {} is already declared by ScopePolicy {owner}", policy.spec.resource);
-        publish(ctx, &reference, EventType::Warning, "ResourceConflict", &message).await;
-        let status = status(policy, false, "ResourceConflict", &message, 0, 0, None, Vec::new());
+        let message = format!(
+            "resource {} is already declared by ScopePolicy {owner}",
+            policy.spec.resource
+        );
+        publish(
+            ctx,
+            &reference,
+            EventType::Warning,
+            "ResourceConflict",
+            &message,
+        )
+        .await;
+        let status = status(
+            policy,
+            false,
+            "ResourceConflict",
+            &message,
+            0,
+            0,
+            None,
+            Vec::new(),
+        );
         patch_status(ctx, policy, status).await?;
         return Ok(Action::await_change());
     }
     let keys = ctx.keys.borrow().clone();
     let revocations = ctx.revocations.current();
-    let document = match PolicyDocument::build(&snapshot, &key, &ctx.config.issuer, &keys.jwks, &revocations) {
+    let document = match PolicyDocument::build(
+        &snapshot,
+        &key,
+        &ctx.config.issuer,
+        &keys.jwks,
+        &revocations,
+    ) {
         Ok(document) => document,
         Err(BuildError::Rules(errors)) => {
             let rule_errors: Vec<String> = errors.iter().map(|e| format!("spec.{e}")).collect();
-            let message = format!("{} rule error(s); the sidecars keep the last good policy", rule_errors.len());
-            publish(ctx, &reference, EventType::Warning, "InvalidRules", &rule_errors.join("; ")).await;
-            let status = status(policy, false, "InvalidRules", &message, 0, 0, None, rule_errors);
+            let message = format!(
+                "{} rule error(s); the sidecars keep the last good policy",
+                rule_errors.len()
+            );
+            publish(
+                ctx,
+                &reference,
+                EventType::Warning,
+                "InvalidRules",
+                &rule_errors.join("; "),
+            )
+            .await;
+            let status = status(
+                policy,
+                false,
+                "InvalidRules",
+                &message,
+                0,
+                0,
+                None,
+                rule_errors,
+            );
             patch_status(ctx, policy, status).await?;
             return Ok(Action::await_change());
         }
@@ -107,7 +161,12 @@ async fn reconcile_policy(policy: &ScopePolicy, ctx: &Context) -> Result<Action>
             data: Some(BTreeMap::from([(POLICY_KEY.to_owned(), json)])),
             ..ConfigMap::default()
         };
-        timed(config_maps.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))).await?;
+        timed(config_maps.patch(
+            &name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&desired),
+        ))
+        .await?;
         ctx.wrote("scopepolicy");
     }
     let message = format!("policy ConfigMap {name} is up to date");
@@ -124,7 +183,9 @@ async fn reconcile_policy(policy: &ScopePolicy, ctx: &Context) -> Result<Action>
     patch_status(ctx, policy, status).await?;
     ctx.metrics
         .managed
-        .get_or_create(&ReconcileLabels { controller: "scopepolicy" })
+        .get_or_create(&ReconcileLabels {
+            controller: "scopepolicy",
+        })
         .set(snapshot.policies.len() as i64);
     Ok(Action::requeue(Duration::from_secs(3600)))
 }
@@ -158,13 +219,23 @@ fn status(
     }
 }
 
-async fn patch_status(ctx: &Context, policy: &ScopePolicy, status: ScopePolicyStatus) -> Result<()> {
+async fn patch_status(
+    ctx: &Context,
+    policy: &ScopePolicy,
+    status: ScopePolicyStatus,
+) -> Result<()> {
     if policy.status.as_ref() == Some(&status) {
         return Ok(());
     }
-    let api: Api<ScopePolicy> = Api::namespaced(ctx.client.clone(), &policy.namespace().unwrap_or_default());
+    let api: Api<ScopePolicy> =
+        Api::namespaced(ctx.client.clone(), &policy.namespace().unwrap_or_default());
     let patch = serde_json::json!({"apiVersion": "keygate.dev/v1alpha1", "kind": "ScopePolicy", "status": status});
-    timed(api.patch_status(&policy.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))).await?;
+    timed(api.patch_status(
+        &policy.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    ))
+    .await?;
     ctx.wrote("scopepolicy");
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{PostParams};
+use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 
@@ -57,7 +57,10 @@ async fn write(api: &Api<ConfigMap>, namespace: &str, local: &RevocationList) ->
             },
             ..ConfigMap::default()
         });
-        cm.data = Some(BTreeMap::from([(LIST_KEY.into(), serde_json::to_string(&merged)?)]));
+        cm.data = Some(BTreeMap::from([(
+            LIST_KEY.into(),
+            serde_json::to_string(&merged)?,
+        )]));
         let result = if cm.metadata.resource_version.is_some() {
             timed(api.replace(REVOCATIONS_CONFIGMAP, &PostParams::default(), &cm)).await
         } else {
@@ -70,7 +73,9 @@ async fn write(api: &Api<ConfigMap>, namespace: &str, local: &RevocationList) ->
             Err(error) => return Err(error),
         }
     }
-    Err(super::Error::Invalid("revocations kept conflicting; will retry".into()))
+    Err(super::Error::Invalid(
+        "revocations kept conflicting; will retry".into(),
+    ))
 }
 
 /// Keeps `revocations` and the ConfigMap in sync, and prunes expired entries.
@@ -79,9 +84,13 @@ pub fn spawn_sync(client: Client, namespace: String, revocations: Arc<Revocation
     {
         let api = api.clone();
         let revocations = revocations.clone();
-        let config = watcher::Config::default().fields(&format!("metadata.name={REVOCATIONS_CONFIGMAP}"));
+        let config =
+            watcher::Config::default().fields(&format!("metadata.name={REVOCATIONS_CONFIGMAP}"));
         tokio::spawn(async move {
-            let mut events = watcher(api, config).default_backoff().applied_objects().boxed();
+            let mut events = watcher(api, config)
+                .default_backoff()
+                .applied_objects()
+                .boxed();
             while let Some(event) = events.next().await {
                 match event {
                     Ok(cm) => revocations.merge(&parse(&cm)),

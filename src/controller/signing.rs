@@ -46,16 +46,29 @@ pub async fn maintain(client: &Client, namespace: &str, policy: RotationPolicy) 
             ..ObjectMeta::default()
         },
         type_: Some("Opaque".into()),
-        data: Some(BTreeMap::from([(KEYS_KEY.into(), ByteString(serde_json::to_vec(&keys)?))])),
+        data: Some(BTreeMap::from([(
+            KEYS_KEY.into(),
+            ByteString(serde_json::to_vec(&keys)?),
+        )])),
         ..Secret::default()
     };
-    timed(secrets.patch(SIGNING_SECRET, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&desired))).await?;
+    timed(secrets.patch(
+        SIGNING_SECRET,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&desired),
+    ))
+    .await?;
     tracing::info!("signing keys updated");
     Ok(())
 }
 
 /// Maintains the keys every minute while this replica leads.
-pub async fn maintain_while_leading(client: Client, namespace: String, policy: RotationPolicy, mut leading: watch::Receiver<bool>) {
+pub async fn maintain_while_leading(
+    client: Client,
+    namespace: String,
+    policy: RotationPolicy,
+    mut leading: watch::Receiver<bool>,
+) {
     let mut ticker = tokio::time::interval(Duration::from_secs(60));
     loop {
         tokio::select! {
@@ -75,14 +88,21 @@ pub async fn maintain_while_leading(client: Client, namespace: String, policy: R
 pub async fn watch_keys(client: Client, namespace: String) -> watch::Receiver<Arc<IssuerKeys>> {
     let secrets: Api<Secret> = Api::namespaced(client, &namespace);
     let config = watcher::Config::default().fields(&format!("metadata.name={SIGNING_SECRET}"));
-    let mut events = watcher(secrets, config).default_backoff().applied_objects().boxed();
+    let mut events = watcher(secrets, config)
+        .default_backoff()
+        .applied_objects()
+        .boxed();
     let first = loop {
         match events.next().await {
             Some(Ok(secret)) => match stored(&secret).map(|s| IssuerKeys::from_stored(&s)) {
                 Some(Ok(keys)) => break keys,
-                _ => tracing::warn!("the signing keys Secret is malformed; waiting for a valid one"),
+                _ => {
+                    tracing::warn!("the signing keys Secret is malformed; waiting for a valid one")
+                }
             },
-            Some(Err(error)) => tracing::warn!(%error, "watching the signing keys failed; retrying"),
+            Some(Err(error)) => {
+                tracing::warn!(%error, "watching the signing keys failed; retrying")
+            }
             None => std::future::pending().await,
         }
     };
@@ -93,7 +113,9 @@ pub async fn watch_keys(client: Client, namespace: String) -> watch::Receiver<Ar
                 Ok(Some(Ok(keys))) => {
                     tx.send_replace(keys);
                 }
-                Ok(_) => tracing::error!("the signing keys Secret is malformed; keeping the last good keys"),
+                Ok(_) => tracing::error!(
+                    "the signing keys Secret is malformed; keeping the last good keys"
+                ),
                 Err(error) => tracing::warn!(%error, "watching the signing keys failed; retrying"),
             }
         }

@@ -29,7 +29,13 @@ async fn feed<K>(
     registry: Arc<Registry>,
     apply: impl Fn(&mut Inputs, Change<K>) + Send + Sync + 'static,
 ) where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
     let mut buffer: Vec<K> = Vec::new();
     let mut events = watcher(api, config).default_backoff().boxed();
@@ -41,15 +47,22 @@ async fn feed<K>(
                 let objects = std::mem::take(&mut buffer);
                 registry.update(|inputs| apply(inputs, Change::Reset(objects)));
             }
-            Ok(watcher::Event::Apply(object)) => registry.update(|inputs| apply(inputs, Change::Apply(object))),
-            Ok(watcher::Event::Delete(object)) => registry.update(|inputs| apply(inputs, Change::Delete(object))),
+            Ok(watcher::Event::Apply(object)) => {
+                registry.update(|inputs| apply(inputs, Change::Apply(object)))
+            }
+            Ok(watcher::Event::Delete(object)) => {
+                registry.update(|inputs| apply(inputs, Change::Delete(object)))
+            }
             Err(error) => tracing::warn!(%error, "watch failed; retrying with backoff"),
         }
     }
 }
 
 fn key_of<K: kube::Resource>(object: &K) -> ObjectKey {
-    ObjectKey::new(object.meta().namespace.clone().unwrap_or_default(), object.meta().name.clone().unwrap_or_default())
+    ObjectKey::new(
+        object.meta().namespace.clone().unwrap_or_default(),
+        object.meta().name.clone().unwrap_or_default(),
+    )
 }
 
 /// Applies a change to one map of the inputs, for objects that may fail to deserialise.
@@ -89,7 +102,10 @@ fn apply_guarded<K, V>(
                 Ok(o) => o.meta().clone(),
                 Err(invalid) => invalid.metadata.clone(),
             };
-            map.remove(&ObjectKey::new(meta.namespace.unwrap_or_default(), meta.name.unwrap_or_default()));
+            map.remove(&ObjectKey::new(
+                meta.namespace.unwrap_or_default(),
+                meta.name.unwrap_or_default(),
+            ));
         }
     }
 }
@@ -103,67 +119,121 @@ fn secret_entry(secret: &Secret) -> Option<(ObjectKey, CredentialData)> {
         .flatten()
         .filter_map(|(k, v)| Some((k.clone(), String::from_utf8(v.0.clone()).ok()?)))
         .collect();
-    Some((ObjectKey::new(secret.namespace().unwrap_or_default(), client), data))
+    Some((
+        ObjectKey::new(secret.namespace().unwrap_or_default(), client),
+        data,
+    ))
 }
 
 /// Spawns the watches that keep `registry` current. They run until the process ends.
 pub fn spawn_feeds(client: &Client, config: &OperatorConfig, registry: &Arc<Registry>) {
     for (api, ns) in namespaced_apis::<DeserializeGuard<ApiClient>>(client, config) {
-        tokio::spawn(feed(api, watcher::Config::default(), registry.clone(), move |inputs, change| {
-            // Credentials come from the Secret watch, into `inputs.credentials`.
-            apply_guarded(&mut inputs.clients, ns.as_deref(), change, |c: &ApiClient| ClientInput {
-                spec: c.spec.clone(),
-                credentials: None,
-            }, "ApiClient");
-        }));
+        tokio::spawn(feed(
+            api,
+            watcher::Config::default(),
+            registry.clone(),
+            move |inputs, change| {
+                // Credentials come from the Secret watch, into `inputs.credentials`.
+                apply_guarded(
+                    &mut inputs.clients,
+                    ns.as_deref(),
+                    change,
+                    |c: &ApiClient| ClientInput {
+                        spec: c.spec.clone(),
+                        credentials: None,
+                    },
+                    "ApiClient",
+                );
+            },
+        ));
     }
     for (api, ns) in namespaced_apis::<DeserializeGuard<M2MRole>>(client, config) {
-        tokio::spawn(feed(api, watcher::Config::default(), registry.clone(), move |inputs, change| {
-            apply_guarded(&mut inputs.roles, ns.as_deref(), change, |r: &M2MRole| r.spec.clone(), "M2MRole");
-        }));
+        tokio::spawn(feed(
+            api,
+            watcher::Config::default(),
+            registry.clone(),
+            move |inputs, change| {
+                apply_guarded(
+                    &mut inputs.roles,
+                    ns.as_deref(),
+                    change,
+                    |r: &M2MRole| r.spec.clone(),
+                    "M2MRole",
+                );
+            },
+        ));
     }
     for (api, ns) in namespaced_apis::<DeserializeGuard<ScopePolicy>>(client, config) {
-        tokio::spawn(feed(api, watcher::Config::default(), registry.clone(), move |inputs, change| {
-            apply_guarded(&mut inputs.policies, ns.as_deref(), change, |p: &ScopePolicy| PolicyInput {
-                spec: p.spec.clone(),
-                created: p.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()),
-            }, "ScopePolicy");
-        }));
+        tokio::spawn(feed(
+            api,
+            watcher::Config::default(),
+            registry.clone(),
+            move |inputs, change| {
+                apply_guarded(
+                    &mut inputs.policies,
+                    ns.as_deref(),
+                    change,
+                    |p: &ScopePolicy| PolicyInput {
+                        spec: p.spec.clone(),
+                        created: p
+                            .metadata
+                            .creation_timestamp
+                            .as_ref()
+                            .map(|t| t.0.as_second()),
+                    },
+                    "ScopePolicy",
+                );
+            },
+        ));
     }
     let selector = format!("{}={},{CLIENT_LABEL}", MANAGED_BY.0, MANAGED_BY.1);
     for (api, ns) in namespaced_apis::<Secret>(client, config) {
         let wc = watcher::Config::default().labels(&selector);
-        tokio::spawn(feed(api, wc, registry.clone(), move |inputs, change| match change {
-            Change::Reset(secrets) => {
-                inputs.credentials.retain(|key, _| ns.as_deref().is_some_and(|n| key.namespace != n));
-                inputs.credentials.extend(secrets.iter().filter_map(secret_entry));
-            }
-            Change::Apply(secret) => {
-                if let Some((key, data)) = secret_entry(&secret) {
-                    inputs.credentials.insert(key, data);
+        tokio::spawn(feed(
+            api,
+            wc,
+            registry.clone(),
+            move |inputs, change| match change {
+                Change::Reset(secrets) => {
+                    inputs
+                        .credentials
+                        .retain(|key, _| ns.as_deref().is_some_and(|n| key.namespace != n));
+                    inputs
+                        .credentials
+                        .extend(secrets.iter().filter_map(secret_entry));
                 }
-            }
-            Change::Delete(secret) => {
-                if let Some((key, _)) = secret_entry(&secret) {
-                    inputs.credentials.remove(&key);
+                Change::Apply(secret) => {
+                    if let Some((key, data)) = secret_entry(&secret) {
+                        inputs.credentials.insert(key, data);
+                    }
                 }
-            }
-        }));
+                Change::Delete(secret) => {
+                    if let Some((key, _)) = secret_entry(&secret) {
+                        inputs.credentials.remove(&key);
+                    }
+                }
+            },
+        ));
     }
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    tokio::spawn(feed(namespaces, watcher::Config::default(), registry.clone(), |inputs, change| {
-        let labels = |n: &Namespace| (n.name_any(), n.labels().clone());
-        match change {
-            Change::Reset(all) => inputs.namespace_labels = all.iter().map(labels).collect(),
-            Change::Apply(n) => {
-                let (name, l) = labels(&n);
-                inputs.namespace_labels.insert(name, l);
+    tokio::spawn(feed(
+        namespaces,
+        watcher::Config::default(),
+        registry.clone(),
+        |inputs, change| {
+            let labels = |n: &Namespace| (n.name_any(), n.labels().clone());
+            match change {
+                Change::Reset(all) => inputs.namespace_labels = all.iter().map(labels).collect(),
+                Change::Apply(n) => {
+                    let (name, l) = labels(&n);
+                    inputs.namespace_labels.insert(name, l);
+                }
+                Change::Delete(n) => {
+                    inputs.namespace_labels.remove(&n.name_any());
+                }
             }
-            Change::Delete(n) => {
-                inputs.namespace_labels.remove(&n.name_any());
-            }
-        }
-    }));
+        },
+    ));
 }
 
 /// The `Api`s of the watched namespaces with the namespace each covers (`None`: all).
@@ -176,6 +246,8 @@ where
     if config.watch_namespaces.is_empty() {
         apis.into_iter().map(|a| (a, None)).collect()
     } else {
-        apis.into_iter().zip(config.watch_namespaces.iter().cloned().map(Some)).collect()
+        apis.into_iter()
+            .zip(config.watch_namespaces.iter().cloned().map(Some))
+            .collect()
     }
 }

@@ -174,7 +174,10 @@ impl Snapshot {
                 |role| inputs.roles.get(&ObjectKey::new(&key.namespace, role)),
                 &resources,
             );
-            let credentials = client.credentials.as_ref().or_else(|| inputs.credentials.get(key));
+            let credentials = client
+                .credentials
+                .as_ref()
+                .or_else(|| inputs.credentials.get(key));
             let material = match credentials.map(ClientMaterial::from_data) {
                 Some(Ok(material)) => Some(material),
                 Some(Err(e)) => {
@@ -228,7 +231,11 @@ impl Snapshot {
     }
 
     /// The grants of a client in `namespace` with `roles`, resolved against this snapshot.
-    pub fn resolve(&self, namespace: &str, roles: &[String]) -> (AllowedScopes, Vec<IneffectiveGrant>) {
+    pub fn resolve(
+        &self,
+        namespace: &str,
+        roles: &[String],
+    ) -> (AllowedScopes, Vec<IneffectiveGrant>) {
         let no_labels = BTreeMap::new();
         resolve_grants(
             namespace,

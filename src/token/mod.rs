@@ -444,7 +444,10 @@ async fn introspect(
         let now = unix_now();
         let (client, _) = server.authenticate(&headers, &params, peer.ip(), now)?;
         if client.disabled {
-            return Err(OAuthError::new(ErrorCode::InvalidClient, "this client is disabled"));
+            return Err(OAuthError::new(
+                ErrorCode::InvalidClient,
+                "this client is disabled",
+            ));
         }
         let token = params
             .get("token")
