@@ -1,0 +1,525 @@
+//! Shared operator scenarios: each runs the real `keygate operator` code against whatever
+//! `kube::Client` it is given — the in-process API server (tests/operator.rs) or a real
+//! cluster (tests/e2e_cluster.rs) — in a namespace of its own.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::events::v1::Event;
+use keygate::api::{ApiClient, M2MRole, ScopePolicy};
+use keygate::controller::OperatorConfig;
+use keygate::operator::{OperatorOptions, run};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+use tokio::task::JoinHandle;
+
+pub const ORDERS: &str = "https://orders.shop.svc";
+
+/// A running operator.
+pub struct Operator {
+    task: JoinHandle<()>,
+    pub token_url: String,
+}
+
+impl Operator {
+    /// Stops it abruptly, as a crash or a node loss would.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Starts the operator watching `namespace` (which also holds its keys and lease).
+pub async fn start_operator(client: Client, namespace: &str) -> Operator {
+    let token_port = free_port();
+    let issuer = format!("http://127.0.0.1:{token_port}");
+    let options = OperatorOptions {
+        config: OperatorConfig {
+            namespace: namespace.to_owned(),
+            issuer: issuer.clone(),
+            watch_namespaces: vec![namespace.to_owned()],
+            signing_key_rotation: Duration::from_secs(720 * 3600),
+            max_token_lifetime: Duration::from_secs(24 * 3600),
+        },
+        token_listen: format!("127.0.0.1:{token_port}").parse().expect("addr"),
+        admin_listen: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
+        lease_name: format!("keygate-test-{namespace}"),
+        identity: format!("test-{}", std::process::id()),
+        default_token_lifetime: Duration::from_secs(3600),
+    };
+    let task = tokio::spawn(async move {
+        if let Err(error) = run(client, options, std::future::pending()).await {
+            eprintln!("operator stopped: {error}");
+        }
+    });
+    Operator {
+        task,
+        token_url: format!("{issuer}/oauth2/token"),
+    }
+}
+
+/// Polls `check` until it yields a value, or panics with `what` after `limit`.
+pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// Applies the quickstart-like objects: a ScopePolicy, a reader role and a client.
+pub async fn apply_basics(client: &Client, ns: &str) {
+    let pp = PatchParams::apply("keygate-tests").force();
+    let policies: Api<ScopePolicy> = Api::namespaced(client.clone(), ns);
+    let policy: ScopePolicy = serde_json::from_value(json!({
+        "apiVersion": "keygate.dev/v1alpha1", "kind": "ScopePolicy",
+        "metadata": {"name": "orders", "namespace": ns},
+        "spec": {
+            "resource": ORDERS,
+            "scopes": [{"name": "orders.read"}, {"name": "orders.write"}],
+            "rules": [
+                {"name": "health", "methods": ["GET"], "paths": ["/healthz"], "public": true},
+                {"name": "read", "methods": ["GET"], "paths": ["/orders/**"], "requireScopes": {"anyOf": ["orders.read"]}},
+                {"name": "write", "methods": ["POST"], "paths": ["/orders/**"], "requireScopes": {"allOf": ["orders.write"]}}
+            ]
+        }
+    }))
+    .expect("policy");
+    policies
+        .patch("orders", &pp, &Patch::Apply(&policy))
+        .await
+        .expect("apply policy");
+    let roles: Api<M2MRole> = Api::namespaced(client.clone(), ns);
+    let role: M2MRole = serde_json::from_value(json!({
+        "apiVersion": "keygate.dev/v1alpha1", "kind": "M2MRole",
+        "metadata": {"name": "reader", "namespace": ns},
+        "spec": {"permissions": [{"resource": ORDERS, "scopes": ["orders.read"]}]}
+    }))
+    .expect("role");
+    roles
+        .patch("reader", &pp, &Patch::Apply(&role))
+        .await
+        .expect("apply role");
+    apply_client(
+        client,
+        ns,
+        "reporting",
+        json!({"roles": ["reader"], "keyPair": {"algorithm": "ES256"}}),
+    )
+    .await;
+}
+
+pub async fn apply_client(client: &Client, ns: &str, name: &str, spec: serde_json::Value) {
+    let clients: Api<ApiClient> = Api::namespaced(client.clone(), ns);
+    let object: ApiClient = serde_json::from_value(json!({
+        "apiVersion": "keygate.dev/v1alpha1", "kind": "ApiClient",
+        "metadata": {"name": name, "namespace": ns}, "spec": spec
+    }))
+    .expect("client");
+    clients
+        .patch(
+            name,
+            &PatchParams::apply("keygate-tests").force(),
+            &Patch::Apply(&object),
+        )
+        .await
+        .expect("apply client");
+}
+
+pub fn secret_data(secret: &Secret) -> BTreeMap<String, String> {
+    secret
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), String::from_utf8(v.0.clone()).expect("utf-8")))
+        .collect()
+}
+
+/// Waits until the ApiClient is Ready and its Secret exists; returns the Secret.
+pub async fn ready_secret(client: &Client, ns: &str, name: &str) -> Secret {
+    let clients: Api<ApiClient> = Api::namespaced(client.clone(), ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    eventually(
+        &format!("ApiClient {name} Ready with its Secret"),
+        WAIT,
+        || async {
+            let object = clients.get_opt(name).await.ok()??;
+            let status = object.status?;
+            if !keygate::api::is_ready(&status.conditions) {
+                return None;
+            }
+            secrets.get_opt(&format!("{name}-credentials")).await.ok()?
+        },
+    )
+    .await
+}
+
+pub async fn events_with_reason(client: &Client, ns: &str, reason: &str) -> usize {
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    events
+        .list(&ListParams::default())
+        .await
+        .map(|list| {
+            list.items
+                .iter()
+                .filter(|e| e.reason.as_deref() == Some(reason))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+pub async fn policy_document(client: &Client, ns: &str) -> Option<serde_json::Value> {
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let cm = cms.get_opt("orders-keygate-policy").await.ok()??;
+    serde_json::from_str(cm.data?.get("policy.json")?).ok()
+}
+
+/// create → Secret and status, policy ConfigMap with the client; restart → the Secret is
+/// byte-for-byte unchanged; delete the Secret → regenerated with an Event.
+pub async fn scenario_lifecycle(client: Client, ns: &str) {
+    apply_basics(&client, ns).await;
+    let operator = start_operator(client.clone(), ns).await;
+    let secret = ready_secret(&client, ns, "reporting").await;
+    let data = secret_data(&secret);
+    for key in [
+        "client_id",
+        "client_secret",
+        "private_key.pem",
+        "public_key.pem",
+        "key_fingerprint",
+        "token_url",
+        "issuer",
+    ] {
+        assert!(data.contains_key(key), "Secret lacks {key}");
+    }
+    assert!(!data.contains_key("api_key"), "API key not enabled");
+    assert_eq!(
+        secret
+            .labels()
+            .get("app.kubernetes.io/managed-by")
+            .map(String::as_str),
+        Some("keygate")
+    );
+    assert!(secret.metadata.owner_references.as_ref().is_some_and(|o| {
+        o.iter()
+            .any(|r| r.kind == "ApiClient" && r.controller == Some(true))
+    }));
+
+    let clients: Api<ApiClient> = Api::namespaced(client.clone(), ns);
+    let status = clients
+        .get("reporting")
+        .await
+        .expect("client")
+        .status
+        .expect("status");
+    assert_eq!(
+        status.client_id.as_deref(),
+        Some(data["client_id"].as_str())
+    );
+    assert_eq!(
+        status.key_fingerprint.as_deref(),
+        Some(data["key_fingerprint"].as_str())
+    );
+    assert_eq!(status.grants.len(), 1);
+    assert_eq!(status.grants[0].scopes, ["orders.read"]);
+
+    let document = eventually("the policy ConfigMap lists the client", WAIT, || async {
+        let doc = policy_document(&client, ns).await?;
+        (doc["clients"].as_array()?.len() == 1).then_some(doc)
+    })
+    .await;
+    assert_eq!(document["clients"][0]["clientId"], data["client_id"]);
+    assert_eq!(
+        document["clients"][0]["keys"][0]["fingerprint"],
+        data["key_fingerprint"]
+    );
+    assert!(
+        !document.to_string().contains(&data["client_secret"]),
+        "no secret in the policy"
+    );
+
+    // Restart: nothing is regenerated.
+    operator.kill();
+    let operator = start_operator(client.clone(), ns).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let after = secrets.get("reporting-credentials").await.expect("secret");
+    assert_eq!(secret_data(&after), data, "restart changed the credentials");
+    assert_eq!(
+        after.metadata.resource_version, secret.metadata.resource_version,
+        "restart rewrote the Secret"
+    );
+
+    // Delete the Secret: regenerated, same client id, new secret, with a Warning Event.
+    secrets
+        .delete("reporting-credentials", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let regenerated = eventually("the Secret regenerated", WAIT, || async {
+        let s = secrets.get_opt("reporting-credentials").await.ok()??;
+        let d = secret_data(&s);
+        (d.get("client_secret") != data.get("client_secret")).then_some(d)
+    })
+    .await;
+    assert_eq!(regenerated["client_id"], data["client_id"]);
+    eventually("a CredentialsRegenerated Event", WAIT, || async {
+        (events_with_reason(&client, ns, "CredentialsRegenerated").await > 0).then_some(())
+    })
+    .await;
+    operator.kill();
+}
+
+/// Rotation on demand: the previous secret stays valid for the overlap, then goes.
+pub async fn scenario_rotation(client: Client, ns: &str) {
+    apply_basics(&client, ns).await;
+    apply_client(
+        &client,
+        ns,
+        "rotating",
+        json!({"roles": ["reader"], "rotation": {"every": "720h", "overlap": "3s"}}),
+    )
+    .await;
+    let operator = start_operator(client.clone(), ns).await;
+    let before = secret_data(&ready_secret(&client, ns, "rotating").await);
+    let clients: Api<ApiClient> = Api::namespaced(client.clone(), ns);
+    let annotate = json!({"metadata": {"annotations": {"keygate.dev/rotate": "now-1"}}});
+    clients
+        .patch(
+            "rotating",
+            &PatchParams::default(),
+            &Patch::Merge(&annotate),
+        )
+        .await
+        .expect("annotate");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let rotated = eventually("rotated credentials", WAIT, || async {
+        let d = secret_data(&secrets.get_opt("rotating-credentials").await.ok()??);
+        (d.get("previous_client_secret") == before.get("client_secret")).then_some(d)
+    })
+    .await;
+    assert_ne!(rotated["client_secret"], before["client_secret"]);
+    assert_eq!(rotated["client_id"], before["client_id"]);
+    // Both secrets get tokens during the overlap.
+    let http = reqwest::Client::new();
+    for secret in [&before["client_secret"], &rotated["client_secret"]] {
+        let status = token_status(&http, &operator.token_url, &rotated["client_id"], secret).await;
+        assert_eq!(status, 200, "a secret was refused during the overlap");
+    }
+    // After the overlap only the new one.
+    eventually(
+        "the previous secret removed after the overlap",
+        WAIT,
+        || async {
+            let d = secret_data(&secrets.get_opt("rotating-credentials").await.ok()??);
+            (!d.contains_key("previous_client_secret")).then_some(())
+        },
+    )
+    .await;
+    eventually("the old secret refused", WAIT, || async {
+        (token_status(
+            &http,
+            &operator.token_url,
+            &rotated["client_id"],
+            &before["client_secret"],
+        )
+        .await
+            == 401)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        token_status(
+            &http,
+            &operator.token_url,
+            &rotated["client_id"],
+            &rotated["client_secret"]
+        )
+        .await,
+        200
+    );
+    operator.kill();
+}
+
+pub async fn token_status(http: &reqwest::Client, url: &str, id: &str, secret: &str) -> u16 {
+    http.post(url)
+        .basic_auth(id, Some(secret))
+        .form(&[("grant_type", "client_credentials"), ("resource", ORDERS)])
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+/// A role change updates the client's grants and the policy ConfigMap; a client naming a
+/// missing role is Ready=False with a reason.
+pub async fn scenario_role_change_and_bad_reference(client: Client, ns: &str) {
+    apply_basics(&client, ns).await;
+    apply_client(&client, ns, "orphan", json!({"roles": ["nobody"]})).await;
+    let operator = start_operator(client.clone(), ns).await;
+    ready_secret(&client, ns, "reporting").await;
+    let roles: Api<M2MRole> = Api::namespaced(client.clone(), ns);
+    let role: M2MRole = serde_json::from_value(json!({
+        "apiVersion": "keygate.dev/v1alpha1", "kind": "M2MRole",
+        "metadata": {"name": "reader", "namespace": ns},
+        "spec": {"permissions": [{"resource": ORDERS, "scopes": ["orders.read", "orders.write"]}]}
+    }))
+    .expect("role");
+    roles
+        .patch(
+            "reader",
+            &PatchParams::apply("keygate-tests").force(),
+            &Patch::Apply(&role),
+        )
+        .await
+        .expect("apply");
+    let clients: Api<ApiClient> = Api::namespaced(client.clone(), ns);
+    eventually("grants updated", WAIT, || async {
+        let status = clients.get("reporting").await.ok()?.status?;
+        (status.grants.first()?.scopes == ["orders.read", "orders.write"]).then_some(())
+    })
+    .await;
+    eventually("policy ConfigMap updated", WAIT, || async {
+        let doc = policy_document(&client, ns).await?;
+        let scopes = doc["clients"]
+            .as_array()?
+            .iter()
+            .find(|c| c["name"] == format!("{ns}/reporting"))?["scopes"]
+            .clone();
+        (scopes == json!(["orders.read", "orders.write"])).then_some(())
+    })
+    .await;
+    let condition = eventually("orphan Ready=False", WAIT, || async {
+        let status = clients.get("orphan").await.ok()?.status?;
+        let ready = status.conditions.into_iter().find(|c| c.type_ == "Ready")?;
+        (ready.status == "False").then_some(ready)
+    })
+    .await;
+    assert_eq!(condition.reason, "RoleNotFound");
+    assert!(
+        condition.message.contains("nobody"),
+        "{}",
+        condition.message
+    );
+    operator.kill();
+}
+
+/// The whole flow: credentials from the Secret → token from the operator's token endpoint →
+/// a request through a `keygate sidecar` process running with the policy ConfigMap.
+pub async fn scenario_token_flow_through_sidecar(client: Client, ns: &str) {
+    apply_basics(&client, ns).await;
+    apply_client(&client, ns, "billing", json!({"roles": ["reader"]})).await;
+    let operator = start_operator(client.clone(), ns).await;
+    let data = secret_data(&ready_secret(&client, ns, "billing").await);
+    let document = eventually("the policy lists both clients", WAIT, || async {
+        let doc = policy_document(&client, ns).await?;
+        (doc["clients"].as_array()?.len() == 2).then_some(doc)
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let response = http
+        .post(&operator.token_url)
+        .basic_auth(&data["client_id"], Some(&data["client_secret"]))
+        .form(&[("grant_type", "client_credentials"), ("resource", ORDERS)])
+        .send()
+        .await
+        .expect("token request");
+    assert_eq!(response.status(), 200);
+    let token: serde_json::Value = response.json().await.expect("json");
+    let token = token["access_token"].as_str().expect("token").to_owned();
+
+    // An upstream that answers 200 with the identity it received.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream_addr = upstream.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let app = axum::Router::new().fallback(|headers: axum::http::HeaderMap| async move {
+            headers
+                .get("x-keygate-client-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned()
+        });
+        let _ = axum::serve(upstream, app).await;
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy_path = dir.path().join("policy.json");
+    std::fs::write(&policy_path, serde_json::to_vec(&document).expect("json"))
+        .expect("write policy");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut sidecar = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args([
+            "sidecar",
+            "--listen",
+            &listen,
+            "--admin",
+            &format!("127.0.0.1:{}", free_port()),
+        ])
+        .arg("--upstream")
+        .arg(upstream_addr.to_string())
+        .arg("--policy")
+        .arg(&policy_path)
+        .spawn()
+        .expect("sidecar starts");
+    let url = format!("http://{listen}/orders/7");
+    let status = eventually("the sidecar answers", WAIT, || async {
+        let response = http.get(&url).bearer_auth(&token).send().await.ok()?;
+        Some((response.status().as_u16(), response.text().await.ok()?))
+    })
+    .await;
+    let _ = sidecar.kill();
+    let _ = sidecar.wait();
+    assert_eq!(status, (200, data["client_id"].clone()));
+    operator.kill();
+}
+
+/// Deleting an ApiClient garbage-collects its Secret (owner reference).
+pub async fn scenario_garbage_collection(client: Client, ns: &str) {
+    apply_basics(&client, ns).await;
+    let operator = start_operator(client.clone(), ns).await;
+    ready_secret(&client, ns, "reporting").await;
+    let clients: Api<ApiClient> = Api::namespaced(client.clone(), ns);
+    clients
+        .delete("reporting", &DeleteParams::background())
+        .await
+        .expect("delete client");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    eventually("the Secret collected", WAIT, || async {
+        matches!(secrets.get_opt("reporting-credentials").await, Ok(None)).then_some(())
+    })
+    .await;
+    operator.kill();
+}
+
+/// Creates namespace `ns` (for real clusters; the in-process server accepts any).
+pub async fn create_namespace(client: &Client, ns: &str) {
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let object = serde_json::from_value(
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+    )
+    .expect("ns");
+    let _ = namespaces.create(&PostParams::default(), &object).await;
+}
+
+use kube::ResourceExt;
