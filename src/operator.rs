@@ -49,8 +49,12 @@ pub enum OperatorError {
 }
 
 /// Refuses to start without the CRDs, with a message that says what to do.
-async fn check_crds(client: &Client) -> Result<(), OperatorError> {
-    let api: Api<ApiClient> = Api::all(client.clone());
+async fn check_crds(client: &Client, config: &OperatorConfig) -> Result<(), OperatorError> {
+    // With a watch list the operator may read only those namespaces.
+    let api: Api<ApiClient> = match config.watch_namespaces.first() {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
     match api.list(&ListParams::default().limit(1)).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(status)) if status.code == 404 => Err(OperatorError::CrdsMissing),
@@ -95,7 +99,7 @@ pub async fn run(
     options: OperatorOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), OperatorError> {
-    check_crds(&client).await?;
+    check_crds(&client, &options.config).await?;
     let config = options.config.clone();
     let metrics = Arc::new(RwLock::new(prometheus_client::registry::Registry::default()));
     let registry = Arc::new(Registry::default());

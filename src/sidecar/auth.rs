@@ -208,7 +208,7 @@ impl LoadedPolicy {
                 (caller, false)
             }
         };
-        self.check_revocation(&caller, now)?;
+        self.check_revocation(&caller)?;
         Ok((caller, hit))
     }
 
@@ -221,22 +221,13 @@ impl LoadedPolicy {
         cache.insert(digest, caller.clone());
     }
 
-    fn check_revocation(&self, caller: &Caller, now: u64) -> Result<(), AuthFailure> {
+    fn check_revocation(&self, caller: &Caller) -> Result<(), AuthFailure> {
         if self.disabled.contains(&*caller.client_id) {
             return Err(AuthFailure::Invalid("client disabled".into()));
         }
         let revocations = &self.document.revocations;
         if revocations.is_revoked(caller.jti.as_deref(), &caller.client_id, caller.iat) {
             return Err(AuthFailure::Invalid("token revoked".into()));
-        }
-        // An API key or key-pair JWT of a client revoked "now" must stop working as well.
-        if caller.method == Method::ApiKey
-            && revocations
-                .clients
-                .get(&*caller.client_id)
-                .is_some_and(|nb| *nb <= now)
-        {
-            return Err(AuthFailure::Invalid("client revoked".into()));
         }
         Ok(())
     }
@@ -262,8 +253,10 @@ impl LoadedPolicy {
                 scopes: entry.scopes.clone(),
                 method: Method::ApiKey,
                 jti: None,
-                iat: now,
-                exp: None,
+                // "Revoke every token" concerns tokens, not API keys: an API key is withdrawn
+                // by rotating it or disabling the client, both of which change the policy.
+                iat: u64::MAX,
+                exp: *not_after,
             });
         }
         #[derive(Deserialize)]

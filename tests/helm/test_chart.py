@@ -1,0 +1,651 @@
+"""Tests of the Helm chart in charts/keygate, offline.
+
+Helm's own Go library (helm-python-sdk) renders, lints and checks values.schema.json;
+kubernetes-validate checks every rendered object in strict mode (unknown fields are errors)
+against the Kubernetes 1.24 schemas (the chart's kubeVersion floor) and the newest it ships.
+Then the security-relevant promises of the chart are asserted on the objects themselves.
+
+Run from the repository root: python -m pytest tests/helm -q
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate import utils as kv_utils
+
+import values_doc
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "keygate"
+RELEASE = "keygate"
+NAMESPACE = "keygate-system"
+
+# Kubernetes versions every rendered object must validate against.
+MIN_KUBE = "1.24.0"
+LATEST_KUBE = kv_utils.latest_version()
+
+# Kinds kubernetes-validate ships no schema for, and why skipping them is fine.
+SKIP_KINDS = {
+    ("cert-manager.io/v1", "Issuer"): "cert-manager CRD; not a Kubernetes built-in kind",
+    ("cert-manager.io/v1", "Certificate"): "cert-manager CRD; not a Kubernetes built-in kind",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "Prometheus Operator CRD; not built in",
+}
+
+# The variants the chart must render cleanly; each name is a test id.
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "cert-manager": {"certManager": {"enabled": True}},
+    "cert-manager-existing-issuer": {
+        "certManager": {"enabled": True, "issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}}
+    },
+    "service-monitor": {"monitoring": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
+    "single-replica": {"replicaCount": 1},
+    "watch-namespaces": {"watchNamespaces": ["a", "b"]},
+    "watch-namespaces-cert-manager": {"watchNamespaces": ["a", "b"], "certManager": {"enabled": True}},
+    "network-policy": {
+        "networkPolicy": {
+            "enabled": True,
+            "tokenFrom": [{"namespaceSelector": {"matchLabels": {"keygate.dev/clients": "true"}}}],
+            "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+            "egress": [{"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}],
+        }
+    },
+    "everything": {
+        "replicaCount": 3,
+        "image": {"tag": "0.1.0-rc1", "pullSecrets": ["regcred"]},
+        "issuerUrl": "https://auth.example.com",
+        "watchNamespaces": ["shop"],
+        "certManager": {"enabled": True},
+        "monitoring": {"serviceMonitor": {"enabled": True}},
+        "networkPolicy": {"enabled": True},
+        "podAntiAffinity": "hard",
+        "sidecar": {"image": {"repository": "registry.example.com/keygate-sidecar"},
+                    "resources": {"limits": {"cpu": "200m"}}},
+        "webhook": {"namespaceSelector": {"matchLabels": {"team": "shop"}},
+                    "validating": {"failurePolicy": "Fail"}},
+        "extraArgs": ["--example-flag=value"],
+        "extraEnv": [{"name": "RUST_BACKTRACE", "value": "1"}],
+        "priorityClassName": "system-cluster-critical",
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "infra", "effect": "NoSchedule"}],
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+    },
+    "webhooks-disabled": {"webhook": {"mutating": {"enabled": False}, "validating": {"enabled": False}}},
+}
+
+
+def render(values: dict | None = None) -> list[dict]:
+    """Every object the chart renders (NOTES.txt left out)."""
+    with helm.Chart.load(CHART) as chart:
+        manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    objects = []
+    for path, text in sorted(manifests.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                doc.setdefault("metadata", {})
+                objects.append(doc)
+    return objects
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS), ids=list(VARIANTS))
+def variant(request):
+    values = VARIANTS[request.param]
+    return request.param, values, render(values)
+
+
+def of_kind(objects, kind):
+    return [o for o in objects if o["kind"] == kind]
+
+
+def one(objects, kind):
+    found = of_kind(objects, kind)
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def deployment_args(objects) -> list[str]:
+    return one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def flag(args: list[str], name: str) -> str | None:
+    for arg in args:
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def rules(objects, kind):
+    for obj in of_kind(objects, kind):
+        for rule in obj.get("rules") or []:
+            yield obj, rule
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def test_every_variant_renders_and_validates_strictly(variant):
+    name, _, objects = variant
+    assert objects, name
+    skipped = set()
+    for obj in objects:
+        key = (obj["apiVersion"], obj["kind"])
+        if key in SKIP_KINDS:
+            skipped.add(key)
+            continue
+        for version in (MIN_KUBE, LATEST_KUBE):
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                path = ".".join(str(p) for p in e.path)
+                pytest.fail(f"{name}: {obj['kind']}/{obj['metadata'].get('name')} invalid on "
+                            f"Kubernetes {version} at {path}: {e.message}")
+    # Skipped kinds appear only where they should.
+    if name.startswith("cert-manager") or name in ("everything", "watch-namespaces-cert-manager"):
+        assert ("cert-manager.io/v1", "Certificate") in skipped
+    else:
+        assert ("cert-manager.io/v1", "Certificate") not in skipped
+
+
+def test_validation_covers_the_chart_floor_and_a_current_version():
+    assert kv_utils.major_minor(MIN_KUBE) in [kv_utils.major_minor(v) for v in kv_utils.all_versions()]
+    assert tuple(int(p) for p in LATEST_KUBE.split(".")[:2]) >= (1, 33)
+    with helm.Chart.load(CHART) as chart:
+        assert chart.metadata["kubeVersion"] == ">=1.24.0-0"
+
+
+def test_crds_validate_strictly():
+    with helm.Chart.load(CHART) as chart:
+        crds = [d for c in chart.crds for d in yaml.safe_load_all(c["data"]) if d]
+    assert sorted(c["metadata"]["name"] for c in crds) == [
+        "apiclients.keygate.dev", "m2mroles.keygate.dev", "scopepolicies.keygate.dev"]
+    for crd in crds:
+        for version in (MIN_KUBE, LATEST_KUBE):
+            kubernetes_validate.validate(crd, version, strict=True)
+
+
+def test_helm_lint_strict_has_no_errors():
+    for name, values in VARIANTS.items():
+        report = helm.lint(CHART, values or None, strict=True, namespace=NAMESPACE)
+        assert report["errors"] == [], (name, report)
+        assert [m for m in report["messages"] if m["severity"] >= 2] == [], (name, report)
+
+
+def test_crds_are_a_byte_identical_copy_of_the_generated_ones():
+    chart_crds = (CHART / "crds" / "keygate.dev.yaml").read_bytes()
+    generated = (REPO / "crds" / "keygate.dev.yaml").read_bytes()
+    assert chart_crds == generated, (
+        "charts/keygate/crds/keygate.dev.yaml drifted from crds/keygate.dev.yaml: "
+        "cp crds/keygate.dev.yaml charts/keygate/crds/")
+    assert sorted(p.name for p in (CHART / "crds").iterdir()) == ["keygate.dev.yaml"]
+
+
+# ------------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("bad, where", [
+    ({"replicaCount": "two"}, "/replicaCount"),
+    ({"replicaCont": 2}, "replicaCont"),
+    ({"image": {"tga": "latest"}}, "tga"),
+    ({"webhook": {"validating": {"failurePolicy": "Maybe"}}}, "failurePolicy"),
+    ({"token": {"maxLifetime": "one day"}}, "maxLifetime"),
+    ({"watchNamespaces": "shop"}, "watchNamespaces"),
+    ({"monitoring": {"serviceMonitor": {"enabeld": True}}}, "enabeld"),
+])
+def test_schema_rejects_wrong_types_and_unknown_keys(bad, where):
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmValuesError) as err:
+            chart.validate_schema(bad)
+        assert where in str(err.value)
+        # and an install would refuse them too
+        with pytest.raises(helm.HelmValuesError):
+            chart.render(bad, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_schema_accepts_the_defaults_and_every_variant():
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema({})
+        for values in VARIANTS.values():
+            chart.validate_schema(values)
+
+
+def _schema_objects(schema, path="$"):
+    if isinstance(schema, dict):
+        if schema.get("type") == "object" and "properties" in schema:
+            yield path, schema
+        for key, sub in schema.items():
+            yield from _schema_objects(sub, f"{path}.{key}")
+    elif isinstance(schema, list):
+        for i, sub in enumerate(schema):
+            yield from _schema_objects(sub, f"{path}[{i}]")
+
+
+def test_schema_is_closed_at_every_level_and_matches_values_yaml():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    for path, obj in _schema_objects(schema):
+        assert obj.get("additionalProperties") is False, f"{path} accepts unknown keys"
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def same_keys(values, node, path):
+        declared = set(node["properties"]) - {"global"}
+        assert set(values) <= declared, f"{path}: values.yaml {sorted(values)} vs schema {sorted(declared)}"
+        # The schema declares no value that values.yaml leaves undocumented (optional
+        # Kubernetes fields such as resources.requests.ephemeral-storage aside).
+        if not path.startswith("$.resources"):
+            assert set(values) == declared, f"{path}: values.yaml {sorted(values)} vs schema {sorted(declared)}"
+        for key, value in values.items():
+            sub = node["properties"][key]
+            if isinstance(value, dict) and value and "properties" in sub:
+                same_keys(value, sub, f"{path}.{key}")
+
+    same_keys(defaults, schema, "$")
+
+
+def test_every_value_is_documented_in_values_yaml_and_the_readme():
+    assert values_doc.undocumented() == []
+    readme = (CHART / "README.md").read_text()
+    for key in values_doc.documented():
+        assert f"| `{key}` |" in readme, f"README values table lacks {key}: python tests/helm/values_doc.py"
+    assert values_doc.table() in readme, "README values table is stale: python tests/helm/values_doc.py"
+
+
+# --------------------------------------------------------------------------------- RBAC
+
+
+def test_rbac_has_no_wildcards(variant):
+    name, _, objects = variant
+    for kind in ("ClusterRole", "Role"):
+        for obj, rule in rules(objects, kind):
+            for field in ("verbs", "resources", "apiGroups", "resourceNames", "nonResourceURLs"):
+                for item in rule.get(field) or []:
+                    assert "*" not in item, f"{name}: {kind}/{obj['metadata']['name']} {field} {item}"
+
+
+def test_leases_only_through_a_role_in_the_release_namespace(variant):
+    name, values, objects = variant
+    for _, rule in rules(objects, "ClusterRole"):
+        assert "coordination.k8s.io" not in rule["apiGroups"], name
+        assert "leases" not in rule["resources"], name
+    lease_rules = [(o, r) for o, r in rules(objects, "Role") if "leases" in r["resources"]]
+    assert lease_rules, name
+    lease = values.get("leaderElection", {}).get("leaseName", "keygate-operator")
+    for obj, rule in lease_rules:
+        assert obj["metadata"]["namespace"] == NAMESPACE
+        assert rule["apiGroups"] == ["coordination.k8s.io"]
+        assert set(rule["verbs"]) <= {"get", "create", "update", "patch"}
+        if set(rule["verbs"]) != {"create"}:  # RBAC cannot restrict create by name
+            assert rule.get("resourceNames") == [lease]
+    verbs = {v for _, r in lease_rules for v in r["verbs"]}
+    assert verbs == {"get", "create", "update", "patch"}
+    # the Role is bound to the operator's ServiceAccount
+    binding = next(b for b in of_kind(objects, "RoleBinding")
+                   if b["roleRef"]["name"] == lease_rules[0][0]["metadata"]["name"]
+                   and b["metadata"]["namespace"] == NAMESPACE)
+    sa = one(objects, "ServiceAccount")["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
+
+
+def test_webhook_configurations_are_writable_only_by_name(variant):
+    name, values, objects = variant
+    configs = {o["metadata"]["name"] for o in objects
+               if o["kind"] in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration")}
+    writes = {"create", "update", "patch", "delete", "deletecollection"}
+    patchable = set()
+    for kind in ("ClusterRole", "Role"):
+        for _, rule in rules(objects, kind):
+            if "admissionregistration.k8s.io" not in rule["apiGroups"]:
+                continue
+            if writes & set(rule["verbs"]):
+                assert set(rule["verbs"]) <= {"patch", "update"}, (name, rule)
+                assert rule.get("resourceNames"), (name, rule)
+                assert set(rule["resourceNames"]) <= configs, (name, rule, configs)
+                patchable |= set(rule["resourceNames"])
+    args = deployment_args(objects)
+    if values.get("certManager", {}).get("enabled"):
+        assert patchable == set(), f"{name}: cert-manager injects the caBundle, keygate needs no write"
+        assert flag(args, "webhook-tls") == "cert-manager"
+    else:
+        assert patchable == configs, name
+        assert flag(args, "webhook-tls") == "self"
+    # the names the operator is told are the names rendered
+    told = {flag(args, "mutating-webhook-name"), flag(args, "validating-webhook-name")} - {None}
+    assert told == configs, name
+
+
+def test_secrets_and_configmaps_cluster_wide_only_without_watch_namespaces(variant):
+    name, values, objects = variant
+    watched = values.get("watchNamespaces") or []
+    cluster = [r for _, r in rules(objects, "ClusterRole")]
+    cluster_resources = {res for r in cluster for res in r["resources"]}
+    namespaced = {"secrets", "configmaps", "apiclients", "scopepolicies", "m2mroles"}
+    if not watched:
+        assert namespaced <= cluster_resources, name
+        assert flag(deployment_args(objects), "watch-namespaces") is None
+        return
+    assert not namespaced & cluster_resources, f"{name}: cluster-wide grants despite watchNamespaces"
+    assert cluster_resources <= {"namespaces", "mutatingwebhookconfigurations", "validatingwebhookconfigurations"}
+    assert flag(deployment_args(objects), "watch-namespaces") == ",".join(watched)
+    for ns in watched:
+        roles = [o for o in of_kind(objects, "Role") if o["metadata"]["namespace"] == ns]
+        assert len(roles) == 1, (name, ns)
+        granted = {res for r in roles[0]["rules"] for res in r["resources"]}
+        assert {"secrets", "configmaps", "apiclients", "apiclients/status", "events"} <= granted
+        bindings = [b for b in of_kind(objects, "RoleBinding") if b["metadata"]["namespace"] == ns]
+        assert [b["roleRef"]["name"] for b in bindings] == [roles[0]["metadata"]["name"]]
+        assert bindings[0]["subjects"][0]["namespace"] == NAMESPACE
+    # in its own namespace, writes to existing Secrets/ConfigMaps name the operator's objects
+    own = next(o for o in of_kind(objects, "Role") if o["metadata"]["name"].endswith("-operator"))
+    for rule in own["rules"]:
+        if rule["resources"][0] in ("secrets", "configmaps") and {"patch", "update", "delete"} & set(rule["verbs"]):
+            assert rule["resourceNames"], rule
+
+
+def test_rbac_grants_exactly_the_documented_verbs():
+    objects = render()
+    cluster = one(objects, "ClusterRole")
+    grants = {}
+    for rule in cluster["rules"]:
+        for group in rule["apiGroups"]:
+            for res in rule["resources"]:
+                grants.setdefault((group, res), set()).update(rule["verbs"])
+    rw = {"get", "list", "watch", "create", "patch", "update", "delete"}
+    assert grants == {
+        ("", "namespaces"): {"get", "list", "watch"},
+        ("admissionregistration.k8s.io", "mutatingwebhookconfigurations"): {"get", "list", "watch", "patch", "update"},
+        ("admissionregistration.k8s.io", "validatingwebhookconfigurations"): {"get", "list", "watch", "patch", "update"},
+        ("keygate.dev", "m2mroles"): {"get", "list", "watch"},
+        ("keygate.dev", "apiclients"): {"get", "list", "watch"},
+        ("keygate.dev", "scopepolicies"): {"get", "list", "watch"},
+        ("keygate.dev", "m2mroles/status"): {"get", "patch", "update"},
+        ("keygate.dev", "apiclients/status"): {"get", "patch", "update"},
+        ("keygate.dev", "scopepolicies/status"): {"get", "patch", "update"},
+        ("keygate.dev", "apiclients/finalizers"): {"update"},
+        ("keygate.dev", "scopepolicies/finalizers"): {"update"},
+        ("", "secrets"): rw,
+        ("", "configmaps"): rw,
+        ("events.k8s.io", "events"): {"create", "patch"},
+    }
+
+
+# ----------------------------------------------------------------------------- webhooks
+
+
+def test_mutating_webhook_fails_closed_for_opted_in_pods_only(variant):
+    name, values, objects = variant
+    if values.get("webhook", {}).get("mutating", {}).get("enabled") is False:
+        assert not of_kind(objects, "MutatingWebhookConfiguration")
+        return
+    config = one(objects, "MutatingWebhookConfiguration")
+    [hook] = config["webhooks"]
+    assert hook["objectSelector"] == {"matchLabels": {"keygate.dev/inject": "true"}}
+    assert hook["failurePolicy"] == "Fail"
+    assert hook["sideEffects"] == "None"
+    assert hook["timeoutSeconds"] == 5
+    assert hook["admissionReviewVersions"] == ["v1"]
+    assert hook["reinvocationPolicy"] == "IfNeeded"
+    assert hook["rules"] == [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                              "resources": ["pods"], "scope": "Namespaced"}]
+    service = hook["clientConfig"]["service"]
+    assert service["path"] == "/mutate-pods"
+    assert "caBundle" not in hook["clientConfig"], "the chart must not own caBundle"
+    webhook_svc = next(s for s in of_kind(objects, "Service") if s["metadata"]["name"] == service["name"])
+    assert service["namespace"] == NAMESPACE == webhook_svc["metadata"]["namespace"]
+    assert webhook_svc["spec"]["ports"][0]["port"] == service["port"] == 443
+    assert webhook_svc["spec"]["ports"][0]["targetPort"] == "webhook"
+    assert flag(deployment_args(objects), "webhook-service") == service["name"]
+    watched = values.get("watchNamespaces")
+    if watched:
+        assert {"key": "kubernetes.io/metadata.name", "operator": "In", "values": watched} in \
+            hook["namespaceSelector"]["matchExpressions"]
+
+
+def test_failure_policy_comments_explain_the_choice():
+    text = (CHART / "templates" / "webhooks.yaml").read_text()
+    before_fail = text.split("failurePolicy: Fail")[0].rsplit("reinvocation", 1)[0]
+    assert "Fail closed" in before_fail
+    assert "Ignore by default" in text
+
+
+def test_validating_webhook(variant):
+    name, values, objects = variant
+    if values.get("webhook", {}).get("validating", {}).get("enabled") is False:
+        assert not of_kind(objects, "ValidatingWebhookConfiguration")
+        return
+    [hook] = one(objects, "ValidatingWebhookConfiguration")["webhooks"]
+    assert hook["clientConfig"]["service"]["path"] == "/validate"
+    assert hook["rules"] == [{"apiGroups": ["keygate.dev"], "apiVersions": ["v1alpha1"],
+                              "operations": ["CREATE", "UPDATE"],
+                              "resources": ["scopepolicies", "apiclients", "m2mroles"],
+                              "scope": "Namespaced"}]
+    expected = values.get("webhook", {}).get("validating", {}).get("failurePolicy", "Ignore")
+    assert hook["failurePolicy"] == expected
+    assert hook["sideEffects"] == "None"
+    assert hook["admissionReviewVersions"] == ["v1"]
+    assert "caBundle" not in hook["clientConfig"]
+
+
+def test_cert_manager_wiring(variant):
+    name, values, objects = variant
+    cm = values.get("certManager", {})
+    configs = [o for o in objects
+               if o["kind"] in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration")]
+    deployment = one(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    args = deployment_args(objects)
+    if not cm.get("enabled"):
+        assert not of_kind(objects, "Certificate") and not of_kind(objects, "Issuer")
+        for c in configs:
+            assert "cert-manager.io/inject-ca-from" not in (c["metadata"].get("annotations") or {})
+        assert flag(args, "webhook-cert-dir") is None
+        return
+    cert = one(objects, "Certificate")
+    for c in configs:
+        assert c["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == \
+            f"{NAMESPACE}/{cert['metadata']['name']}"
+    svc = flag(args, "webhook-service")
+    assert f"{svc}.{NAMESPACE}.svc" in cert["spec"]["dnsNames"]
+    if cm.get("issuerRef", {}).get("name"):
+        assert not of_kind(objects, "Issuer")
+        assert cert["spec"]["issuerRef"]["name"] == cm["issuerRef"]["name"]
+        assert cert["spec"]["issuerRef"]["kind"] == cm["issuerRef"].get("kind", "Issuer")
+    else:
+        issuer = one(objects, "Issuer")
+        assert issuer["spec"] == {"selfSigned": {}}
+        assert cert["spec"]["issuerRef"]["name"] == issuer["metadata"]["name"]
+    cert_dir = flag(args, "webhook-cert-dir")
+    assert cert_dir == "/var/run/keygate/tls"
+    volume = next(v for v in pod["volumes"] if "secret" in v)
+    assert volume["secret"]["secretName"] == cert["spec"]["secretName"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
+    assert mount["mountPath"] == cert_dir and mount["readOnly"] is True
+
+
+# --------------------------------------------------------------------------- workload
+
+
+def test_deployment_is_hardened(variant):
+    name, _, objects = variant
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is True
+    psc = pod["securityContext"]
+    assert psc["runAsNonRoot"] is True and psc["runAsUser"] == 65532
+    assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert "hostNetwork" not in pod and "hostPID" not in pod
+    for c in pod["containers"] + pod.get("initContainers", []):
+        sc = c["securityContext"]
+        assert sc["runAsNonRoot"] is True
+        assert sc["runAsUser"] == 65532
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    sa = one(objects, "ServiceAccount")
+    assert sa["automountServiceAccountToken"] is False
+    assert pod["serviceAccountName"] == sa["metadata"]["name"]
+
+
+def test_deployment_runs_the_operator_with_the_contract_flags(variant):
+    name, values, objects = variant
+    deployment = one(objects, "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[0] == "operator"
+    for required in ("issuer", "token-listen", "webhook-listen", "admin", "lease-name", "webhook-tls",
+                     "webhook-service", "sidecar-image", "default-token-lifetime",
+                     "max-token-lifetime", "signing-key-rotation", "log-format", "log"):
+        assert flag(args, required) is not None, f"{name}: --{required} missing"
+    assert flag(args, "token-listen") == "0.0.0.0:8080"
+    assert flag(args, "webhook-listen") == "0.0.0.0:9443"
+    assert flag(args, "admin") == "0.0.0.0:8081"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert flag(args, "namespace") is None  # from POD_NAMESPACE
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8080, "webhook": 9443, "admin": 8081}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+    # image: tag defaults to appVersion; the sidecar is the same image unless overridden
+    tag = values.get("image", {}).get("tag") or "0.1.0"
+    assert container["image"] == f"ghcr.io/keygate/keygate:{tag}"
+    sidecar_repo = values.get("sidecar", {}).get("image", {}).get("repository") or "ghcr.io/keygate/keygate"
+    assert flag(args, "sidecar-image") == f"{sidecar_repo}:{tag}"
+    # issuer: given, or the token Service's in-cluster name
+    token_svc = next(s for s in of_kind(objects, "Service") if s["spec"]["ports"][0]["targetPort"] == "http")
+    expected_issuer = values.get("issuerUrl") or f"http://{token_svc['metadata']['name']}.{NAMESPACE}.svc"
+    assert flag(args, "issuer") == expected_issuer
+
+
+def test_replicas_spread_and_pdb(variant):
+    name, values, objects = variant
+    replicas = values.get("replicaCount", 2)
+    deployment = one(objects, "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == replicas
+    selector = spec["selector"]["matchLabels"]
+    pod = spec["template"]["spec"]
+    assert spec["template"]["metadata"]["labels"].items() >= selector.items()
+    pdbs = of_kind(objects, "PodDisruptionBudget")
+    if replicas > 1:
+        assert len(pdbs) == 1
+        assert pdbs[0]["spec"]["selector"]["matchLabels"] == selector
+        assert pdbs[0]["spec"]["maxUnavailable"] == 1
+    else:
+        assert pdbs == []
+    keys = [t["topologyKey"] for t in pod["topologySpreadConstraints"]]
+    assert keys == ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]
+    for t in pod["topologySpreadConstraints"]:
+        assert t["labelSelector"]["matchLabels"] == selector
+    anti = pod["affinity"]["podAntiAffinity"]
+    if values.get("podAntiAffinity") == "hard":
+        assert anti["requiredDuringSchedulingIgnoredDuringExecution"][0]["labelSelector"]["matchLabels"] == selector
+    else:
+        term = anti["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+        assert term["labelSelector"]["matchLabels"] == selector
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+
+
+def test_services_select_the_operator_pods(variant):
+    name, _, objects = variant
+    selector = one(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    for svc in of_kind(objects, "Service"):
+        assert svc["spec"]["selector"] == selector, svc["metadata"]["name"]
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in ("http", "webhook", "admin")
+
+
+def test_service_monitor(variant):
+    name, values, objects = variant
+    monitors = of_kind(objects, "ServiceMonitor")
+    if not values.get("monitoring", {}).get("serviceMonitor", {}).get("enabled"):
+        assert monitors == []
+        return
+    [monitor] = monitors
+    matched = [s for s in of_kind(objects, "Service")
+               if s["metadata"]["labels"].items() >= monitor["spec"]["selector"]["matchLabels"].items()]
+    assert len(matched) == 1, "the ServiceMonitor must select exactly the metrics Service"
+    assert matched[0]["spec"]["ports"][0]["targetPort"] == "admin"
+    assert monitor["spec"]["endpoints"][0]["port"] == matched[0]["spec"]["ports"][0]["name"]
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    for key, value in values["monitoring"]["serviceMonitor"].get("labels", {}).items():
+        assert monitor["metadata"]["labels"][key] == value
+
+
+def test_network_policy(variant):
+    name, values, objects = variant
+    policies = of_kind(objects, "NetworkPolicy")
+    np = values.get("networkPolicy", {})
+    if not np.get("enabled"):
+        assert policies == []
+        return
+    [policy] = policies
+    selector = one(objects, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == selector
+    ports = {r["ports"][0]["port"]: r for r in policy["spec"]["ingress"]}
+    assert set(ports) == {"http", "webhook", "admin"}
+    if np.get("tokenFrom"):
+        assert ports["http"]["from"] == np["tokenFrom"]
+    if np.get("egress"):
+        assert "Egress" in policy["spec"]["policyTypes"]
+        assert policy["spec"]["egress"] == np["egress"]
+    else:
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+
+
+def test_everything_lives_in_the_release_namespace_or_is_cluster_scoped(variant):
+    name, values, objects = variant
+    cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration",
+                      "ValidatingWebhookConfiguration"}
+    allowed = {NAMESPACE, *(values.get("watchNamespaces") or [])}
+    for obj in objects:
+        if obj["kind"] in cluster_scoped:
+            assert "namespace" not in obj["metadata"], obj["kind"]
+        else:
+            assert obj["metadata"]["namespace"] in allowed, (obj["kind"], obj["metadata"])
+            if obj["metadata"]["namespace"] != NAMESPACE:
+                assert obj["kind"] in ("Role", "RoleBinding"), obj["kind"]
+
+
+def test_names_are_unique_per_kind_and_namespace(variant):
+    _, _, objects = variant
+    seen = set()
+    for obj in objects:
+        key = (obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"])
+        assert key not in seen, key
+        seen.add(key)
+
+
+def test_long_release_names_keep_names_within_dns_limits():
+    with helm.Chart.load(CHART) as chart:
+        manifests = chart.render({"certManager": {"enabled": True}},
+                                 name="a-very-long-release-name-for-keygate-in-production",
+                                 namespace=NAMESPACE)
+    for path, text in manifests.items():
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc and isinstance(doc, dict) and "metadata" in doc:
+                assert len(doc["metadata"]["name"]) <= 63, doc["metadata"]["name"]
+
+
+def test_notes_tell_how_to_apply_the_example_and_get_a_token():
+    with helm.Chart.load(CHART) as chart:
+        notes = chart.render(name=RELEASE, namespace=NAMESPACE)["keygate/templates/NOTES.txt"]
+    assert "kubectl apply -f examples/quickstart/" in notes
+    assert "/oauth2/token" in notes and "grant_type=client_credentials" in notes
+    assert "kubectl apply --server-side -f charts/keygate/crds/" in notes
+
+
+def test_variants_do_not_mutate_each_other():
+    before = copy.deepcopy(VARIANTS)
+    for values in VARIANTS.values():
+        render(values)
+    assert VARIANTS == before
