@@ -12,3 +12,4 @@ pub mod policy;
 pub mod registry;
 pub mod sidecar;
 pub mod token;
+pub mod webhook;

@@ -188,27 +188,27 @@ async fn reconcile_client(client: &ApiClient, ctx: &Context) -> Result<Action> {
     let reference = client.object_ref(&());
     let now = unix_now();
 
-    if let Some(secret) = &existing {
-        if !owned_by(secret, &uid) {
-            let message = format!(
-                "Secret {name} exists and is not managed by this ApiClient; choose another spec.secretName"
-            );
-            publish(
-                ctx,
-                &reference,
-                EventType::Warning,
-                "SecretConflict",
-                &message,
-            )
-            .await;
-            patch_status(
-                ctx,
-                client,
-                status_with(client, ctx, None, false, "SecretConflict", &message),
-            )
-            .await?;
-            return Ok(Action::await_change());
-        }
+    if let Some(secret) = &existing
+        && !owned_by(secret, &uid)
+    {
+        let message = format!(
+            "Secret {name} exists and is not managed by this ApiClient; choose another spec.secretName"
+        );
+        publish(
+            ctx,
+            &reference,
+            EventType::Warning,
+            "SecretConflict",
+            &message,
+        )
+        .await;
+        patch_status(
+            ctx,
+            client,
+            status_with(client, ctx, None, false, "SecretConflict", &message),
+        )
+        .await?;
+        return Ok(Action::await_change());
     }
 
     let existing_data = existing.as_ref().map(secret_data);

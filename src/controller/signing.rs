@@ -75,10 +75,10 @@ pub async fn maintain_while_leading(
             _ = ticker.tick() => {}
             changed = leading.changed() => if changed.is_err() { return },
         }
-        if *leading.borrow() {
-            if let Err(error) = maintain(&client, &namespace, policy).await {
-                tracing::warn!(%error, "cannot maintain the signing keys; retrying");
-            }
+        if *leading.borrow()
+            && let Err(error) = maintain(&client, &namespace, policy).await
+        {
+            tracing::warn!(%error, "cannot maintain the signing keys; retrying");
         }
     }
 }

@@ -325,7 +325,8 @@ impl LoadedPolicy {
                 method: Method::KeyPairJwt,
                 jti: None,
                 iat: claims.iat,
-                exp: Some(claims.exp),
+                // A previous key in its overlap stops working at its end, cached or not.
+                exp: Some(not_after.map_or(claims.exp, |t| claims.exp.min(t))),
             });
         }
         if let Some(external) = self.external.iter().find(|e| e.issuer == iss) {

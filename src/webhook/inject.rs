@@ -1,0 +1,492 @@
+//! Sidecar injection: the JSON patch that adds the keygate sidecar to a Pod. Pure: the
+//! admission webhook and `keygate inject` both call [`inject`], and nothing here does I/O.
+//!
+//! A Pod opts in with the label `keygate.dev/inject: "true"` and names its ScopePolicy with
+//! the annotation `keygate.dev/policy`. The patch adds
+//! - the sidecar container `keygate-sidecar`: a native sidecar (the first init container,
+//!   `restartPolicy: Always`) when the API server supports it (1.29+), otherwise the first
+//!   regular container;
+//! - the volume `keygate-policy` from the ConfigMap `<policy>-keygate-policy`, mounted
+//!   read-only at `/etc/keygate` (no `subPath`, so ConfigMap updates reach the sidecar);
+//! - the annotation `keygate.dev/injected: <version>`.
+//!
+//! Injection is idempotent: a Pod that already has the container or the annotation gets no
+//! patch, so `reinvocationPolicy: IfNeeded` and re-running `keygate inject` are no-ops.
+
+use std::collections::BTreeMap;
+
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, Patch, PatchOperation};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, ObjectFieldSelector, Pod, PodSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecurityContext, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::Value;
+
+use crate::controller::policies::{POLICY_KEY, config_map_name};
+
+/// The label a Pod (template) carries to opt in.
+pub const INJECT_LABEL: &str = "keygate.dev/inject";
+/// The annotation naming the Pod's ScopePolicy (same namespace).
+pub const POLICY_ANNOTATION: &str = "keygate.dev/policy";
+/// Optional: the port the sidecar listens on for requests to the workload.
+pub const LISTEN_PORT_ANNOTATION: &str = "keygate.dev/listen-port";
+/// Optional: the workload's port on 127.0.0.1. Default: the ScopePolicy's `upstream.port`.
+pub const UPSTREAM_PORT_ANNOTATION: &str = "keygate.dev/upstream-port";
+/// Optional: the sidecar's CPU (a Kubernetes quantity such as `50m`).
+pub const SIDECAR_CPU_ANNOTATION: &str = "keygate.dev/sidecar-cpu";
+/// Optional: the sidecar's memory (a Kubernetes quantity such as `64Mi`).
+pub const SIDECAR_MEMORY_ANNOTATION: &str = "keygate.dev/sidecar-memory";
+/// Set by injection to the sidecar version.
+pub const INJECTED_ANNOTATION: &str = "keygate.dev/injected";
+/// The annotation `kubectl logs`/`exec` read to pick a container when none is named.
+pub const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
+/// The injected container's name.
+pub const SIDECAR_NAME: &str = "keygate-sidecar";
+/// The policy volume's name.
+pub const POLICY_VOLUME: &str = "keygate-policy";
+/// Where the policy ConfigMap is mounted.
+pub const POLICY_MOUNT_PATH: &str = "/etc/keygate";
+/// The name of the sidecar's request port (a Service can target it by name).
+pub const LISTEN_PORT_NAME: &str = "keygate";
+/// The name of the sidecar's admin port (`/healthz`, `/readyz`, `/metrics`).
+pub const ADMIN_PORT_NAME: &str = "keygate-admin";
+/// The user and group the sidecar runs as (distroless `nonroot`).
+pub const SIDECAR_UID: i64 = 65532;
+
+/// What the injected sidecar looks like, from the operator's configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InjectConfig {
+    /// The keygate image; its entrypoint must be the `keygate` binary.
+    pub image: String,
+    /// `imagePullPolicy` of the sidecar; `None` lets the API server default it.
+    pub image_pull_policy: Option<String>,
+    /// Default port for requests to the workload (annotation `keygate.dev/listen-port`).
+    pub listen_port: u16,
+    /// Port of `/healthz`, `/readyz` and `/metrics`.
+    pub admin_port: u16,
+    /// Default requests and limits (annotations `keygate.dev/sidecar-cpu`/`-memory` override).
+    pub resources: ResourceRequirements,
+    /// Recorded in the annotation `keygate.dev/injected`.
+    pub version: String,
+}
+
+impl InjectConfig {
+    /// The defaults: ports 8100 and 8101, requests 10m CPU and 32Mi memory, a 128Mi memory
+    /// limit and no CPU limit.
+    pub fn new(image: impl Into<String>, version: impl Into<String>) -> Self {
+        let quantities = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), Quantity((*v).to_owned())))
+                .collect::<BTreeMap<_, _>>()
+        };
+        Self {
+            image: image.into(),
+            image_pull_policy: Some("IfNotPresent".to_owned()),
+            listen_port: 8100,
+            admin_port: 8101,
+            resources: ResourceRequirements {
+                requests: Some(quantities(&[("cpu", "10m"), ("memory", "32Mi")])),
+                limits: Some(quantities(&[("memory", "128Mi")])),
+                ..Default::default()
+            },
+            version: version.into(),
+        }
+    }
+}
+
+/// Why a Pod is refused; the message says what to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Deny(pub String);
+
+/// Whether the Pod (template) opted in with `keygate.dev/inject: "true"`.
+pub fn wants_injection(pod: &Pod) -> bool {
+    pod.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(INJECT_LABEL))
+        .is_some_and(|v| v == "true")
+}
+
+/// Whether the Pod already has the sidecar (container or annotation).
+pub fn is_injected(pod: &Pod) -> bool {
+    let annotated = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(INJECTED_ANNOTATION));
+    let has_container = pod.spec.as_ref().is_some_and(|spec| {
+        spec.containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .any(|c| c.name == SIDECAR_NAME)
+    });
+    annotated || has_container
+}
+
+/// The RFC 6902 patch that adds the sidecar to `pod`, in `namespace`.
+///
+/// - `Ok(None)`: nothing to do (not opted in, or already injected).
+/// - `Err(Deny)`: the Pod opted in but cannot get a working sidecar; the message says why
+///   and how to fix it.
+///
+/// `native_sidecars`: the API server supports init containers with `restartPolicy: Always`
+/// (Kubernetes 1.29+). `policy_upstream(namespace, name)` returns the ScopePolicy's
+/// `spec.upstream.port`, or `None` when there is no such ScopePolicy.
+pub fn inject(
+    pod: &Pod,
+    namespace: &str,
+    config: &InjectConfig,
+    native_sidecars: bool,
+    policy_upstream: impl Fn(&str, &str) -> Option<u16>,
+) -> Result<Option<Patch>, Deny> {
+    if !wants_injection(pod) || is_injected(pod) {
+        return Ok(None);
+    }
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let Some(policy) = annotations
+        .get(POLICY_ANNOTATION)
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+    else {
+        return Err(Deny(format!(
+            "keygate: the pod has the label {INJECT_LABEL}: \"true\" but no ScopePolicy; add the annotation {POLICY_ANNOTATION}: <ScopePolicy name> to the pod (template) or remove the label {INJECT_LABEL}"
+        )));
+    };
+    let Some(spec) = pod.spec.as_ref() else {
+        return Err(Deny(
+            "keygate: the pod has no spec to add the sidecar to".to_owned(),
+        ));
+    };
+    let Some(policy_port) = policy_upstream(namespace, policy) else {
+        return Err(Deny(format!(
+            "keygate: the ScopePolicy {namespace}/{policy} named by the annotation {POLICY_ANNOTATION} does not exist; create it in namespace {namespace} first (kubectl apply -f <scopepolicy.yaml>) or correct the annotation"
+        )));
+    };
+
+    let listen_port =
+        port_annotation(&annotations, LISTEN_PORT_ANNOTATION)?.unwrap_or(config.listen_port);
+    let upstream_port =
+        port_annotation(&annotations, UPSTREAM_PORT_ANNOTATION)?.unwrap_or(policy_port);
+    check_ports(spec, listen_port, config.admin_port, upstream_port)?;
+    if spec
+        .volumes
+        .iter()
+        .flatten()
+        .any(|v| v.name == POLICY_VOLUME)
+    {
+        return Err(Deny(format!(
+            "keygate: the pod already has a volume named {POLICY_VOLUME}, which the sidecar needs; rename that volume"
+        )));
+    }
+    let resources = resources(&config.resources, &annotations)?;
+
+    let container = sidecar_container(
+        config,
+        native_sidecars,
+        listen_port,
+        upstream_port,
+        resources,
+    );
+    let container = to_value(&container)?;
+    let mut ops = Vec::new();
+
+    if native_sidecars {
+        match &spec.init_containers {
+            Some(_) => ops.push(add(&["spec", "initContainers", "0"], container)),
+            None => ops.push(add(
+                &["spec", "initContainers"],
+                Value::Array(vec![container]),
+            )),
+        }
+    } else {
+        ops.push(add(&["spec", "containers", "0"], container));
+    }
+
+    let volume = to_value(&Volume {
+        name: POLICY_VOLUME.to_owned(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: config_map_name(policy),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })?;
+    match &spec.volumes {
+        Some(_) => ops.push(add(&["spec", "volumes", "-"], volume)),
+        None => ops.push(add(&["spec", "volumes"], Value::Array(vec![volume]))),
+    }
+
+    let mut new_annotations = vec![(INJECTED_ANNOTATION, config.version.clone())];
+    if !native_sidecars
+        && !annotations.contains_key(DEFAULT_CONTAINER_ANNOTATION)
+        && let Some(app) = spec.containers.first()
+    {
+        // The sidecar is now the first container: keep `kubectl logs`/`exec` on the app.
+        new_annotations.push((DEFAULT_CONTAINER_ANNOTATION, app.name.clone()));
+    }
+    match &pod.metadata.annotations {
+        Some(_) => {
+            for (key, value) in new_annotations {
+                ops.push(add(&["metadata", "annotations", key], Value::String(value)));
+            }
+        }
+        None => {
+            let map = new_annotations
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), Value::String(v)))
+                .collect();
+            ops.push(add(&["metadata", "annotations"], Value::Object(map)));
+        }
+    }
+    Ok(Some(Patch(ops)))
+}
+
+/// An `add` operation; `tokens` are unescaped (`/` and `~` in a key are escaped per RFC 6901).
+fn add(tokens: &[&str], value: Value) -> PatchOperation {
+    PatchOperation::Add(AddOperation {
+        path: PointerBuf::from_tokens(tokens.iter().copied()),
+        value,
+    })
+}
+
+fn to_value<T: serde::Serialize>(value: &T) -> Result<Value, Deny> {
+    serde_json::to_value(value)
+        .map_err(|e| Deny(format!("keygate: internal error building the patch: {e}")))
+}
+
+fn port_annotation(annotations: &BTreeMap<String, String>, key: &str) -> Result<Option<u16>, Deny> {
+    let Some(text) = annotations.get(key) else {
+        return Ok(None);
+    };
+    match text.trim().parse::<u16>() {
+        Ok(port) if port > 0 => Ok(Some(port)),
+        _ => Err(Deny(format!(
+            "keygate: the annotation {key}: {text:?} is not a port; use a number from 1 to 65535, e.g. \"8080\""
+        ))),
+    }
+}
+
+/// Refuses port layouts where the sidecar could not bind or would forward to itself.
+fn check_ports(spec: &PodSpec, listen: u16, admin: u16, upstream: u16) -> Result<(), Deny> {
+    if listen == admin {
+        return Err(Deny(format!(
+            "keygate: the sidecar listen port {listen} is also its admin port; set the annotation {LISTEN_PORT_ANNOTATION} to another port"
+        )));
+    }
+    if upstream == listen || upstream == admin {
+        return Err(Deny(format!(
+            "keygate: the upstream port {upstream} is also a port of the sidecar (listen {listen}, admin {admin}); set the annotation {LISTEN_PORT_ANNOTATION} or {UPSTREAM_PORT_ANNOTATION} so they differ"
+        )));
+    }
+    let containers = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter());
+    for container in containers {
+        for port in container.ports.iter().flatten() {
+            let number = port.container_port;
+            if number == i32::from(listen) || number == i32::from(admin) {
+                return Err(Deny(format!(
+                    "keygate: container {:?} already uses port {number}, which the sidecar needs (listen {listen}, admin {admin}); set the annotation {LISTEN_PORT_ANNOTATION} to a free port or move the container",
+                    container.name
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The configured resources with the annotation overrides applied. An override sets the
+/// request, and the limit too when the configuration has one, so the request never exceeds
+/// the limit.
+fn resources(
+    base: &ResourceRequirements,
+    annotations: &BTreeMap<String, String>,
+) -> Result<ResourceRequirements, Deny> {
+    let mut out = base.clone();
+    for (key, resource) in [
+        (SIDECAR_CPU_ANNOTATION, "cpu"),
+        (SIDECAR_MEMORY_ANNOTATION, "memory"),
+    ] {
+        let Some(text) = annotations.get(key) else {
+            continue;
+        };
+        let text = text.trim();
+        if !is_quantity(text) {
+            return Err(Deny(format!(
+                "keygate: the annotation {key}: {text:?} is not a Kubernetes quantity; use e.g. \"{}\"",
+                if resource == "cpu" { "50m" } else { "64Mi" }
+            )));
+        }
+        let quantity = Quantity(text.to_owned());
+        out.requests
+            .get_or_insert_with(BTreeMap::new)
+            .insert(resource.to_owned(), quantity.clone());
+        if let Some(limit) = out.limits.as_mut().and_then(|l| l.get_mut(resource)) {
+            *limit = quantity;
+        }
+    }
+    Ok(out)
+}
+
+/// A non-negative Kubernetes quantity: a decimal number with an optional binary (`Ki`…`Ei`),
+/// decimal (`m`, `k`, `M`…`E`) or exponent (`e3`) suffix.
+fn is_quantity(text: &str) -> bool {
+    let text = text.strip_prefix('+').unwrap_or(text);
+    let digits_end = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(digits_end);
+    let number_ok = !number.is_empty()
+        && number != "."
+        && number.matches('.').count() <= 1
+        && number.chars().any(|c| c.is_ascii_digit());
+    let suffix_ok = match suffix {
+        "" | "m" | "k" | "M" | "G" | "T" | "P" | "E" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" => {
+            true
+        }
+        exp => {
+            let digits = exp
+                .strip_prefix(['e', 'E'])
+                .map(|rest| rest.strip_prefix(['+', '-']).unwrap_or(rest));
+            digits.is_some_and(|d| !d.is_empty() && d.chars().all(|c| c.is_ascii_digit()))
+        }
+    };
+    number_ok && suffix_ok
+}
+
+fn sidecar_container(
+    config: &InjectConfig,
+    native: bool,
+    listen_port: u16,
+    upstream_port: u16,
+    resources: ResourceRequirements,
+) -> Container {
+    let admin_port = config.admin_port;
+    let probe = |path: &str, period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::Int(i32::from(admin_port)),
+            scheme: Some("HTTP".to_owned()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(1),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    };
+    let field_env = |name: &str, path: &str| EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let port = |name: &str, number: u16| ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: i32::from(number),
+        protocol: Some("TCP".to_owned()),
+        ..Default::default()
+    };
+    Container {
+        name: SIDECAR_NAME.to_owned(),
+        image: Some(config.image.clone()),
+        image_pull_policy: config.image_pull_policy.clone(),
+        args: Some(vec![
+            "sidecar".to_owned(),
+            "--policy".to_owned(),
+            format!("{POLICY_MOUNT_PATH}/{POLICY_KEY}"),
+            "--listen".to_owned(),
+            format!("0.0.0.0:{listen_port}"),
+            "--upstream".to_owned(),
+            format!("127.0.0.1:{upstream_port}"),
+            "--admin".to_owned(),
+            format!("0.0.0.0:{admin_port}"),
+        ]),
+        env: Some(vec![
+            EnvVar {
+                name: "KEYGATE_LOG_FORMAT".to_owned(),
+                value: Some("json".to_owned()),
+                ..Default::default()
+            },
+            field_env("KEYGATE_POD_NAME", "metadata.name"),
+            field_env("KEYGATE_POD_NAMESPACE", "metadata.namespace"),
+        ]),
+        ports: Some(vec![
+            port(LISTEN_PORT_NAME, listen_port),
+            port(ADMIN_PORT_NAME, admin_port),
+        ]),
+        // The app starts after a native sidecar's startup probe passes, so requests never
+        // reach a pod whose sidecar is not listening yet.
+        startup_probe: Some(probe("/healthz", 1, 60)),
+        readiness_probe: Some(probe("/readyz", 5, 3)),
+        liveness_probe: Some(probe("/healthz", 10, 3)),
+        resources: Some(resources),
+        restart_policy: native.then(|| "Always".to_owned()),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(SIDECAR_UID),
+            run_as_group: Some(SIDECAR_UID),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Default::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
+        volume_mounts: Some(vec![VolumeMount {
+            name: POLICY_VOLUME.to_owned(),
+            mount_path: POLICY_MOUNT_PATH.to_owned(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities() {
+        for ok in ["10m", "1", "0.5", "64Mi", "1Gi", "1e3", "2E-1", "+1k", ".5"] {
+            assert!(is_quantity(ok), "{ok}");
+        }
+        for bad in ["", "m", "-1", "1.2.3", "64mb", "1e", "abc", "1 Mi"] {
+            assert!(!is_quantity(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn annotation_keys_are_escaped() {
+        let op = add(
+            &["metadata", "annotations", "keygate.dev/inj~ected"],
+            Value::Null,
+        );
+        let PatchOperation::Add(op) = op else {
+            panic!("not an add")
+        };
+        assert_eq!(
+            op.path.as_str(),
+            "/metadata/annotations/keygate.dev~1inj~0ected"
+        );
+    }
+}

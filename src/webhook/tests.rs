@@ -1,0 +1,507 @@
+//! The decision functions on AdmissionReview fixtures shaped exactly as the API server sends
+//! them (tests/fixtures/admission), asserting the Pod that results from applying the patch.
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::admission::AdmissionResponse;
+use serde_json::{Value, json};
+
+use super::inject::*;
+use super::manifest::inject_manifest;
+use super::server::{mutate_review, review_json, validate_review};
+
+const IMAGE: &str = "ghcr.io/keygate/keygate:0.1.0";
+
+fn config() -> InjectConfig {
+    InjectConfig::new(IMAGE, "0.1.0")
+}
+
+/// The cluster of the fixtures: ScopePolicy shop/orders with upstream port 8080.
+fn lookup(namespace: &str, name: &str) -> Option<u16> {
+    (namespace == "shop" && name == "orders").then_some(8080)
+}
+
+fn fixture(name: &str) -> String {
+    let path = format!(
+        "{}/tests/fixtures/admission/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn mutate(body: &str, native: bool) -> AdmissionResponse {
+    mutate_review(body.as_bytes(), &config(), native, lookup)
+        .response
+        .expect("a response")
+}
+
+/// The fixture's Pod after applying the patch of the response.
+fn apply(body: &str, response: &AdmissionResponse) -> Value {
+    let review: Value = serde_json::from_str(body).expect("fixture JSON");
+    let mut pod = review["request"]["object"].clone();
+    let patch: json_patch::Patch =
+        serde_json::from_slice(response.patch.as_deref().expect("a patch")).expect("patch JSON");
+    json_patch::patch(&mut pod, &patch.0).expect("the patch applies");
+    // The result is still a valid Pod.
+    serde_json::from_value::<Pod>(pod.clone()).expect("a Pod");
+    pod
+}
+
+fn with_object(body: &str, object: &Value) -> String {
+    let mut review: Value = serde_json::from_str(body).expect("fixture JSON");
+    review["request"]["object"] = object.clone();
+    review.to_string()
+}
+
+fn sidecars(pod: &Value) -> Vec<(&'static str, usize, Value)> {
+    let mut found = Vec::new();
+    for list in ["initContainers", "containers"] {
+        for (i, c) in pod["spec"][list]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            if c["name"] == SIDECAR_NAME {
+                found.push((list, i, c.clone()));
+            }
+        }
+    }
+    found
+}
+
+fn assert_hardened(sidecar: &Value) {
+    let sc = &sidecar["securityContext"];
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["runAsUser"], 65532);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+    assert_eq!(
+        sidecar["readinessProbe"]["httpGet"],
+        json!({"path": "/readyz", "port": 8101, "scheme": "HTTP"})
+    );
+    assert_eq!(sidecar["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(sidecar["livenessProbe"]["httpGet"]["port"], 8101);
+    assert_eq!(
+        sidecar["volumeMounts"],
+        json!([{"name": "keygate-policy", "mountPath": "/etc/keygate", "readOnly": true}])
+    );
+    assert_eq!(
+        sidecar["ports"],
+        json!([
+            {"name": "keygate", "containerPort": 8100, "protocol": "TCP"},
+            {"name": "keygate-admin", "containerPort": 8101, "protocol": "TCP"}
+        ])
+    );
+    assert_eq!(sidecar["image"], IMAGE);
+    assert_eq!(sidecar["resources"]["requests"]["cpu"], "10m");
+    assert_eq!(sidecar["resources"]["limits"]["memory"], "128Mi");
+}
+
+fn assert_policy_volume(pod: &Value) {
+    let volumes = pod["spec"]["volumes"].as_array().expect("volumes");
+    assert_eq!(
+        volumes[0]["name"], "kube-api-access-7x2kq",
+        "existing volumes stay"
+    );
+    let policy: Vec<_> = volumes
+        .iter()
+        .filter(|v| v["name"] == POLICY_VOLUME)
+        .collect();
+    assert_eq!(policy.len(), 1);
+    assert_eq!(policy[0]["configMap"]["name"], "orders-keygate-policy");
+}
+
+#[test]
+fn labelled_pod_gets_a_native_sidecar() {
+    let body = fixture("pod-inject.json");
+    let response = mutate(&body, true);
+    assert!(response.allowed);
+    assert_eq!(response.uid, "705ab4f5-6393-11e8-b7cc-42010a800002");
+    let pod = apply(&body, &response);
+
+    let found = sidecars(&pod);
+    assert_eq!(found.len(), 1, "exactly one sidecar");
+    let (list, index, sidecar) = &found[0];
+    assert_eq!((*list, *index), ("initContainers", 0));
+    assert_eq!(sidecar["restartPolicy"], "Always");
+    assert_eq!(
+        sidecar["args"],
+        json!([
+            "sidecar",
+            "--policy",
+            "/etc/keygate/policy.json",
+            "--listen",
+            "0.0.0.0:8100",
+            "--upstream",
+            "127.0.0.1:8080",
+            "--admin",
+            "0.0.0.0:8101"
+        ])
+    );
+    assert!(sidecar["startupProbe"]["httpGet"].is_object());
+    assert_hardened(sidecar);
+    assert_policy_volume(&pod);
+    assert_eq!(pod["spec"]["containers"][0]["name"], "app");
+    assert_eq!(pod["spec"]["containers"].as_array().map(Vec::len), Some(1));
+    let annotations = &pod["metadata"]["annotations"];
+    assert_eq!(annotations[INJECTED_ANNOTATION], "0.1.0");
+    assert_eq!(annotations[POLICY_ANNOTATION], "orders");
+    assert!(annotations.get(DEFAULT_CONTAINER_ANNOTATION).is_none());
+
+    // Reinvocation (reinvocationPolicy: IfNeeded) on the injected Pod changes nothing.
+    let again = mutate(&with_object(&body, &pod), true);
+    assert!(again.allowed);
+    assert!(again.patch.is_none());
+}
+
+#[test]
+fn labelled_pod_gets_a_first_container_without_native_sidecars() {
+    let body = fixture("pod-inject.json");
+    let response = mutate(&body, false);
+    let pod = apply(&body, &response);
+    let found = sidecars(&pod);
+    assert_eq!(found.len(), 1);
+    let (list, index, sidecar) = &found[0];
+    assert_eq!((*list, *index), ("containers", 0));
+    assert!(sidecar.get("restartPolicy").is_none());
+    assert_hardened(sidecar);
+    assert_policy_volume(&pod);
+    assert_eq!(pod["spec"]["containers"][1]["name"], "app");
+    assert!(pod["spec"].get("initContainers").is_none());
+    assert_eq!(
+        pod["metadata"]["annotations"][DEFAULT_CONTAINER_ANNOTATION],
+        "app"
+    );
+    assert!(mutate(&with_object(&body, &pod), false).patch.is_none());
+}
+
+#[test]
+fn existing_native_sidecar_stays_after_ours() {
+    let body = fixture("pod-native-sidecar.json");
+    let response = mutate(&body, true);
+    let pod = apply(&body, &response);
+    let names: Vec<_> = pod["spec"]["initContainers"]
+        .as_array()
+        .expect("init containers")
+        .iter()
+        .map(|c| c["name"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(names, ["keygate-sidecar", "log-shipper", "migrate"]);
+    // The upstream port annotation wins over the ScopePolicy's port.
+    let args = pod["spec"]["initContainers"][0]["args"].to_string();
+    assert!(args.contains("127.0.0.1:9090"), "{args}");
+}
+
+#[test]
+fn unlabelled_and_injected_pods_are_left_alone() {
+    for name in ["pod-no-label.json", "pod-already-injected.json"] {
+        for native in [true, false] {
+            let response = mutate(&fixture(name), native);
+            assert!(response.allowed, "{name}");
+            assert!(response.patch.is_none(), "{name}");
+        }
+    }
+}
+
+#[test]
+fn missing_policy_annotation_is_denied_with_the_fix() {
+    let response = mutate(&fixture("pod-no-policy-annotation.json"), true);
+    assert!(!response.allowed);
+    assert_eq!(response.uid, "9a1c2e3f-4b5d-4f60-8a7b-9c0d1e2f3a4b");
+    assert!(response.patch.is_none());
+    assert!(
+        response.result.message.contains(
+            "add the annotation keygate.dev/policy: <ScopePolicy name> to the pod (template) or remove the label keygate.dev/inject"
+        ),
+        "{}",
+        response.result.message
+    );
+}
+
+#[test]
+fn missing_scope_policy_is_denied_naming_it() {
+    let response = mutate(&fixture("pod-missing-policy.json"), true);
+    assert!(!response.allowed);
+    let message = &response.result.message;
+    assert!(message.contains("ScopePolicy shop/payments"), "{message}");
+    assert!(message.contains("does not exist"), "{message}");
+}
+
+#[test]
+fn malformed_body_is_invalid_not_a_panic() {
+    for body in [
+        fixture("malformed.json"),
+        String::new(),
+        "[]".to_owned(),
+        "{\"request\":{\"uid\":\"u1\"}}".to_owned(),
+    ] {
+        let review = mutate_review(body.as_bytes(), &config(), true, lookup);
+        let response = review.response.expect("a response");
+        assert!(!response.allowed);
+        assert_eq!(response.result.reason, "InvalidRequest");
+        let review = validate_review(body.as_bytes());
+        assert!(!review.response.expect("a response").allowed);
+    }
+    // The uid is echoed when it can be read.
+    let review = validate_review(br#"{"request":{"uid":"u1"}}"#);
+    assert_eq!(review.response.expect("a response").uid, "u1");
+}
+
+#[test]
+fn patch_goes_out_base64_encoded() {
+    let body = fixture("pod-inject.json");
+    let review = mutate_review(body.as_bytes(), &config(), true, lookup);
+    let wire: Value = serde_json::from_slice(&review_json(&review).expect("json")).expect("json");
+    assert_eq!(wire["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(wire["kind"], "AdmissionReview");
+    assert_eq!(wire["response"]["patchType"], "JSONPatch");
+    assert!(wire["response"]["patch"].is_string());
+}
+
+fn pod_with(annotations: Value, ports: Value) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": "p", "labels": {"keygate.dev/inject": "true"}, "annotations": annotations},
+        "spec": {"containers": [{"name": "app", "image": "app", "ports": ports}]}
+    }))
+    .expect("pod")
+}
+
+#[test]
+fn port_and_resource_annotations() {
+    let ann = |extra: Value| {
+        let mut a = json!({"keygate.dev/policy": "orders"});
+        if let (Some(a), Some(e)) = (a.as_object_mut(), extra.as_object()) {
+            a.extend(e.clone());
+        }
+        a
+    };
+    // The app already uses the sidecar's port.
+    let pod = pod_with(ann(json!({})), json!([{"containerPort": 8100}]));
+    let deny = inject(&pod, "shop", &config(), true, lookup).expect_err("denied");
+    assert!(deny.0.contains("keygate.dev/listen-port"), "{deny}");
+    // Moved away with the annotation.
+    let pod = pod_with(
+        ann(json!({"keygate.dev/listen-port": "8200"})),
+        json!([{"containerPort": 8100}]),
+    );
+    assert!(
+        inject(&pod, "shop", &config(), true, lookup)
+            .expect("ok")
+            .is_some()
+    );
+    // Not a port.
+    let pod = pod_with(ann(json!({"keygate.dev/upstream-port": "http"})), json!([]));
+    assert!(inject(&pod, "shop", &config(), true, lookup).is_err());
+    // Upstream equal to the listen port would loop.
+    let pod = pod_with(ann(json!({"keygate.dev/upstream-port": "8100"})), json!([]));
+    assert!(inject(&pod, "shop", &config(), true, lookup).is_err());
+    // Resource overrides set the request and the configured limit.
+    let pod = pod_with(
+        ann(json!({"keygate.dev/sidecar-cpu": "50m", "keygate.dev/sidecar-memory": "64Mi"})),
+        json!([]),
+    );
+    let patch = inject(&pod, "shop", &config(), true, lookup)
+        .expect("ok")
+        .expect("patch");
+    let patch = serde_json::to_value(&patch).expect("json");
+    let resources = &patch[0]["value"][0]["resources"];
+    assert_eq!(
+        resources["requests"],
+        json!({"cpu": "50m", "memory": "64Mi"})
+    );
+    assert_eq!(resources["limits"], json!({"memory": "64Mi"}));
+    let pod = pod_with(
+        ann(json!({"keygate.dev/sidecar-memory": "lots"})),
+        json!([]),
+    );
+    assert!(inject(&pod, "shop", &config(), true, lookup).is_err());
+}
+
+#[test]
+fn pod_without_init_containers_or_volumes_gets_whole_arrays() {
+    let pod = pod_with(json!({"keygate.dev/policy": "orders"}), json!([]));
+    let patch = inject(&pod, "shop", &config(), true, lookup)
+        .expect("ok")
+        .expect("patch");
+    let ops = serde_json::to_value(&patch).expect("json");
+    let paths: Vec<_> = ops
+        .as_array()
+        .expect("ops")
+        .iter()
+        .map(|op| op["path"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "/spec/initContainers",
+            "/spec/volumes",
+            "/metadata/annotations/keygate.dev~1injected"
+        ]
+    );
+    let mut value = serde_json::to_value(&pod).expect("json");
+    json_patch::patch(&mut value, &patch.0).expect("applies");
+}
+
+#[test]
+fn invalid_scope_policy_is_denied_naming_each_rule() {
+    let response = validate_review(fixture("scopepolicy-invalid-rule.json").as_bytes())
+        .response
+        .expect("a response");
+    assert!(!response.allowed);
+    assert_eq!(response.uid, "7c5b3a19-e8d6-4f42-b0a9-8e7d6c5b4a39");
+    let message = &response.result.message;
+    assert!(
+        message.starts_with("keygate: ScopePolicy shop/orders is invalid: "),
+        "{message}"
+    );
+    assert!(
+        message.contains("spec.rules[2] (name \"read-one\")"),
+        "{message}"
+    );
+    assert!(
+        message.contains("spec.rules[3] (name \"write\")"),
+        "{message}"
+    );
+    assert!(message.contains("orders.admin"), "{message}");
+    assert!(!message.contains("spec.rules[0]") && !message.contains("spec.rules[1]"));
+}
+
+#[test]
+fn valid_scope_policy_and_unchanged_updates_are_allowed() {
+    let response = validate_review(fixture("scopepolicy-valid.json").as_bytes())
+        .response
+        .expect("a response");
+    assert!(response.allowed, "{}", response.result.message);
+
+    // An UPDATE that does not touch an (old, invalid) spec, e.g. removing a finalizer.
+    let mut review: Value =
+        serde_json::from_str(&fixture("scopepolicy-invalid-rule.json")).expect("json");
+    review["request"]["operation"] = json!("UPDATE");
+    review["request"]["oldObject"] = review["request"]["object"].clone();
+    review["request"]["object"]["metadata"]["finalizers"] = json!([]);
+    let response = validate_review(review.to_string().as_bytes())
+        .response
+        .expect("a response");
+    assert!(response.allowed);
+}
+
+const MANIFEST: &str = r#"# the orders API
+apiVersion: keygate.dev/v1alpha1
+kind: ScopePolicy
+metadata:
+  name: orders-api
+  namespace: shop
+spec:
+  resource: https://orders.shop.svc
+  upstream:
+    port: 3000
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: orders
+  namespace: shop
+spec:
+  replicas: 2
+  selector:
+    matchLabels:
+      app: orders
+  template:
+    metadata:
+      labels:
+        app: orders
+        keygate.dev/inject: "true"
+      annotations:
+        keygate.dev/policy: orders-api
+    spec:
+      containers:
+        - name: app
+          image: ghcr.io/example/orders:1.4.2
+          ports:
+            - containerPort: 3000
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata:
+  name: report
+  namespace: shop
+spec:
+  schedule: "0 * * * *"
+  jobTemplate:
+    spec:
+      template:
+        metadata:
+          labels:
+            keygate.dev/inject: "true"
+          annotations:
+            keygate.dev/policy: orders
+        spec:
+          restartPolicy: OnFailure
+          containers:
+            - name: report
+              image: ghcr.io/example/report:1
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: orders
+  namespace: shop
+spec:
+  ports:
+    - port: 80
+      targetPort: keygate
+"#;
+
+#[test]
+fn manifest_workloads_get_the_sidecar_once() {
+    let out = inject_manifest(MANIFEST, &config(), true, lookup).expect("injected");
+    let docs: Vec<Value> = serde_yaml_ng::Deserializer::from_str(&out)
+        .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
+        .collect();
+    assert_eq!(docs.len(), 4);
+    assert_eq!(docs[0]["kind"], "ScopePolicy");
+    let deployment = &docs[1]["spec"]["template"];
+    assert_eq!(
+        deployment["spec"]["initContainers"][0]["name"],
+        SIDECAR_NAME
+    );
+    // The ScopePolicy of the same stream gives the upstream port.
+    assert!(
+        deployment["spec"]["initContainers"][0]["args"]
+            .to_string()
+            .contains("127.0.0.1:3000")
+    );
+    assert_eq!(
+        deployment["metadata"]["annotations"][INJECTED_ANNOTATION],
+        "0.1.0"
+    );
+    assert_eq!(docs[1]["spec"]["replicas"], 2);
+    let cron = &docs[2]["spec"]["jobTemplate"]["spec"]["template"];
+    assert_eq!(cron["spec"]["initContainers"][0]["name"], SIDECAR_NAME);
+    assert_eq!(
+        cron["spec"]["volumes"][0]["configMap"]["name"],
+        "orders-keygate-policy"
+    );
+    assert_eq!(docs[3]["kind"], "Service");
+    // Key order of the input is kept: apiVersion, kind, metadata, spec.
+    let deployment_text = out.split("---\n").nth(2).expect("deployment");
+    assert!(deployment_text.starts_with("apiVersion: apps/v1\nkind: Deployment\n"));
+
+    // Injecting the output again changes nothing.
+    let again = inject_manifest(&out, &config(), true, lookup).expect("injected");
+    assert_eq!(again, out);
+}
+
+#[test]
+fn manifest_denials_name_the_object() {
+    let text = MANIFEST.replace(
+        "keygate.dev/policy: orders\n",
+        "keygate.dev/policy: billing\n",
+    );
+    let error = inject_manifest(&text, &config(), false, lookup).expect_err("denied");
+    assert!(error.starts_with("CronJob shop/report: "), "{error}");
+    assert!(error.contains("ScopePolicy shop/billing"), "{error}");
+    assert!(inject_manifest("a: [", &config(), false, lookup).is_err());
+}
