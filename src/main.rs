@@ -73,6 +73,26 @@ enum Command {
 
     /// Get an access token from a token endpoint (client credentials grant) and print it.
     Token(TokenArgs),
+
+    /// Print a manifest with the sidecar added to every opted-in pod (template), with the
+    /// same patch the admission webhook applies: for GitOps and clusters without the webhook.
+    Inject(InjectArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct InjectArgs {
+    /// The manifest (multi-document YAML), or `-` for standard input.
+    #[arg(short = 'f', long = "filename", default_value = "-")]
+    file: PathBuf,
+    /// Add the sidecar as a regular container, for clusters older than 1.29.
+    #[arg(long, default_value_t = false)]
+    classic_sidecars: bool,
+    /// Upstream port for pods whose ScopePolicy is not in the manifest (otherwise they are
+    /// refused, as the webhook would refuse them).
+    #[arg(long)]
+    upstream_port: Option<u16>,
+    #[command(flatten)]
+    sidecar: SidecarTemplateArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -116,6 +136,89 @@ struct OperatorArgs {
     /// How long a signing key stays current.
     #[arg(long, env = "KEYGATE_SIGNING_KEY_ROTATION", default_value = "720h", value_parser = parse_duration)]
     signing_key_rotation: Duration,
+    /// Address of the HTTPS admission webhook.
+    #[arg(long, env = "KEYGATE_WEBHOOK_LISTEN", default_value = "0.0.0.0:9443")]
+    webhook_listen: SocketAddr,
+    /// Where the webhook certificate comes from: `self` (keygate keeps a CA in a Secret and
+    /// injects its bundle), `cert-manager` (files in --webhook-cert-dir), or `none` (no webhook).
+    #[arg(long, env = "KEYGATE_WEBHOOK_TLS", value_enum, default_value_t = WebhookTlsMode::SelfManaged)]
+    webhook_tls: WebhookTlsMode,
+    /// Directory with tls.crt and tls.key (cert-manager mode).
+    #[arg(
+        long,
+        env = "KEYGATE_WEBHOOK_CERT_DIR",
+        default_value = "/var/run/keygate/tls"
+    )]
+    webhook_cert_dir: PathBuf,
+    /// The webhook's Service, named in the certificate (self mode).
+    #[arg(
+        long,
+        env = "KEYGATE_WEBHOOK_SERVICE",
+        default_value = "keygate-webhook"
+    )]
+    webhook_service: String,
+    /// The MutatingWebhookConfiguration that gets the CA bundle (self mode).
+    #[arg(long, env = "KEYGATE_MUTATING_WEBHOOK_NAME")]
+    mutating_webhook_name: Option<String>,
+    /// The ValidatingWebhookConfiguration that gets the CA bundle (self mode).
+    #[arg(long, env = "KEYGATE_VALIDATING_WEBHOOK_NAME")]
+    validating_webhook_name: Option<String>,
+    #[command(flatten)]
+    sidecar: SidecarTemplateArgs,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum WebhookTlsMode {
+    #[value(name = "self")]
+    SelfManaged,
+    CertManager,
+    None,
+}
+
+/// What the webhook injects.
+#[derive(clap::Args, Debug)]
+struct SidecarTemplateArgs {
+    /// The image of injected sidecars (its entrypoint is the keygate binary).
+    #[arg(long, env = "KEYGATE_SIDECAR_IMAGE", default_value = concat!("ghcr.io/keygate/keygate:", env!("CARGO_PKG_VERSION")))]
+    sidecar_image: String,
+    /// CPU request of injected sidecars.
+    #[arg(long, env = "KEYGATE_SIDECAR_CPU_REQUEST")]
+    sidecar_cpu_request: Option<String>,
+    /// Memory request of injected sidecars.
+    #[arg(long, env = "KEYGATE_SIDECAR_MEMORY_REQUEST")]
+    sidecar_memory_request: Option<String>,
+    /// CPU limit of injected sidecars.
+    #[arg(long, env = "KEYGATE_SIDECAR_CPU_LIMIT")]
+    sidecar_cpu_limit: Option<String>,
+    /// Memory limit of injected sidecars.
+    #[arg(long, env = "KEYGATE_SIDECAR_MEMORY_LIMIT")]
+    sidecar_memory_limit: Option<String>,
+}
+
+impl SidecarTemplateArgs {
+    fn inject_config(&self) -> keygate::webhook::InjectConfig {
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+        let mut config =
+            keygate::webhook::InjectConfig::new(&self.sidecar_image, env!("CARGO_PKG_VERSION"));
+        let mut set = |section: &str, resource: &str, value: &Option<String>| {
+            if let Some(value) = value {
+                let map = if section == "requests" {
+                    config
+                        .resources
+                        .requests
+                        .get_or_insert_with(Default::default)
+                } else {
+                    config.resources.limits.get_or_insert_with(Default::default)
+                };
+                map.insert(resource.to_owned(), Quantity(value.clone()));
+            }
+        };
+        set("requests", "cpu", &self.sidecar_cpu_request);
+        set("requests", "memory", &self.sidecar_memory_request);
+        set("limits", "cpu", &self.sidecar_cpu_limit);
+        set("limits", "memory", &self.sidecar_memory_limit);
+        config
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -271,6 +374,17 @@ async fn main() -> anyhow::Result<()> {
         Command::Sidecar(args) => run_sidecar(args).await?,
         Command::Dev(args) => run_dev(args).await?,
         Command::Token(args) => fetch_token(args).await?,
+        Command::Inject(args) => {
+            let manifest = read_input(&args.file)?;
+            let injected = keygate::webhook::inject_manifest(
+                &manifest,
+                &args.sidecar.inject_config(),
+                !args.classic_sidecars,
+                |_, _| args.upstream_port,
+            )
+            .map_err(anyhow::Error::msg)?;
+            print_line(injected.trim_end())?;
+        }
         Command::Crd => print_line(keygate::api::crds_yaml()?.trim_end())?,
         Command::Fingerprint { file } => {
             print_line(&keygate::credentials::fingerprint_pem(&read_input(&file)?)?)?;
@@ -296,10 +410,31 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn webhook_options(args: &OperatorArgs) -> Option<keygate::operator::WebhookOptions> {
+    use keygate::operator::{WebhookOptions, WebhookTls};
+    let tls = match args.webhook_tls {
+        WebhookTlsMode::None => return None,
+        WebhookTlsMode::CertManager => WebhookTls::Files(args.webhook_cert_dir.clone()),
+        WebhookTlsMode::SelfManaged => WebhookTls::SelfManaged {
+            service: args.webhook_service.clone(),
+            configurations: keygate::controller::webhook_tls::WebhookConfigurations {
+                mutating: args.mutating_webhook_name.clone(),
+                validating: args.validating_webhook_name.clone(),
+            },
+        },
+    };
+    Some(WebhookOptions {
+        listen: args.webhook_listen,
+        tls,
+        inject: args.sidecar.inject_config(),
+    })
+}
+
 async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes configuration (in-cluster service account or KUBECONFIG)")?;
+    let webhook = webhook_options(&args);
     let options = keygate::operator::OperatorOptions {
         config: keygate::controller::OperatorConfig {
             namespace: args.namespace,
@@ -317,6 +452,7 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
         lease_name: args.lease_name,
         identity: args.pod_name,
         default_token_lifetime: args.default_token_lifetime,
+        webhook,
     };
     keygate::operator::run(client, options, keygate::admin::shutdown_signal()).await?;
     Ok(())
@@ -502,5 +638,47 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_helm_charts_operator_arguments_parse() {
+        let cli = Cli::try_parse_from([
+            "keygate",
+            "operator",
+            "--issuer=http://keygate.keygate-system.svc",
+            "--token-listen=0.0.0.0:8080",
+            "--webhook-listen=0.0.0.0:9443",
+            "--admin=0.0.0.0:8081",
+            "--watch-namespaces=a,b",
+            "--lease-name=keygate-operator",
+            "--webhook-tls=self",
+            "--webhook-service=keygate-webhook",
+            "--mutating-webhook-name=keygate-inject",
+            "--validating-webhook-name=keygate-validate",
+            "--sidecar-image=ghcr.io/keygate/keygate:0.1.0",
+            "--sidecar-cpu-request=10m",
+            "--sidecar-memory-request=32Mi",
+            "--sidecar-memory-limit=128Mi",
+            "--default-token-lifetime=1h",
+            "--max-token-lifetime=24h",
+            "--signing-key-rotation=720h",
+            "--log-format=json",
+            "--log=info",
+        ])
+        .expect("the chart's arguments parse");
+        let Command::Operator(args) = cli.command else {
+            panic!("not the operator")
+        };
+        assert_eq!(args.watch_namespaces, ["a", "b"]);
+        let webhook = webhook_options(&args).expect("webhook enabled");
+        let limits = webhook.inject.resources.limits.expect("limits");
+        assert_eq!(limits["memory"].0, "128Mi");
+        let cert_manager = Cli::try_parse_from([
+            "keygate",
+            "operator",
+            "--webhook-tls=cert-manager",
+            "--webhook-cert-dir=/tls",
+        ]);
+        assert!(cert_manager.is_ok());
     }
 }

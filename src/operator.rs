@@ -2,6 +2,7 @@
 //! endpoints (every replica), fed by one registry of watches.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -16,10 +17,12 @@ use kube::{Api, Client};
 use tokio::sync::watch;
 
 use crate::api::{ApiClient, M2MRole, ScopePolicy};
+use crate::controller::webhook_tls::{self, WebhookConfigurations};
 use crate::controller::{self, Context, MANAGED_BY, OperatorConfig, apis, error_policy};
 use crate::registry::{Registry, Revocations, Snapshot};
 use crate::token::keys::RotationPolicy;
 use crate::token::{TokenConfig, TokenServer};
+use crate::webhook::InjectConfig;
 
 /// Settings of `keygate operator`.
 #[derive(Debug, Clone)]
@@ -31,6 +34,28 @@ pub struct OperatorOptions {
     /// This replica's identity in the lease (the pod name).
     pub identity: String,
     pub default_token_lifetime: Duration,
+    /// The admission webhook; `None` runs without one.
+    pub webhook: Option<WebhookOptions>,
+}
+
+/// Where the webhook's certificate comes from.
+#[derive(Debug, Clone)]
+pub enum WebhookTls {
+    /// keygate keeps a CA and serving certificate in a Secret and injects the CA bundle.
+    SelfManaged {
+        service: String,
+        configurations: WebhookConfigurations,
+    },
+    /// cert-manager mounts `tls.crt`/`tls.key` in this directory and injects the CA bundle.
+    Files(PathBuf),
+}
+
+/// Settings of the admission webhook.
+#[derive(Debug, Clone)]
+pub struct WebhookOptions {
+    pub listen: SocketAddr,
+    pub tls: WebhookTls,
+    pub inject: InjectConfig,
 }
 
 /// Why the operator stopped.
@@ -104,7 +129,7 @@ pub async fn run(
     let metrics = Arc::new(RwLock::new(prometheus_client::registry::Registry::default()));
     let registry = Arc::new(Registry::default());
     let revocations = Arc::new(Revocations::default());
-    controller::watch::spawn_feeds(&client, &config, &registry);
+    let mut synced = controller::watch::spawn_feeds(&client, &config, &registry);
     controller::revocations::spawn_sync(
         client.clone(),
         config.namespace.clone(),
@@ -176,8 +201,27 @@ pub async fn run(
         crate::token::router(token_server),
         stopped(),
     ));
+    tracing::info!(token = %options.token_listen, "token server listening");
+
+    let webhook_task = match &options.webhook {
+        Some(webhook) => Some(
+            start_webhook(
+                &client,
+                &config,
+                webhook,
+                &registry,
+                leading.clone(),
+                stopped(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    // Ready once the registry has seen every watch's first list: before that an empty
+    // snapshot would refuse valid clients and deny opted-in pods.
+    let _ = synced.wait_for(|s| *s).await;
     ready_tx.send_replace(true);
-    tracing::info!(token = %options.token_listen, "token server ready");
+    tracing::info!("ready");
 
     let ctx = {
         let mut m = metrics.write().unwrap_or_else(|p| p.into_inner());
@@ -204,8 +248,68 @@ pub async fn run(
     ready_tx.send_replace(false);
     let _ = stop_tx.send(true);
     let _ = token_task.await;
+    if let Some(task) = webhook_task {
+        let _ = task.await;
+    }
     let _ = admin_task.await;
     outcome
+}
+
+/// Starts the HTTPS admission webhook with its certificate source.
+async fn start_webhook(
+    client: &Client,
+    config: &OperatorConfig,
+    options: &WebhookOptions,
+    registry: &Arc<Registry>,
+    leading: watch::Receiver<bool>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<tokio::task::JoinHandle<()>, OperatorError> {
+    let resolver = match &options.tls {
+        WebhookTls::SelfManaged {
+            service,
+            configurations,
+        } => {
+            tokio::spawn(webhook_tls::maintain_while_leading(
+                client.clone(),
+                config.namespace.clone(),
+                service.clone(),
+                configurations.clone(),
+                leading,
+            ));
+            tracing::info!("waiting for the webhook certificate");
+            webhook_tls::watch_secret(client.clone(), config.namespace.clone()).await
+        }
+        WebhookTls::Files(dir) => webhook_tls::watch_files(dir.clone())
+            .map_err(|e| OperatorError::Io(std::io::Error::other(e)))?,
+    };
+    let native_sidecars = match client.apiserver_version().await {
+        Ok(info) => supports_native_sidecars(&info.major, &info.minor),
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the API server version; injecting classic sidecars");
+            false
+        }
+    };
+    let router = crate::webhook::router(crate::webhook::WebhookState {
+        snapshot: registry.subscribe(),
+        inject: Arc::new(options.inject.clone()),
+        native_sidecars,
+    });
+    let listener = tokio::net::TcpListener::bind(options.listen).await?;
+    tracing::info!(listen = %options.listen, native_sidecars, "admission webhook listening");
+    Ok(tokio::spawn(async move {
+        if let Err(error) = crate::webhook::serve_tls(listener, router, resolver, stop).await {
+            tracing::error!(%error, "the admission webhook stopped");
+        }
+    }))
+}
+
+/// Native sidecars (init containers with `restartPolicy: Always`) are on by default from
+/// Kubernetes 1.29.
+pub fn supports_native_sidecars(major: &str, minor: &str) -> bool {
+    let minor: u32 = minor.trim_end_matches('+').parse().unwrap_or(0);
+    major
+        .parse::<u32>()
+        .is_ok_and(|major| major > 1 || (major == 1 && minor >= 29))
 }
 
 /// Waits for leadership, then runs the three controllers until `stop`.

@@ -18,6 +18,7 @@ pub mod revocations;
 pub mod roles;
 pub mod signing;
 pub mod watch;
+pub mod webhook_tls;
 
 use std::sync::Arc;
 use std::time::Duration;

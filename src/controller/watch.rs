@@ -16,6 +16,24 @@ use crate::api::{ApiClient, M2MRole, ScopePolicy};
 use crate::credentials::CredentialData;
 use crate::registry::{ClientInput, Inputs, ObjectKey, PolicyInput, Registry};
 
+/// Counts down the watches that have not completed their first list yet.
+struct Synced {
+    pending: std::sync::Mutex<usize>,
+    done: tokio::sync::watch::Sender<bool>,
+}
+
+impl Synced {
+    fn listed(&self) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if *pending > 0 {
+            *pending -= 1;
+            if *pending == 0 {
+                self.done.send_replace(true);
+            }
+        }
+    }
+}
+
 enum Change<K> {
     Reset(Vec<K>),
     Apply(K),
@@ -27,6 +45,7 @@ async fn feed<K>(
     api: Api<K>,
     config: watcher::Config,
     registry: Arc<Registry>,
+    synced: Arc<Synced>,
     apply: impl Fn(&mut Inputs, Change<K>) + Send + Sync + 'static,
 ) where
     K: kube::Resource
@@ -46,6 +65,7 @@ async fn feed<K>(
             Ok(watcher::Event::InitDone) => {
                 let objects = std::mem::take(&mut buffer);
                 registry.update(|inputs| apply(inputs, Change::Reset(objects)));
+                synced.listed();
             }
             Ok(watcher::Event::Apply(object)) => {
                 registry.update(|inputs| apply(inputs, Change::Apply(object)))
@@ -125,13 +145,27 @@ fn secret_entry(secret: &Secret) -> Option<(ObjectKey, CredentialData)> {
     ))
 }
 
-/// Spawns the watches that keep `registry` current. They run until the process ends.
-pub fn spawn_feeds(client: &Client, config: &OperatorConfig, registry: &Arc<Registry>) {
+/// Spawns the watches that keep `registry` current. They run until the process ends. The
+/// receiver turns true once every watch has completed its first list (a relist after a
+/// lost connection does not count again).
+pub fn spawn_feeds(
+    client: &Client,
+    config: &OperatorConfig,
+    registry: &Arc<Registry>,
+) -> tokio::sync::watch::Receiver<bool> {
+    // Four namespaced kinds per watched API, plus Namespaces.
+    let watches = 4 * apis::<Secret>(client, config).len() + 1;
+    let (done, synced_rx) = tokio::sync::watch::channel(false);
+    let synced = Arc::new(Synced {
+        pending: std::sync::Mutex::new(watches),
+        done,
+    });
     for (api, ns) in namespaced_apis::<DeserializeGuard<ApiClient>>(client, config) {
         tokio::spawn(feed(
             api,
             watcher::Config::default(),
             registry.clone(),
+            synced.clone(),
             move |inputs, change| {
                 // Credentials come from the Secret watch, into `inputs.credentials`.
                 apply_guarded(
@@ -152,6 +186,7 @@ pub fn spawn_feeds(client: &Client, config: &OperatorConfig, registry: &Arc<Regi
             api,
             watcher::Config::default(),
             registry.clone(),
+            synced.clone(),
             move |inputs, change| {
                 apply_guarded(
                     &mut inputs.roles,
@@ -168,6 +203,7 @@ pub fn spawn_feeds(client: &Client, config: &OperatorConfig, registry: &Arc<Regi
             api,
             watcher::Config::default(),
             registry.clone(),
+            synced.clone(),
             move |inputs, change| {
                 apply_guarded(
                     &mut inputs.policies,
@@ -193,6 +229,7 @@ pub fn spawn_feeds(client: &Client, config: &OperatorConfig, registry: &Arc<Regi
             api,
             wc,
             registry.clone(),
+            synced.clone(),
             move |inputs, change| match change {
                 Change::Reset(secrets) => {
                     inputs
@@ -220,6 +257,7 @@ pub fn spawn_feeds(client: &Client, config: &OperatorConfig, registry: &Arc<Regi
         namespaces,
         watcher::Config::default(),
         registry.clone(),
+        synced.clone(),
         |inputs, change| {
             let labels = |n: &Namespace| (n.name_any(), n.labels().clone());
             match change {
@@ -234,6 +272,7 @@ pub fn spawn_feeds(client: &Client, config: &OperatorConfig, registry: &Arc<Regi
             }
         },
     ));
+    synced_rx
 }
 
 /// The `Api`s of the watched namespaces with the namespace each covers (`None`: all).

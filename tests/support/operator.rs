@@ -24,12 +24,21 @@ pub const ORDERS: &str = "https://orders.shop.svc";
 pub struct Operator {
     task: JoinHandle<()>,
     pub token_url: String,
+    token_port: u16,
 }
 
 impl Operator {
     /// Stops it abruptly, as a crash or a node loss would.
     pub fn kill(self) {
         self.task.abort();
+    }
+
+    /// Kills it and starts a new one with the same issuer, as a rollout would.
+    pub async fn restart(self, client: Client, namespace: &str) -> Operator {
+        let port = self.token_port;
+        self.task.abort();
+        let _ = self.task.await;
+        start_operator_on(client, namespace, port).await
     }
 }
 
@@ -43,7 +52,10 @@ fn free_port() -> u16 {
 
 /// Starts the operator watching `namespace` (which also holds its keys and lease).
 pub async fn start_operator(client: Client, namespace: &str) -> Operator {
-    let token_port = free_port();
+    start_operator_on(client, namespace, free_port()).await
+}
+
+async fn start_operator_on(client: Client, namespace: &str, token_port: u16) -> Operator {
     let issuer = format!("http://127.0.0.1:{token_port}");
     let options = OperatorOptions {
         config: OperatorConfig {
@@ -58,6 +70,7 @@ pub async fn start_operator(client: Client, namespace: &str) -> Operator {
         lease_name: format!("keygate-test-{namespace}"),
         identity: format!("test-{}", std::process::id()),
         default_token_lifetime: Duration::from_secs(3600),
+        webhook: None,
     };
     let task = tokio::spawn(async move {
         if let Err(error) = run(client, options, std::future::pending()).await {
@@ -67,6 +80,7 @@ pub async fn start_operator(client: Client, namespace: &str) -> Operator {
     Operator {
         task,
         token_url: format!("{issuer}/oauth2/token"),
+        token_port,
     }
 }
 
@@ -260,8 +274,7 @@ pub async fn scenario_lifecycle(client: Client, ns: &str) {
     );
 
     // Restart: nothing is regenerated.
-    operator.kill();
-    let operator = start_operator(client.clone(), ns).await;
+    let operator = operator.restart(client.clone(), ns).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let after = secrets.get("reporting-credentials").await.expect("secret");

@@ -1,0 +1,113 @@
+//! The real controllers against the in-process API server that speaks the Kubernetes REST
+//! protocol (tests/support/apiserver.rs): the same scenarios as the cluster end-to-end
+//! tests, plus what only the in-process server can show (write counts, a lost connection).
+
+#[path = "support/apiserver.rs"]
+mod apiserver;
+#[path = "support/operator.rs"]
+mod operator;
+
+use std::time::Duration;
+
+use apiserver::FakeApiServer;
+
+const NS: &str = "shop";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_restart_and_regeneration() {
+    let server = FakeApiServer::start().await;
+    operator::scenario_lifecycle(server.client(), NS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_with_overlap() {
+    let server = FakeApiServer::start().await;
+    operator::scenario_rotation(server.client(), NS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_change_and_bad_reference() {
+    let server = FakeApiServer::start().await;
+    operator::scenario_role_change_and_bad_reference(server.client(), NS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_collection_of_the_secret() {
+    let server = FakeApiServer::start().await;
+    operator::scenario_garbage_collection(server.client(), NS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_flow_through_a_sidecar() {
+    let server = FakeApiServer::start().await;
+    operator::scenario_token_flow_through_sidecar(server.client(), NS).await;
+}
+
+/// Once converged, the controllers write nothing more: no hot loop, even for a client that
+/// names a missing role, and an idle resync after a restart changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converged_state_has_no_writes() {
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    operator::apply_basics(&client, NS).await;
+    operator::apply_client(
+        &client,
+        NS,
+        "orphan",
+        serde_json::json!({"roles": ["nobody"]}),
+    )
+    .await;
+    let operator = operator::start_operator(client.clone(), NS).await;
+    operator::ready_secret(&client, NS, "reporting").await;
+    operator::eventually("the policy ConfigMap", operator::WAIT, || async {
+        operator::policy_document(&client, NS).await
+    })
+    .await;
+    // Let the last status writes land, then count what an idle operator writes.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let changes = |server: &FakeApiServer| -> Vec<_> {
+        server
+            .write_log()
+            .into_iter()
+            .filter(|w| w.changed && w.resource != "leases")
+            .collect()
+    };
+    server.reset_counters();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let idle = changes(&server);
+    assert!(idle.is_empty(), "writes while idle: {idle:?}");
+    // A restart relists and reconciles everything, and changes nothing.
+    let operator = operator.restart(client.clone(), NS).await;
+    server.reset_counters();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let restarted = changes(&server);
+    assert!(
+        restarted.is_empty(),
+        "a restart rewrote objects: {restarted:?}"
+    );
+    operator.kill();
+}
+
+/// A lost API connection is survived: the operator keeps serving and catches up afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_api_connection_is_survived() {
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    operator::apply_basics(&client, NS).await;
+    let operator = operator::start_operator(client.clone(), NS).await;
+    let first = operator::secret_data(&operator::ready_secret(&client, NS, "reporting").await);
+    server.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    server.restart().await;
+    operator::apply_client(
+        &client,
+        NS,
+        "late",
+        serde_json::json!({"roles": ["reader"]}),
+    )
+    .await;
+    operator::ready_secret(&client, NS, "late").await;
+    let again = operator::secret_data(&operator::ready_secret(&client, NS, "reporting").await);
+    assert_eq!(again, first, "credentials survived the outage unchanged");
+    operator.kill();
+}
