@@ -63,7 +63,7 @@ enum Command {
     },
 
     /// Run the operator: controllers (leader only), token server and admission webhook.
-    Operator(OperatorArgs),
+    Operator(Box<OperatorArgs>),
 
     /// Run the verifying proxy in front of a workload.
     Sidecar(SidecarArgs),
@@ -370,7 +370,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.log_format, &cli.log)?;
     match cli.command {
-        Command::Operator(args) => run_operator(args).await?,
+        Command::Operator(args) => run_operator(*args).await?,
         Command::Sidecar(args) => run_sidecar(args).await?,
         Command::Dev(args) => run_dev(args).await?,
         Command::Token(args) => fetch_token(args).await?,
