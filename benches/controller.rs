@@ -1,0 +1,141 @@
+//! Controller benchmark: how long N ApiClients take to get their Secrets and `Ready` against
+//! the in-process API server of the tests, the API writes per object, the writes during an
+//! idle period (must be zero) and the operator's peak RSS. The operator runs as a separate
+//! `keygate operator` process (release build) pointed at the in-process server through a
+//! kubeconfig, so its memory is measured alone.
+//!
+//! `cargo bench --bench controller -- [N ...]` (default 1000); `bench/controller.sh` runs
+//! 1,000 and 10,000 and writes the results into docs/BENCHMARKS.md.
+
+#[path = "../tests/support/apiserver.rs"]
+#[allow(dead_code)]
+mod apiserver;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use apiserver::FakeApiServer;
+use keygate::api::ApiClient;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+const NS: &str = "bench";
+
+fn kubeconfig(url: &str, path: &std::path::Path) {
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"{url}\"}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake, namespace: {NS}}}\ncurrent-context: fake\nusers:\n- name: fake\n  user: {{}}\n"
+    );
+    std::fs::write(path, text).expect("kubeconfig");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+fn peak_rss_kib(child: &Child) -> u64 {
+    std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+async fn apply_objects(client: &Client, n: usize) {
+    let pp = PatchParams::apply("bench").force();
+    let policies: Api<keygate::api::ScopePolicy> = Api::namespaced(client.clone(), NS);
+    let policy: keygate::api::ScopePolicy = serde_json::from_value(json!({
+        "apiVersion": "keygate.dev/v1alpha1", "kind": "ScopePolicy", "metadata": {"name": "orders", "namespace": NS},
+        "spec": {"resource": "https://orders.bench.svc", "scopes": [{"name": "orders.read"}],
+                 "rules": [{"name": "read", "methods": ["GET"], "paths": ["/orders/**"], "requireScopes": {"anyOf": ["orders.read"]}}]}
+    }))
+    .expect("policy");
+    policies.patch("orders", &pp, &Patch::Apply(&policy)).await.expect("policy");
+    let roles: Api<keygate::api::M2MRole> = Api::namespaced(client.clone(), NS);
+    let role: keygate::api::M2MRole = serde_json::from_value(json!({
+        "apiVersion": "keygate.dev/v1alpha1", "kind": "M2MRole", "metadata": {"name": "reader", "namespace": NS},
+        "spec": {"permissions": [{"resource": "https://orders.bench.svc", "scopes": ["orders.read"]}]}
+    }))
+    .expect("role");
+    roles.patch("reader", &pp, &Patch::Apply(&role)).await.expect("role");
+    let clients: Api<ApiClient> = Api::namespaced(client.clone(), NS);
+    for i in 0..n {
+        let name = format!("client-{i:05}");
+        let object: ApiClient = serde_json::from_value(json!({
+            "apiVersion": "keygate.dev/v1alpha1", "kind": "ApiClient", "metadata": {"name": name, "namespace": NS},
+            "spec": {"roles": ["reader"]}
+        }))
+        .expect("client");
+        clients.patch(&name, &pp, &Patch::Apply(&object)).await.expect("client");
+    }
+}
+
+async fn ready_count(client: &Client) -> usize {
+    let clients: Api<ApiClient> = Api::namespaced(client.clone(), NS);
+    clients
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items.iter().filter(|c| c.status.as_ref().is_some_and(|s| keygate::api::is_ready(&s.conditions))).count())
+        .unwrap_or(0)
+}
+
+async fn run(n: usize, binary: &str) {
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("kubeconfig");
+    kubeconfig(&server.url(), &config);
+    apply_objects(&client, n).await;
+    server.reset_counters();
+    let started = Instant::now();
+    let mut operator = Command::new(binary)
+        .args(["operator", "--namespace", NS, "--watch-namespaces", NS, "--webhook-tls", "none"])
+        .arg(format!("--token-listen=127.0.0.1:{}", free_port()))
+        .arg(format!("--admin=127.0.0.1:{}", free_port()))
+        .env("KUBECONFIG", &config)
+        .env("KEYGATE_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("keygate operator starts");
+    let mut peak = 0;
+    loop {
+        peak = peak.max(peak_rss_kib(&operator));
+        if ready_count(&client).await == n {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(1800) {
+            let _ = operator.kill();
+            panic!("{n} ApiClients did not converge in 30 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let converged = started.elapsed();
+    let writes = server.effective_writes();
+    let secrets = server.objects("secrets", Some(NS)).len();
+    server.reset_counters();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let idle: Vec<_> = server.write_log().into_iter().filter(|w| w.changed && w.resource != "leases").collect();
+    peak = peak.max(peak_rss_kib(&operator));
+    let _ = operator.kill();
+    let _ = operator.wait();
+    println!(
+        "| {n} | {:.1} s | {secrets} | {:.2} | {} | {:.1} MiB |",
+        converged.as_secs_f64(),
+        writes as f64 / n as f64,
+        idle.len(),
+        peak as f64 / 1024.0
+    );
+}
+
+fn main() {
+    let counts: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let counts = if counts.is_empty() { vec![1000] } else { counts };
+    let binary = std::env::var("KEYGATE_BIN").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/keygate").into());
+    assert!(std::path::Path::new(&binary).exists(), "build the operator first: cargo build --release (or set KEYGATE_BIN)");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    println!("| ApiClients | to all Ready | Secrets | writes per ApiClient | writes while idle (10 s) | operator peak RSS |");
+    println!("|---|---|---|---|---|---|");
+    for n in counts {
+        runtime.block_on(run(n, &binary));
+    }
+}
