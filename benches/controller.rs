@@ -8,7 +8,6 @@
 //! 1,000 and 10,000 and writes the results into docs/BENCHMARKS.md.
 
 #[path = "../tests/support/apiserver.rs"]
-#[allow(dead_code)]
 mod apiserver;
 
 use std::process::{Child, Command, Stdio};
@@ -30,13 +29,21 @@ fn kubeconfig(url: &str, path: &std::path::Path) {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 fn peak_rss_kib(child: &Child) -> u64 {
     std::fs::read_to_string(format!("/proc/{}/status", child.id()))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_owned))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(str::to_owned)
+        })
         .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         .unwrap_or(0)
 }
@@ -50,14 +57,20 @@ async fn apply_objects(client: &Client, n: usize) {
                  "rules": [{"name": "read", "methods": ["GET"], "paths": ["/orders/**"], "requireScopes": {"anyOf": ["orders.read"]}}]}
     }))
     .expect("policy");
-    policies.patch("orders", &pp, &Patch::Apply(&policy)).await.expect("policy");
+    policies
+        .patch("orders", &pp, &Patch::Apply(&policy))
+        .await
+        .expect("policy");
     let roles: Api<keygate::api::M2MRole> = Api::namespaced(client.clone(), NS);
     let role: keygate::api::M2MRole = serde_json::from_value(json!({
         "apiVersion": "keygate.dev/v1alpha1", "kind": "M2MRole", "metadata": {"name": "reader", "namespace": NS},
         "spec": {"permissions": [{"resource": "https://orders.bench.svc", "scopes": ["orders.read"]}]}
     }))
     .expect("role");
-    roles.patch("reader", &pp, &Patch::Apply(&role)).await.expect("role");
+    roles
+        .patch("reader", &pp, &Patch::Apply(&role))
+        .await
+        .expect("role");
     let clients: Api<ApiClient> = Api::namespaced(client.clone(), NS);
     for i in 0..n {
         let name = format!("client-{i:05}");
@@ -66,7 +79,10 @@ async fn apply_objects(client: &Client, n: usize) {
             "spec": {"roles": ["reader"]}
         }))
         .expect("client");
-        clients.patch(&name, &pp, &Patch::Apply(&object)).await.expect("client");
+        clients
+            .patch(&name, &pp, &Patch::Apply(&object))
+            .await
+            .expect("client");
     }
 }
 
@@ -75,7 +91,28 @@ async fn ready_count(client: &Client) -> usize {
     clients
         .list(&ListParams::default())
         .await
-        .map(|l| l.items.iter().filter(|c| c.status.as_ref().is_some_and(|s| keygate::api::is_ready(&s.conditions))).count())
+        .map(|l| {
+            l.items
+                .iter()
+                .filter(|c| {
+                    c.status
+                        .as_ref()
+                        .is_some_and(|s| keygate::api::is_ready(&s.conditions))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// How many clients the ScopePolicy's status counts (its ConfigMap is written first).
+async fn policy_clients(client: &Client) -> usize {
+    let policies: Api<keygate::api::ScopePolicy> = Api::namespaced(client.clone(), NS);
+    policies
+        .get("orders")
+        .await
+        .ok()
+        .and_then(|p| p.status)
+        .map(|s| usize::try_from(s.clients).unwrap_or(0))
         .unwrap_or(0)
 }
 
@@ -89,7 +126,15 @@ async fn run(n: usize, binary: &str) {
     server.reset_counters();
     let started = Instant::now();
     let mut operator = Command::new(binary)
-        .args(["operator", "--namespace", NS, "--watch-namespaces", NS, "--webhook-tls", "none"])
+        .args([
+            "operator",
+            "--namespace",
+            NS,
+            "--watch-namespaces",
+            NS,
+            "--webhook-tls",
+            "none",
+        ])
         .arg(format!("--token-listen=127.0.0.1:{}", free_port()))
         .arg(format!("--admin=127.0.0.1:{}", free_port()))
         .env("KUBECONFIG", &config)
@@ -100,21 +145,43 @@ async fn run(n: usize, binary: &str) {
     let mut peak = 0;
     loop {
         peak = peak.max(peak_rss_kib(&operator));
-        if ready_count(&client).await == n {
+        if ready_count(&client).await == n && policy_clients(&client).await == n {
             break;
         }
         if started.elapsed() > Duration::from_secs(1800) {
             let _ = operator.kill();
             panic!("{n} ApiClients did not converge in 30 minutes");
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
     }
     let converged = started.elapsed();
     let writes = server.effective_writes();
     let secrets = server.objects("secrets", Some(NS)).len();
     server.reset_counters();
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let idle: Vec<_> = server.write_log().into_iter().filter(|w| w.changed && w.resource != "leases").collect();
+    let idle: Vec<_> = server
+        .write_log()
+        .into_iter()
+        .filter(|w| w.changed && w.resource != "leases")
+        .collect();
+    if !idle.is_empty() {
+        let mut kinds = std::collections::BTreeMap::new();
+        for w in &idle {
+            *kinds
+                .entry(format!(
+                    "{} {}{}",
+                    w.method,
+                    w.resource,
+                    if w.subresource.is_empty() {
+                        String::new()
+                    } else {
+                        format!("/{}", w.subresource)
+                    }
+                ))
+                .or_insert(0) += 1;
+        }
+        eprintln!("writes while idle: {kinds:?}");
+    }
     peak = peak.max(peak_rss_kib(&operator));
     let _ = operator.kill();
     let _ = operator.wait();
@@ -128,12 +195,28 @@ async fn run(n: usize, binary: &str) {
 }
 
 fn main() {
-    let counts: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    let counts = if counts.is_empty() { vec![1000] } else { counts };
-    let binary = std::env::var("KEYGATE_BIN").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/keygate").into());
-    assert!(std::path::Path::new(&binary).exists(), "build the operator first: cargo build --release (or set KEYGATE_BIN)");
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    println!("| ApiClients | to all Ready | Secrets | writes per ApiClient | writes while idle (10 s) | operator peak RSS |");
+    let counts: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let counts = if counts.is_empty() {
+        vec![1000]
+    } else {
+        counts
+    };
+    let binary = std::env::var("KEYGATE_BIN")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/keygate").into());
+    assert!(
+        std::path::Path::new(&binary).exists(),
+        "build the operator first: cargo build --release (or set KEYGATE_BIN)"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    println!(
+        "| ApiClients | to all Ready | Secrets | writes per ApiClient | writes while idle (10 s) | operator peak RSS |"
+    );
     println!("|---|---|---|---|---|---|");
     for n in counts {
         runtime.block_on(run(n, &binary));

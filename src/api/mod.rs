@@ -70,6 +70,18 @@ pub fn ready_condition(
     }
 }
 
+/// Carries over `lastTransitionTime` from `stored` for conditions whose status is unchanged.
+pub fn keep_transition_times(conditions: &mut [Condition], stored: &[Condition]) {
+    for condition in conditions {
+        if let Some(previous) = stored
+            .iter()
+            .find(|c| c.type_ == condition.type_ && c.status == condition.status)
+        {
+            condition.last_transition_time = previous.last_transition_time.clone();
+        }
+    }
+}
+
 /// Whether `conditions` hold a `Ready=True` condition.
 pub fn is_ready(conditions: &[Condition]) -> bool {
     conditions

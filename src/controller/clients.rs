@@ -404,12 +404,27 @@ fn status_with(
     }
 }
 
-async fn patch_status(ctx: &Context, client: &ApiClient, status: ApiClientStatus) -> Result<()> {
+async fn patch_status(
+    ctx: &Context,
+    client: &ApiClient,
+    mut status: ApiClientStatus,
+) -> Result<()> {
     if client.status.as_ref() == Some(&status) {
         return Ok(());
     }
     let api: Api<ApiClient> =
         Api::namespaced(ctx.client.clone(), &client.namespace().unwrap_or_default());
+    // The cached object may predate our last status write: compare with the stored status,
+    // so a stale cache never rewrites an equal status with a new transition time.
+    let stored = timed(api.get_opt(&client.name_any()))
+        .await?
+        .and_then(|c| c.status);
+    if let Some(stored) = &stored {
+        crate::api::keep_transition_times(&mut status.conditions, &stored.conditions);
+    }
+    if stored.as_ref() == Some(&status) {
+        return Ok(());
+    }
     let patch = serde_json::json!({
         "apiVersion": "keygate.dev/v1alpha1",
         "kind": "ApiClient",

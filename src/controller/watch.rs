@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::core::DeserializeGuard;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -58,25 +58,42 @@ async fn feed<K>(
 {
     let mut buffer: Vec<K> = Vec::new();
     let mut events = watcher(api, config).default_backoff().boxed();
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(watcher::Event::Init) => buffer.clear(),
-            Ok(watcher::Event::InitApply(object)) => buffer.push(object),
-            Ok(watcher::Event::InitDone) => {
-                let objects = std::mem::take(&mut buffer);
-                registry.update(|inputs| apply(inputs, Change::Reset(objects)));
-                synced.listed();
+    while let Some(first) = events.next().await {
+        // Take every event already waiting, so a burst (a relist, many new Secrets) costs one
+        // registry rebuild instead of one per object.
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match events.next().now_or_never() {
+                Some(Some(event)) => batch.push(event),
+                _ => break,
             }
-            Ok(watcher::Event::Apply(object)) => {
-                registry.update(|inputs| apply(inputs, Change::Apply(object)))
+        }
+        let mut changes = Vec::new();
+        let mut listed = false;
+        for event in batch {
+            match event {
+                Ok(watcher::Event::Init) => buffer.clear(),
+                Ok(watcher::Event::InitApply(object)) => buffer.push(object),
+                Ok(watcher::Event::InitDone) => {
+                    changes.push(Change::Reset(std::mem::take(&mut buffer)));
+                    listed = true;
+                }
+                Ok(watcher::Event::Apply(object)) => changes.push(Change::Apply(object)),
+                Ok(watcher::Event::Delete(object)) => changes.push(Change::Delete(object)),
+                Err(error) => tracing::warn!(%error, "watch failed; retrying with backoff"),
             }
-            Ok(watcher::Event::Delete(object)) => {
-                registry.update(|inputs| apply(inputs, Change::Delete(object)))
-            }
-            Err(error) => tracing::warn!(%error, "watch failed; retrying with backoff"),
+        }
+        if !changes.is_empty() {
+            registry.update(|inputs| changes.into_iter().for_each(|change| apply(inputs, change)));
+        }
+        if listed {
+            synced.listed();
         }
     }
 }
+
+/// The most watch events applied in one registry update.
+const MAX_BATCH: usize = 1024;
 
 fn key_of<K: kube::Resource>(object: &K) -> ObjectKey {
     ObjectKey::new(
@@ -131,7 +148,7 @@ fn apply_guarded<K, V>(
 }
 
 /// The credential data of a keygate Secret, keyed by its ApiClient.
-fn secret_entry(secret: &Secret) -> Option<(ObjectKey, CredentialData)> {
+fn secret_entry(secret: &Secret) -> Option<(ObjectKey, Arc<CredentialData>)> {
     let client = secret.labels().get(CLIENT_LABEL)?;
     let data = secret
         .data
@@ -141,7 +158,7 @@ fn secret_entry(secret: &Secret) -> Option<(ObjectKey, CredentialData)> {
         .collect();
     Some((
         ObjectKey::new(secret.namespace().unwrap_or_default(), client),
-        data,
+        Arc::new(data),
     ))
 }
 

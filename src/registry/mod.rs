@@ -69,8 +69,9 @@ pub struct Inputs {
     pub policies: BTreeMap<ObjectKey, PolicyInput>,
     pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
     /// Credentials by ApiClient key, when they arrive separately from the ApiClient (the
-    /// operator watches Secrets and ApiClients apart; either may come first).
-    pub credentials: BTreeMap<ObjectKey, CredentialData>,
+    /// operator watches Secrets and ApiClients apart; either may come first). Shared, so a
+    /// rebuild can tell unchanged credentials by pointer and reuse their parsed keys.
+    pub credentials: BTreeMap<ObjectKey, Arc<CredentialData>>,
 }
 
 /// One client as the token server and policy builder see it.
@@ -81,7 +82,9 @@ pub struct ClientView {
     pub disabled: bool,
     /// The lifetime the client asked for; the token server caps it.
     pub token_lifetime: Option<Duration>,
-    pub material: ClientMaterial,
+    pub material: Arc<ClientMaterial>,
+    /// The credential data the material was parsed from (operator), to reuse it unchanged.
+    source: Option<Arc<CredentialData>>,
     /// Effective scopes per resource.
     pub grants: AllowedScopes,
     pub ineffective: Vec<IneffectiveGrant>,
@@ -129,6 +132,12 @@ impl Snapshot {
     /// Builds the snapshot: resources from policies (first declaration wins), then each
     /// client's effective grants under the trust model.
     pub fn build(inputs: &Inputs) -> Self {
+        Self::rebuild(inputs, None)
+    }
+
+    /// Builds the snapshot, reusing the parsed credentials of `previous` where the credential
+    /// data is the same shared value: parsing keys is the expensive part of a rebuild.
+    pub fn rebuild(inputs: &Inputs, previous: Option<&Snapshot>) -> Self {
         let mut problems = Vec::new();
         let mut ordered: Vec<(&ObjectKey, &PolicyInput)> = inputs.policies.iter().collect();
         ordered.sort_by_key(|(key, p)| (p.created.unwrap_or(i64::MIN), (*key).clone()));
@@ -174,21 +183,29 @@ impl Snapshot {
                 |role| inputs.roles.get(&ObjectKey::new(&key.namespace, role)),
                 &resources,
             );
-            let credentials = client
-                .credentials
-                .as_ref()
-                .or_else(|| inputs.credentials.get(key));
-            let material = match credentials.map(ClientMaterial::from_data) {
-                Some(Ok(material)) => Some(material),
-                Some(Err(e)) => {
-                    problems.push(Problem {
-                        kind: "ApiClient",
-                        key: key.clone(),
-                        message: e.to_string(),
-                    });
-                    None
-                }
-                None => None,
+            let shared = inputs.credentials.get(key);
+            let reused = shared.and_then(|data| {
+                let view = previous?.clients_by_key.get(key)?;
+                view.source
+                    .as_ref()
+                    .filter(|source| Arc::ptr_eq(source, data))
+                    .map(|_| view.material.clone())
+            });
+            let credentials = client.credentials.as_ref().or(shared.map(|d| &**d));
+            let material = match (reused, credentials) {
+                (Some(material), _) => Some(material),
+                (None, Some(data)) => match ClientMaterial::from_data(data) {
+                    Ok(material) => Some(Arc::new(material)),
+                    Err(e) => {
+                        problems.push(Problem {
+                            kind: "ApiClient",
+                            key: key.clone(),
+                            message: e.to_string(),
+                        });
+                        None
+                    }
+                },
+                (None, None) => None,
             };
             let token_lifetime = match client.spec.token_lifetime.as_deref().map(parse_duration) {
                 Some(Ok(d)) => Some(d),
@@ -211,10 +228,11 @@ impl Snapshot {
                 disabled: client.spec.disabled,
                 token_lifetime,
                 material: material.clone().unwrap_or_default(),
+                source: shared.cloned(),
                 grants,
                 ineffective,
             });
-            if material.is_some_and(|m| !m.client_id.is_empty()) {
+            if material.as_ref().is_some_and(|m| !m.client_id.is_empty()) {
                 clients.insert(view.client_id.clone(), view.clone());
             }
             clients_by_key.insert(key.clone(), view);
@@ -292,7 +310,8 @@ impl Registry {
         // consistent value (every change is a plain map edit), so keep serving them.
         let mut inputs = self.inputs.lock().unwrap_or_else(|p| p.into_inner());
         change(&mut inputs);
-        let snapshot = Arc::new(Snapshot::build(&inputs));
+        let previous = self.snapshot();
+        let snapshot = Arc::new(Snapshot::rebuild(&inputs, Some(&previous)));
         self.tx.send_replace(snapshot);
     }
 

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Controller benchmark: N ApiClients → Secrets and Ready against the in-process API server of
+# the tests (benches/controller.rs), with writes per object, writes while idle and the
+# operator's peak RSS (the operator runs as its own `keygate operator` process).
+#   bench/controller.sh [N ...]     default: 1000 10000
+#   bench/controller.sh --smoke     200 ApiClients
+# Against a real cluster, run the same flow with the e2e tests instead:
+#   KEYGATE_E2E=1 KUBECONFIG=... cargo test --test e2e_cluster
+set -euo pipefail
+cd "$(dirname "$0")/.."
+counts=("$@")
+if [ "${1:-}" = "--smoke" ]; then counts=(200); fi
+if [ "${#counts[@]}" -eq 0 ]; then counts=(1000 10000); fi
+mkdir -p bench/.run
+KEYGATE_BIN="${KEYGATE:-$PWD/target/release/keygate}"
+[ -x "$KEYGATE_BIN" ] || cargo build --release --quiet
+KEYGATE_BIN="$KEYGATE_BIN" cargo bench --quiet --bench controller -- "${counts[@]}" | tee bench/.run/controller.md
+grep -q '^| [0-9]' bench/.run/controller.md

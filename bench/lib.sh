@@ -1,0 +1,246 @@
+# Shared helpers for bench/*.sh (sourced, not run). Everything listens on 127.0.0.1 only.
+# shellcheck shell=bash
+
+BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$BENCH_DIR/.." && pwd)"
+RUN="${KG_BENCH_RUN:-$BENCH_DIR/.run}"
+KEYGATE="${KEYGATE:-$ROOT/target/release/keygate}"
+LOAD_LUA="$BENCH_DIR/wrk/load.lua"
+RESOURCE="https://orders.shop.svc"
+
+# Scenario lengths. --smoke: a few seconds and few connections, only to prove each scenario
+# works (status codes checked, wrk saw requests); the numbers mean nothing.
+SMOKE="${KG_BENCH_SMOKE:-0}"
+for arg in "$@"; do
+  [ "$arg" = "--smoke" ] && SMOKE=1
+done
+export KG_BENCH_SMOKE="$SMOKE"
+if [ "$SMOKE" = 1 ]; then
+  THREADS=1 CONNS=4 DURATION=2s RATE_CONNS=4 RATE_DURATION=2s SIDECAR_RATE=200
+  UNCACHED_TOKENS=2000 WARMUP=0
+else
+  THREADS=2 CONNS=64 DURATION=10s RATE_CONNS=16 RATE_DURATION=10s SIDECAR_RATE=1000
+  UNCACHED_TOKENS=20000 WARMUP=1
+fi
+
+# Ports (all on 127.0.0.1).
+P_UPSTREAM=18080       # nginx: the tiny upstream (fixed 1 KiB body)
+P_NGINX_PROXY=18081    # nginx: plain reverse proxy to the upstream
+P_APACHE=18082         # Apache httpd + mod_auth_openidc (oauth20) → upstream
+P_TOKEN=18100          # keygate dev: token server
+P_DEV_SIDECAR=18110    # keygate dev: its own sidecar (not benchmarked)
+P_SIDECAR=18120        # keygate sidecar (standalone process) → upstream
+P_SIDECAR_ADMIN=18121
+P_OIDC_PROVIDER=18130  # node oidc-provider
+P_JWKS_TLS=18143       # nginx: keygate's JWKS over https (for mod_auth_openidc)
+
+mkdir -p "$RUN/raw" "$RUN/logs"
+RESULTS="$RUN/results.tsv"   # scenario<TAB>metric<TAB>value, appended by every script
+
+log() { echo "[bench $(date +%H:%M:%S)] $*" >&2; }
+die() { log "FAILED: $*"; exit 1; }
+result() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$RESULTS"; }
+
+# Background processes this run started, stopped on exit (by pid, never by name).
+STARTED_PIDS=()
+start_bg() { # NAME CMD...: start CMD in the background, log to $RUN/logs/NAME.log
+  local name="$1"; shift
+  "$@" >"$RUN/logs/$name.log" 2>&1 &
+  local pid=$!
+  STARTED_PIDS+=("$pid")
+  echo "$pid" >"$RUN/$name.pid"
+  log "started $name (pid $pid)"
+}
+stop_bg() { # NAME
+  local pidfile="$RUN/$1.pid"
+  [ -f "$pidfile" ] || return 0
+  local pid; pid="$(cat "$pidfile")"
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+  rm -f "$pidfile"
+}
+stop_all() {
+  local pid
+  for pid in "${STARTED_PIDS[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${STARTED_PIDS[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
+  STARTED_PIDS=()
+}
+trap stop_all EXIT
+
+wait_http() { # URL [seconds]: until anything answers over HTTP
+  local url="$1" limit="${2:-30}" i
+  for i in $(seq 1 $((limit * 10))); do
+    curl -s -o /dev/null --max-time 1 "$url" && return 0
+    sleep 0.1
+  done
+  die "nothing answers at $url after ${limit}s"
+}
+
+expect_status() { # WANT URL [curl args...]: fail unless the status is WANT
+  local want="$1" url="$2"; shift 2
+  local got
+  got="$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$@" "$url")"
+  [ "$got" = "$want" ] || die "$url answered $got, expected $want"
+}
+
+# --- processes -----------------------------------------------------------------------
+
+proc_cpu_ticks() { # PID...: utime+stime (clock ticks) summed over the pids
+  local total=0 pid
+  for pid in "$@"; do
+    local stat
+    stat="$(cat "/proc/$pid/stat" 2>/dev/null)" || continue
+    stat="${stat##*) }" # fields from 3 on (the command may contain spaces)
+    # shellcheck disable=SC2086
+    set -- $stat
+    total=$((total + ${12} + ${13}))
+  done
+  echo "$total"
+}
+proc_tree() { # PID: the pid and its direct children (nginx/apache workers)
+  echo "$1"
+  pgrep -P "$1" 2>/dev/null || true
+}
+proc_kib() { # FIELD PID...: sum of a /proc/PID/status field (VmHWM, VmRSS) in KiB
+  local field="$1"; shift
+  local total=0 pid v
+  for pid in "$@"; do
+    v="$(awk -v f="$field:" '$1 == f {print $2}' "/proc/$pid/status" 2>/dev/null)"
+    total=$((total + ${v:-0}))
+  done
+  echo "$total"
+}
+
+# --- wrk -----------------------------------------------------------------------------
+
+show_env() { # ENV=VALUE...: printable, without credentials
+  local a
+  for a in "$@"; do
+    case "$a" in
+      KG_AUTH=Bearer*) printf '%s ' 'KG_AUTH="Bearer $TOKEN"' ;;
+      KG_AUTH=Basic*) printf '%s ' 'KG_AUTH="Basic $(base64 CLIENT_ID:SECRET)"' ;;
+      KG_BODY=*) printf "KG_BODY='%s' " "${a#KG_BODY=}" ;;
+      KG_TOKENS_FILE=*) printf 'KG_TOKENS_FILE=bench/.run/tokens.txt ' ;;
+      *) printf '%s ' "$a" ;;
+    esac
+  done
+}
+
+# run_wrk NAME URL [ENV=VALUE...]: saturation run (wrk -t$THREADS -c$CONNS -d$DURATION).
+# Writes the raw output to $RUN/raw/NAME.txt and prints it.
+run_wrk() {
+  local name="$1" url="$2"; shift 2
+  local cmd=(wrk "-t$THREADS" "-c$CONNS" "-d$DURATION" --latency -s "$LOAD_LUA" "$url")
+  echo "$(show_env "$@")KG_THREADS=$THREADS ${cmd[*]/$LOAD_LUA/bench/wrk/load.lua}" >"$RUN/raw/$name.cmd"
+  env "$@" KG_THREADS="$THREADS" "${cmd[@]}" >"$RUN/raw/$name.txt" 2>&1 || die "wrk $name"
+  cat "$RUN/raw/$name.txt"
+}
+# run_wrk_rate NAME RATE URL [ENV=VALUE...]: paced run at RATE req/s (-c$RATE_CONNS).
+run_wrk_rate() {
+  local name="$1" rate="$2" url="$3"; shift 3
+  local cmd=(wrk "-t$THREADS" "-c$RATE_CONNS" "-d$RATE_DURATION" --latency -s "$LOAD_LUA" "$url")
+  echo "$(show_env "$@")KG_RATE=$rate KG_THREADS=$THREADS ${cmd[*]/$LOAD_LUA/bench/wrk/load.lua}" >"$RUN/raw/$name.cmd"
+  env "$@" KG_RATE="$rate" KG_THREADS="$THREADS" "${cmd[@]}" >"$RUN/raw/$name.txt" 2>&1 ||
+    die "wrk $name"
+  cat "$RUN/raw/$name.txt"
+}
+
+wrk_rps() { awk '/^Requests\/sec:/ {print int($2 + 0.5)}' "$RUN/raw/$1.txt"; }
+wrk_requests() { awk '/requests in/ {print $1}' "$RUN/raw/$1.txt"; }
+wrk_non2xx() { awk '/Non-2xx or 3xx responses:/ {print $5}' "$RUN/raw/$1.txt" | grep . || echo 0; }
+wrk_errors() { # socket errors (connect/read/write/timeout) summed
+  awk '/Socket errors:/ {gsub(",", ""); print $4 + $6 + $8 + $10}' "$RUN/raw/$1.txt" | grep . || echo 0
+}
+# wrk_pct NAME 50|99: that latency percentile in microseconds
+wrk_pct() {
+  awk -v p="$2%" '$1 == p {
+      v = $2; u = v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v)
+      if (u == "us") m = 1; else if (u == "ms") m = 1000; else if (u == "s") m = 1000000; else m = 60000000
+      printf "%d\n", v * m + 0.5
+    }' "$RUN/raw/$1.txt"
+}
+
+# check_wrk NAME EXPECT: wrk saw requests, and all were 2xx (EXPECT=2xx) or none (EXPECT=non2xx).
+check_wrk() {
+  local name="$1" expect="$2" total non2xx
+  total="$(wrk_requests "$name")"; non2xx="$(wrk_non2xx "$name")"
+  [ "${total:-0}" -gt 0 ] || die "$name: wrk reports no requests"
+  case "$expect" in
+    2xx) [ "$non2xx" = 0 ] || die "$name: $non2xx of $total responses were not 2xx" ;;
+    non2xx) [ "$non2xx" = "$total" ] || die "$name: only $non2xx of $total responses were refused" ;;
+  esac
+  log "$name: $total requests, $(wrk_rps "$name") req/s, non-2xx $non2xx"
+}
+
+# --- keygate -------------------------------------------------------------------------
+
+ensure_keygate() {
+  if [ "${KG_BENCH_NO_BUILD:-0}" != 1 ]; then
+    log "cargo build --release (may wait for the shared target dir lock)"
+    (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release"
+  fi
+  [ -x "$KEYGATE" ] || die "no $KEYGATE"
+}
+
+# start_dev NAME STATE TOKEN_PORT SIDECAR_PORT: keygate dev with the quickstart config,
+# forwarding to the nginx upstream.
+start_dev() {
+  local name="$1" state="$2" port="$3" sport="$4"
+  start_bg "$name" "$KEYGATE" dev --config "$ROOT/examples/quickstart" --state "$state" \
+    --port "$port" --sidecar-port "$sport" --upstream "127.0.0.1:$P_UPSTREAM"
+  wait_http "http://127.0.0.1:$port/healthz"
+}
+client_field() { # STATE CLIENT FIELD
+  "$KEYGATE" dev credentials "$2" --config "$ROOT/examples/quickstart" --state "$1" --field "$3" 2>/dev/null ||
+    "$KEYGATE" dev credentials "$2" --state "$1" --field "$3"
+}
+# get_token TOKEN_PORT CLIENT_ID SECRET: one access token for the orders resource
+get_token() {
+  curl -sf --max-time 5 -u "$2:$3" -d "grant_type=client_credentials&resource=$(urlencode "$RESOURCE")" \
+    "http://127.0.0.1:$1/oauth2/token" | jq -r .access_token
+}
+jwt_alg() { # JWT: the alg of its header
+  local h="${1%%.*}"
+  h="$(tr '_-' '/+' <<<"$h")"
+  while [ $((${#h} % 4)) -ne 0 ]; do h="$h="; done
+  base64 -d <<<"$h" 2>/dev/null | jq -r .alg 2>/dev/null || true
+}
+urlencode() { jq -rn --arg v "$1" '$v|@uri'; }
+
+# --- nginx upstream ------------------------------------------------------------------
+
+# The upstream every proxy forwards to: nginx answering GET with a fixed 1 KiB body.
+start_upstream() {
+  local dir="$RUN/nginx-upstream"
+  mkdir -p "$dir"
+  local body; body="$(head -c 1024 /dev/zero | tr '\0' 'x')"
+  cat >"$dir/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $dir/tmp; proxy_temp_path $dir/tmp; fastcgi_temp_path $dir/tmp;
+  uwsgi_temp_path $dir/tmp; scgi_temp_path $dir/tmp;
+  server {
+    listen 127.0.0.1:$P_UPSTREAM;
+    default_type text/plain;
+    location / { return 200 "$body"; }
+  }
+}
+EOF
+  mkdir -p "$dir/tmp"
+  start_bg nginx-upstream nginx -c "$dir/nginx.conf" -p "$dir"
+  wait_http "http://127.0.0.1:$P_UPSTREAM/"
+}
