@@ -127,7 +127,8 @@ pub fn plan_secret(
     })
 }
 
-fn secret_data(secret: &Secret) -> CredentialData {
+/// The credential data of a Secret (values that are not UTF-8 are left out).
+pub(crate) fn secret_data(secret: &Secret) -> CredentialData {
     secret
         .data
         .iter()

@@ -150,15 +150,9 @@ fn apply_guarded<K, V>(
 /// The credential data of a keygate Secret, keyed by its ApiClient.
 fn secret_entry(secret: &Secret) -> Option<(ObjectKey, Arc<CredentialData>)> {
     let client = secret.labels().get(CLIENT_LABEL)?;
-    let data = secret
-        .data
-        .iter()
-        .flatten()
-        .filter_map(|(k, v)| Some((k.clone(), String::from_utf8(v.0.clone()).ok()?)))
-        .collect();
     Some((
         ObjectKey::new(secret.namespace().unwrap_or_default(), client),
-        Arc::new(data),
+        Arc::new(super::clients::secret_data(secret)),
     ))
 }
 
