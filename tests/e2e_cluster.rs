@@ -153,3 +153,208 @@ async fn token_flow_through_a_sidecar() {
     })
     .await;
 }
+
+/// The admission webhook against a real API server: the webhook runs here, and webhook
+/// configurations scoped to the test namespace point at it with `clientConfig.url`. The API
+/// server must reach this machine: set `KEYGATE_E2E_WEBHOOK_HOST` to an address of this host
+/// that the API server can connect to (e.g. the Docker bridge address for kind). Pods are
+/// created with dry run, so no image is pulled.
+#[tokio::test]
+async fn admission_webhook_injects_and_validates() {
+    let Some(client) = cluster().await else {
+        return;
+    };
+    let Ok(host) = std::env::var("KEYGATE_E2E_WEBHOOK_HOST") else {
+        eprintln!(
+            "skipping: set KEYGATE_E2E_WEBHOOK_HOST to this host's address as the API server sees it"
+        );
+        return;
+    };
+    in_namespace(client, "hook", move |c, ns| async move {
+        webhook_scenario(c, ns, host).await
+    })
+    .await;
+}
+
+async fn webhook_scenario(client: Client, ns: String, host: String) {
+    use std::sync::Arc;
+
+    use base64::Engine;
+    use k8s_openapi::api::admissionregistration::v1::{
+        MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+    };
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::PostParams;
+    use serde_json::json;
+
+    // The registry the webhook reads, fed from the cluster like the operator's.
+    let config = keygate::controller::OperatorConfig {
+        namespace: ns.clone(),
+        issuer: "http://127.0.0.1".into(),
+        watch_namespaces: vec![ns.clone()],
+        signing_key_rotation: Duration::from_secs(720 * 3600),
+        max_token_lifetime: Duration::from_secs(24 * 3600),
+    };
+    let registry = Arc::new(keygate::registry::Registry::default());
+    let mut synced = keygate::controller::watch::spawn_feeds(&client, &config, &registry);
+    let _ = synced.wait_for(|s| *s).await;
+
+    let certs = keygate::webhook::tls::generate(&[host.clone()], std::time::SystemTime::now())
+        .expect("certificate");
+    let resolver =
+        keygate::webhook::CertResolver::from_pem(&certs.tls_crt, &certs.tls_key).expect("resolver");
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let router = keygate::webhook::router(keygate::webhook::WebhookState {
+        snapshot: registry.subscribe(),
+        inject: Arc::new(keygate::webhook::InjectConfig::new(
+            "ghcr.io/keygate/keygate:0.1.0",
+            "e2e",
+        )),
+        native_sidecars: false,
+    });
+    let server = tokio::spawn(keygate::webhook::serve_tls(
+        listener,
+        router,
+        resolver,
+        std::future::pending(),
+    ));
+
+    let bundle = base64::engine::general_purpose::STANDARD.encode(&certs.ca_crt);
+    let scope = json!({"matchLabels": {"kubernetes.io/metadata.name": ns}});
+    let pp = PatchParams::apply("keygate-e2e").force();
+    let mutating_name = format!("{ns}-inject");
+    let mutating: MutatingWebhookConfiguration = serde_json::from_value(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": mutating_name},
+        "webhooks": [{
+            "name": "inject.keygate.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+            "failurePolicy": "Fail", "timeoutSeconds": 5, "reinvocationPolicy": "IfNeeded",
+            "namespaceSelector": scope, "objectSelector": {"matchLabels": {"keygate.dev/inject": "true"}},
+            "clientConfig": {"url": format!("https://{host}:{port}/mutate-pods"), "caBundle": bundle},
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}]
+        }]
+    }))
+    .expect("mutating configuration");
+    let mutating_api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    mutating_api
+        .patch(&mutating_name, &pp, &Patch::Apply(&mutating))
+        .await
+        .expect("register mutating");
+    let validating_name = format!("{ns}-validate");
+    let validating: ValidatingWebhookConfiguration = serde_json::from_value(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": validating_name},
+        "webhooks": [{
+            "name": "validate.keygate.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+            "failurePolicy": "Fail", "timeoutSeconds": 5, "namespaceSelector": scope,
+            "clientConfig": {"url": format!("https://{host}:{port}/validate"), "caBundle": bundle},
+            "rules": [{"apiGroups": ["keygate.dev"], "apiVersions": ["v1alpha1"], "operations": ["CREATE", "UPDATE"],
+                       "resources": ["scopepolicies", "apiclients", "m2mroles"]}]
+        }]
+    }))
+    .expect("validating configuration");
+    let validating_api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    validating_api
+        .patch(&validating_name, &pp, &Patch::Apply(&validating))
+        .await
+        .expect("register validating");
+
+    operator::apply_basics(&client, &ns).await;
+    operator::eventually(
+        "the registry sees the ScopePolicy",
+        Duration::from_secs(30),
+        || async { (!registry.snapshot().policies.is_empty()).then_some(()) },
+    )
+    .await;
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let pod = |name: &str, labels: serde_json::Value, annotations: serde_json::Value| -> Pod {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": labels, "annotations": annotations},
+            "spec": {"containers": [{"name": "app", "image": "registry.invalid/orders:1"}]}
+        }))
+        .expect("pod")
+    };
+    let injected = pods
+        .create(
+            &dry_run,
+            &pod(
+                "injected",
+                json!({"keygate.dev/inject": "true"}),
+                json!({"keygate.dev/policy": "orders"}),
+            ),
+        )
+        .await
+        .expect("labelled pod admitted");
+    let names: Vec<String> = injected
+        .spec
+        .as_ref()
+        .expect("spec")
+        .containers
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
+    assert_eq!(
+        names,
+        ["keygate-sidecar", "app"],
+        "the sidecar is injected first"
+    );
+    assert!(
+        injected
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key("keygate.dev/injected"))
+    );
+
+    let plain = pods
+        .create(&dry_run, &pod("plain", json!({}), json!({})))
+        .await
+        .expect("plain pod admitted");
+    assert_eq!(
+        plain.spec.expect("spec").containers.len(),
+        1,
+        "an unlabelled pod is untouched"
+    );
+
+    let missing = pods
+        .create(
+            &dry_run,
+            &pod(
+                "missing",
+                json!({"keygate.dev/inject": "true"}),
+                json!({"keygate.dev/policy": "nope"}),
+            ),
+        )
+        .await
+        .expect_err("a pod naming a missing ScopePolicy is denied");
+    assert!(missing.to_string().contains("does not exist"), "{missing}");
+
+    let policies: Api<keygate::api::ScopePolicy> = Api::namespaced(client.clone(), &ns);
+    let invalid: keygate::api::ScopePolicy = serde_json::from_value(json!({
+        "apiVersion": "keygate.dev/v1alpha1", "kind": "ScopePolicy", "metadata": {"name": "bad", "namespace": ns},
+        "spec": {"resource": "https://bad.shop.svc", "rules": [{"name": "r", "paths": ["/a/**/b"]}]}
+    }))
+    .expect("policy");
+    let denied = policies
+        .create(&PostParams::default(), &invalid)
+        .await
+        .expect_err("an invalid ScopePolicy is denied");
+    assert!(denied.to_string().contains("spec.rules[0]"), "{denied}");
+
+    let _ = mutating_api
+        .delete(&mutating_name, &DeleteParams::default())
+        .await;
+    let _ = validating_api
+        .delete(&validating_name, &DeleteParams::default())
+        .await;
+    server.abort();
+}
