@@ -199,8 +199,9 @@ async fn webhook_scenario(client: Client, ns: String, host: String) {
     let mut synced = keygate::controller::watch::spawn_feeds(&client, &config, &registry);
     let _ = synced.wait_for(|s| *s).await;
 
-    let certs = keygate::webhook::tls::generate(&[host.clone()], std::time::SystemTime::now())
-        .expect("certificate");
+    let certs =
+        keygate::webhook::tls::generate(std::slice::from_ref(&host), std::time::SystemTime::now())
+            .expect("certificate");
     let resolver =
         keygate::webhook::CertResolver::from_pem(&certs.tls_crt, &certs.tls_key).expect("resolver");
     let listener = tokio::net::TcpListener::bind("0.0.0.0:0")
