@@ -359,3 +359,117 @@ async fn webhook_scenario(client: Client, ns: String, host: String) {
         .await;
     server.abort();
 }
+
+/// The operator runs with exactly the permissions the Helm chart grants: the chart's RBAC is
+/// rendered with Helm's engine (tests/helm/render.py, in the venv scripts/test.sh creates),
+/// applied, and the operator's client impersonates the chart's ServiceAccount. Any forbidden
+/// call would stop the scenario.
+#[tokio::test]
+async fn operator_runs_with_the_charts_rbac() {
+    let Some(client) = cluster().await else {
+        return;
+    };
+    let python = std::env::var("KEYGATE_E2E_PYTHON")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python").into());
+    if !std::path::Path::new(&python).exists() {
+        eprintln!(
+            "skipping: no Python with tests/helm/requirements.txt at {python} (run scripts/test.sh once, or set KEYGATE_E2E_PYTHON)"
+        );
+        return;
+    }
+    in_namespace(client, "rbac", move |c, ns| async move {
+        rbac_scenario(c, ns, python).await
+    })
+    .await;
+}
+
+async fn rbac_scenario(client: Client, ns: String, python: String) {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+
+    let release = format!("kg{}", std::process::id());
+    let lease = format!("keygate-test-{ns}");
+    let output = std::process::Command::new(&python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/helm/render.py"))
+        .args([&release, &ns, &lease])
+        .output()
+        .expect("render the chart");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let pp = PatchParams::apply("keygate-e2e").force();
+    let mut service_account = None;
+    let mut cluster_scoped: Vec<(String, String)> = Vec::new();
+    let text = String::from_utf8(output.stdout).expect("utf-8");
+    let documents: Vec<serde_json::Value> = serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| serde::Deserialize::deserialize(doc).expect("yaml"))
+        .filter(|value: &serde_json::Value| !value.is_null())
+        .collect();
+    for value in documents {
+        let name = value["metadata"]["name"].as_str().expect("name").to_owned();
+        let doc_ns = value["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or(&ns)
+            .to_owned();
+        match value["kind"].as_str().unwrap_or_default() {
+            "ServiceAccount" => {
+                let api: Api<ServiceAccount> = Api::namespaced(client.clone(), &doc_ns);
+                let object: ServiceAccount = serde_json::from_value(value).expect("sa");
+                api.patch(&name, &pp, &Patch::Apply(&object))
+                    .await
+                    .expect("apply ServiceAccount");
+                service_account = Some(name);
+            }
+            "Role" => {
+                let api: Api<Role> = Api::namespaced(client.clone(), &doc_ns);
+                let object: Role = serde_json::from_value(value).expect("role");
+                api.patch(&name, &pp, &Patch::Apply(&object))
+                    .await
+                    .expect("apply Role");
+            }
+            "RoleBinding" => {
+                let api: Api<RoleBinding> = Api::namespaced(client.clone(), &doc_ns);
+                let object: RoleBinding = serde_json::from_value(value).expect("rolebinding");
+                api.patch(&name, &pp, &Patch::Apply(&object))
+                    .await
+                    .expect("apply RoleBinding");
+            }
+            "ClusterRole" => {
+                let api: Api<ClusterRole> = Api::all(client.clone());
+                let object: ClusterRole = serde_json::from_value(value).expect("clusterrole");
+                api.patch(&name, &pp, &Patch::Apply(&object))
+                    .await
+                    .expect("apply ClusterRole");
+                cluster_scoped.push(("ClusterRole".into(), name));
+            }
+            "ClusterRoleBinding" => {
+                let api: Api<ClusterRoleBinding> = Api::all(client.clone());
+                let object: ClusterRoleBinding =
+                    serde_json::from_value(value).expect("clusterrolebinding");
+                api.patch(&name, &pp, &Patch::Apply(&object))
+                    .await
+                    .expect("apply ClusterRoleBinding");
+                cluster_scoped.push(("ClusterRoleBinding".into(), name));
+            }
+            _ => {}
+        }
+    }
+    let service_account = service_account.expect("the chart renders a ServiceAccount");
+    let mut config = kube::Config::infer().await.expect("kubeconfig");
+    config.auth_info.impersonate = Some(format!("system:serviceaccount:{ns}:{service_account}"));
+    let operator_client = Client::try_from(config).expect("impersonating client");
+    operator::scenario_lifecycle_as(client.clone(), operator_client, &ns).await;
+    for (kind, name) in cluster_scoped {
+        if kind == "ClusterRole" {
+            let _ = Api::<ClusterRole>::all(client.clone())
+                .delete(&name, &DeleteParams::default())
+                .await;
+        } else {
+            let _ = Api::<ClusterRoleBinding>::all(client.clone())
+                .delete(&name, &DeleteParams::default())
+                .await;
+        }
+    }
+}

@@ -212,8 +212,14 @@ pub async fn policy_document(client: &Client, ns: &str) -> Option<serde_json::Va
 /// create → Secret and status, policy ConfigMap with the client; restart → the Secret is
 /// byte-for-byte unchanged; delete the Secret → regenerated with an Event.
 pub async fn scenario_lifecycle(client: Client, ns: &str) {
+    scenario_lifecycle_as(client.clone(), client, ns).await;
+}
+
+/// [`scenario_lifecycle`] with the operator using `operator_client` (e.g. impersonating the
+/// Helm chart's ServiceAccount) while the test uses `client`.
+pub async fn scenario_lifecycle_as(client: Client, operator_client: Client, ns: &str) {
     apply_basics(&client, ns).await;
-    let operator = start_operator(client.clone(), ns).await;
+    let operator = start_operator(operator_client.clone(), ns).await;
     let secret = ready_secret(&client, ns, "reporting").await;
     let data = secret_data(&secret);
     for key in [
@@ -274,7 +280,7 @@ pub async fn scenario_lifecycle(client: Client, ns: &str) {
     );
 
     // Restart: nothing is regenerated.
-    let operator = operator.restart(client.clone(), ns).await;
+    let operator = operator.restart(operator_client.clone(), ns).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let after = secrets.get("reporting-credentials").await.expect("secret");
