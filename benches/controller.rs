@@ -197,7 +197,9 @@ async fn run(n: usize, binary: &str) {
 fn main() {
     // `cargo test --all-targets` runs bench targets without `--bench`: nothing to measure then.
     if !std::env::args().any(|a| a == "--bench") {
-        println!("controller benchmark: run with `cargo bench --bench controller` or bench/controller.sh");
+        println!(
+            "controller benchmark: run with `cargo bench --bench controller` or bench/controller.sh"
+        );
         return;
     }
     let counts: Vec<usize> = std::env::args()
