@@ -122,7 +122,12 @@ async fn run(n: usize, binary: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("kubeconfig");
     kubeconfig(&server.url(), &config);
+    let applying = Instant::now();
     apply_objects(&client, n).await;
+    eprintln!(
+        "applied {n} ApiClients in {:.1} s",
+        applying.elapsed().as_secs_f64()
+    );
     server.reset_counters();
     let started = Instant::now();
     let mut operator = Command::new(binary)
@@ -143,10 +148,20 @@ async fn run(n: usize, binary: &str) {
         .spawn()
         .expect("keygate operator starts");
     let mut peak = 0;
+    let mut reported = Instant::now();
     loop {
         peak = peak.max(peak_rss_kib(&operator));
-        if ready_count(&client).await == n && policy_clients(&client).await == n {
+        let ready = ready_count(&client).await;
+        if ready == n && policy_clients(&client).await == n {
             break;
+        }
+        if reported.elapsed() >= Duration::from_secs(10) {
+            reported = Instant::now();
+            eprintln!(
+                "{:>5.0} s: {ready}/{n} Ready, RSS {:.1} MiB",
+                started.elapsed().as_secs_f64(),
+                peak_rss_kib(&operator) as f64 / 1024.0
+            );
         }
         if started.elapsed() > Duration::from_secs(1800) {
             let _ = operator.kill();

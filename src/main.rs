@@ -136,6 +136,9 @@ struct OperatorArgs {
     /// How long a signing key stays current.
     #[arg(long, env = "KEYGATE_SIGNING_KEY_ROTATION", default_value = "720h", value_parser = parse_duration)]
     signing_key_rotation: Duration,
+    /// Reconciles of one kind that may run at once (each holds an API connection).
+    #[arg(long, env = "KEYGATE_CONCURRENCY", default_value_t = 16)]
+    concurrency: u16,
     /// Address of the HTTPS admission webhook.
     #[arg(long, env = "KEYGATE_WEBHOOK_LISTEN", default_value = "0.0.0.0:9443")]
     webhook_listen: SocketAddr,
@@ -446,6 +449,7 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
                 .collect(),
             signing_key_rotation: args.signing_key_rotation,
             max_token_lifetime: args.max_token_lifetime,
+            concurrency: args.concurrency,
         },
         token_listen: args.token_listen,
         admin_listen: args.admin,

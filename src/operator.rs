@@ -11,8 +11,8 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::ListParams;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Controller;
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::watch;
 
@@ -109,10 +109,10 @@ pub fn changed_clients(
         .clients_by_key
         .iter()
         .filter(|(key, view)| {
-            before
-                .clients_by_key
-                .get(*key)
-                .is_none_or(|old| old.grants != view.grants || old.ineffective != view.ineffective)
+            before.clients_by_key.get(*key).is_none_or(|old| {
+                !Arc::ptr_eq(old, view)
+                    && (old.grants != view.grants || old.ineffective != view.ineffective)
+            })
         })
         .map(|(key, _)| ObjectRef::new(&key.name).within(&key.namespace))
         .collect()
@@ -312,6 +312,28 @@ pub fn supports_native_sidecars(major: &str, minor: &str) -> bool {
         .is_ok_and(|major| major > 1 || (major == 1 && minor >= 29))
 }
 
+/// A controller over `api` whose cache holds objects without managed fields, running at most
+/// `concurrency` reconciles at once.
+fn controller_for<K>(api: Api<K>, concurrency: u16) -> Controller<K>
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + std::fmt::Debug + Unpin,
+{
+    let (reader, writer) = reflector::store();
+    let objects = watcher(api, watcher::Config::default())
+        .modify(controller::lean)
+        .reflect(writer)
+        .applied_objects();
+    Controller::for_stream(objects, reader)
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+}
+
 /// Waits for leadership, then runs the three controllers until `stop`.
 async fn run_controllers_when_leading(
     ctx: Arc<Context>,
@@ -357,7 +379,7 @@ async fn run_controllers_when_leading(
             }
         });
         let secrets: Vec<Api<Secret>> = apis::<Secret>(&client, &config);
-        let mut controller = Controller::new(api, watcher::Config::default())
+        let mut controller = controller_for(api, config.concurrency)
             .reconcile_on(refs)
             .graceful_shutdown_on(stop.clone());
         for secrets in secrets {
@@ -378,12 +400,12 @@ async fn run_controllers_when_leading(
     for api in apis::<DeserializeGuard<ScopePolicy>>(&client, &config) {
         let trigger = futures::stream::select(
             futures::stream::select(
-                changes(ctx.registry.subscribe(), Duration::from_millis(200)),
+                changes(ctx.registry.subscribe(), Duration::from_secs(1)),
                 changes(ctx.revocations.subscribe(), Duration::from_millis(200)),
             ),
             changes(ctx.keys.clone(), Duration::from_millis(200)),
         );
-        let mut controller = Controller::new(api, watcher::Config::default())
+        let mut controller = controller_for(api, config.concurrency)
             .reconcile_all_on(trigger)
             .graceful_shutdown_on(stop.clone());
         for cms in apis::<ConfigMap>(&client, &config) {
@@ -401,11 +423,8 @@ async fn run_controllers_when_leading(
         ));
     }
     for api in apis::<DeserializeGuard<M2MRole>>(&client, &config) {
-        let controller = Controller::new(api, watcher::Config::default())
-            .reconcile_all_on(changes(
-                ctx.registry.subscribe(),
-                Duration::from_millis(500),
-            ))
+        let controller = controller_for(api, config.concurrency)
+            .reconcile_all_on(changes(ctx.registry.subscribe(), Duration::from_secs(1)))
             .graceful_shutdown_on(stop.clone());
         let ctx = ctx.clone();
         tasks.push(tokio::spawn(

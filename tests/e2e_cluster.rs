@@ -194,6 +194,7 @@ async fn webhook_scenario(client: Client, ns: String, host: String) {
         watch_namespaces: vec![ns.clone()],
         signing_key_rotation: Duration::from_secs(720 * 3600),
         max_token_lifetime: Duration::from_secs(24 * 3600),
+        concurrency: 16,
     };
     let registry = Arc::new(keygate::registry::Registry::default());
     let mut synced = keygate::controller::watch::spawn_feeds(&client, &config, &registry);

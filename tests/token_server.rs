@@ -207,7 +207,7 @@ impl Fixture {
                 ObjectKey::new(NS, name),
                 ClientInput {
                     spec: spec.clone(),
-                    credentials: Some(data.clone()),
+                    credentials: Some(Arc::new(data.clone())),
                 },
             );
             clients.insert(name, TestClient { spec, data });

@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 
 use super::{
@@ -195,14 +195,8 @@ async fn reconcile_client(client: &ApiClient, ctx: &Context) -> Result<Action> {
         let message = format!(
             "Secret {name} exists and is not managed by this ApiClient; choose another spec.secretName"
         );
-        publish(
-            ctx,
-            &reference,
-            EventType::Warning,
-            "SecretConflict",
-            &message,
-        )
-        .await;
+        ctx.publish(&reference, EventType::Warning, "SecretConflict", &message)
+            .await;
         patch_status(
             ctx,
             client,
@@ -281,12 +275,11 @@ async fn reconcile_client(client: &ApiClient, ctx: &Context) -> Result<Action> {
             .is_some();
         match (&existing, had_credentials) {
             (None, true) => {
-                publish(ctx, &reference, EventType::Warning, "CredentialsRegenerated",
+                ctx.publish(&reference, EventType::Warning, "CredentialsRegenerated",
                     &format!("Secret {name} was missing; new credentials were generated (the client id is unchanged)")).await;
             }
             (None, false) => {
-                publish(
-                    ctx,
+                ctx.publish(
                     &reference,
                     EventType::Normal,
                     "CredentialsCreated",
@@ -295,7 +288,7 @@ async fn reconcile_client(client: &ApiClient, ctx: &Context) -> Result<Action> {
                 .await;
             }
             _ if plan.rotated => {
-                publish(ctx, &reference, EventType::Normal, "CredentialsRotated",
+                ctx.publish(&reference, EventType::Normal, "CredentialsRotated",
                     &format!("credentials in Secret {name} rotated; the previous ones stay valid for the overlap")).await;
             }
             _ => {}
@@ -303,8 +296,7 @@ async fn reconcile_client(client: &ApiClient, ctx: &Context) -> Result<Action> {
     }
     if let Some(before) = plan.revoke_before {
         ctx.revocations.revoke_client(&client_id, before);
-        publish(
-            ctx,
+        ctx.publish(
             &reference,
             EventType::Normal,
             "TokensRevoked",
@@ -439,26 +431,6 @@ async fn patch_status(
     .await?;
     ctx.wrote("apiclient");
     Ok(())
-}
-
-/// Publishes an Event; a failure to record one never fails the reconcile.
-pub async fn publish(
-    ctx: &Context,
-    reference: &k8s_openapi::api::core::v1::ObjectReference,
-    type_: EventType,
-    reason: &str,
-    note: &str,
-) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note.into()),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(error) = ctx.recorder.publish(&event, reference).await {
-        tracing::debug!(%error, "cannot publish an Event");
-    }
 }
 
 #[cfg(test)]

@@ -23,9 +23,13 @@ pub mod webhook_tls;
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::events;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::Client;
+use kube::api::PostParams;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -64,6 +68,9 @@ pub struct OperatorConfig {
     pub signing_key_rotation: Duration,
     /// The longest token lifetime; previous signing keys are kept this long.
     pub max_token_lifetime: Duration,
+    /// Reconciles of one kind that may run at once. Each holds an API connection, so this
+    /// bounds the operator's connections and memory during a burst (0: unbounded).
+    pub concurrency: u16,
 }
 
 impl OperatorConfig {
@@ -175,7 +182,10 @@ impl Metrics {
 /// What every reconciler shares.
 pub struct Context {
     pub client: Client,
+    /// Publishes Warnings, folding repeats into one Event series. It keeps every Event it
+    /// published for six minutes, so one-off Normal Events bypass it (see [`Context::publish`]).
     pub recorder: Recorder,
+    pub reporter: Reporter,
     pub registry: Arc<Registry>,
     pub keys: channel::Receiver<Arc<IssuerKeys>>,
     pub revocations: Arc<Revocations>,
@@ -197,7 +207,8 @@ impl Context {
             instance: std::env::var("POD_NAME").ok(),
         };
         Arc::new(Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: Recorder::new(client.clone(), reporter.clone()),
+            reporter,
             client,
             registry,
             keys,
@@ -205,6 +216,73 @@ impl Context {
             config,
             metrics: Metrics::register(metrics),
         })
+    }
+
+    /// Publishes an Event about `reference`. A failure is logged, never fatal.
+    ///
+    /// Normal Events mark one-off transitions (credentials created, rotated), so they are
+    /// created directly: through the Recorder, a burst of 10,000 new ApiClients would keep
+    /// 10,000 Events in its cache for six minutes (23 MiB in the controller benchmark).
+    /// Warnings repeat while a problem lasts and go through the Recorder's series.
+    pub async fn publish(
+        &self,
+        reference: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: &str,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.into()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        let result = match type_ {
+            EventType::Warning => self.recorder.publish(&event, reference).await,
+            EventType::Normal => self.create_event(&event, reference).await,
+        };
+        if let Err(error) = result {
+            tracing::debug!(%error, "cannot publish an Event");
+        }
+    }
+
+    async fn create_event(&self, event: &Event, reference: &ObjectReference) -> kube::Result<()> {
+        let now = jiff::Timestamp::now();
+        let namespace = reference
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let object = events::v1::Event {
+            metadata: ObjectMeta {
+                namespace: Some(namespace.clone()),
+                name: Some(format!(
+                    "{}.{:x}",
+                    reference.name.as_deref().unwrap_or("keygate"),
+                    now.as_nanosecond()
+                )),
+                ..ObjectMeta::default()
+            },
+            action: Some(event.action.clone()),
+            reason: Some(event.reason.clone()),
+            note: event.note.clone(),
+            event_time: Some(MicroTime(now)),
+            regarding: Some(reference.clone()),
+            reporting_controller: Some(self.reporter.controller.clone()),
+            reporting_instance: Some(
+                self.reporter
+                    .instance
+                    .clone()
+                    .unwrap_or_else(|| self.reporter.controller.clone()),
+            ),
+            type_: Some("Normal".into()),
+            ..events::v1::Event::default()
+        };
+        let api: kube::Api<events::v1::Event> =
+            kube::Api::namespaced(self.client.clone(), &namespace);
+        api.create(&PostParams::default(), &object)
+            .await
+            .map(|_| ())
     }
 
     /// Counts one write by `controller`.
@@ -234,6 +312,19 @@ pub fn error_policy(controller: &'static str, error: &Error, ctx: &Context) -> A
     }
 }
 
+/// Drops what keygate never reads from a watched object before it is cached: managed fields
+/// and `kubectl apply`'s copy of the whole object. They are most of a small object's size.
+pub fn lean<K: kube::Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
+/// The annotation `kubectl apply` (client-side) stores the applied object in.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
 /// Whether `namespace` is watched.
 pub fn watched(config: &OperatorConfig, namespace: &str) -> bool {
     config.watch_namespaces.is_empty() || config.watch_namespaces.iter().any(|n| n == namespace)
@@ -253,5 +344,38 @@ where
             .iter()
             .map(|ns| kube::Api::namespaced(client.clone(), ns))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lean_keeps_what_keygate_reads() {
+        use k8s_openapi::api::core::v1::Secret;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta};
+        let mut secret = Secret {
+            metadata: ObjectMeta {
+                name: Some("a".into()),
+                managed_fields: Some(vec![ManagedFieldsEntry::default()]),
+                annotations: Some(
+                    [
+                        (LAST_APPLIED.to_owned(), "{}".to_owned()),
+                        (ROTATE_ANNOTATION.to_owned(), "1".to_owned()),
+                    ]
+                    .into(),
+                ),
+                ..ObjectMeta::default()
+            },
+            ..Secret::default()
+        };
+        lean(&mut secret);
+        assert_eq!(secret.metadata.managed_fields, None);
+        assert_eq!(
+            secret.metadata.annotations,
+            Some([(ROTATE_ANNOTATION.to_owned(), "1".to_owned())].into())
+        );
+        assert_eq!(secret.metadata.name.as_deref(), Some("a"));
     }
 }

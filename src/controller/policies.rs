@@ -14,7 +14,6 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 
-use super::clients::publish;
 use super::{Context, Error, MANAGED_BY, MANAGER, POLICY_LABEL, ReconcileLabels, Result, timed};
 use crate::api::{ScopePolicy, ScopePolicyStatus, ready_condition};
 use crate::policy::{BuildError, PolicyDocument};
@@ -78,14 +77,8 @@ async fn reconcile_policy(policy: &ScopePolicy, ctx: &Context) -> Result<Action>
             "resource {} is already declared by ScopePolicy {owner}",
             policy.spec.resource
         );
-        publish(
-            ctx,
-            &reference,
-            EventType::Warning,
-            "ResourceConflict",
-            &message,
-        )
-        .await;
+        ctx.publish(&reference, EventType::Warning, "ResourceConflict", &message)
+            .await;
         let status = status(
             policy,
             false,
@@ -115,8 +108,7 @@ async fn reconcile_policy(policy: &ScopePolicy, ctx: &Context) -> Result<Action>
                 "{} rule error(s); the sidecars keep the last good policy",
                 rule_errors.len()
             );
-            publish(
-                ctx,
+            ctx.publish(
                 &reference,
                 EventType::Warning,
                 "InvalidRules",
@@ -138,7 +130,7 @@ async fn reconcile_policy(policy: &ScopePolicy, ctx: &Context) -> Result<Action>
         }
         Err(other) => return Err(Error::Invalid(other.to_string())),
     };
-    let json = serde_json::to_string_pretty(&document)?;
+    let json = serde_json::to_string(&document)?;
     let name = config_map_name(&policy.name_any());
     let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
     let existing = timed(config_maps.get_opt(&name)).await?;

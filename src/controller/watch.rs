@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::core::DeserializeGuard;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -57,14 +57,18 @@ async fn feed<K>(
         + 'static,
 {
     let mut buffer: Vec<K> = Vec::new();
-    let mut events = watcher(api, config).default_backoff().boxed();
+    let mut events = watcher(api, config)
+        .default_backoff()
+        .modify(super::lean)
+        .boxed();
     while let Some(first) = events.next().await {
-        // Take every event already waiting, so a burst (a relist, many new Secrets) costs one
-        // registry rebuild instead of one per object.
+        // Gather what arrives within COALESCE, so a burst (a relist, many new Secrets) costs
+        // a few registry rebuilds instead of one per object.
         let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + COALESCE;
         while batch.len() < MAX_BATCH {
-            match events.next().now_or_never() {
-                Some(Some(event)) => batch.push(event),
+            match tokio::time::timeout_at(deadline, events.next()).await {
+                Ok(Some(event)) => batch.push(event),
                 _ => break,
             }
         }
@@ -94,6 +98,9 @@ async fn feed<K>(
 
 /// The most watch events applied in one registry update.
 const MAX_BATCH: usize = 1024;
+/// How long a watch gathers events before it updates the registry: a change reaches the
+/// token server and the webhook this much later, and a burst costs a rebuild per interval.
+const COALESCE: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn key_of<K: kube::Resource>(object: &K) -> ObjectKey {
     ObjectKey::new(

@@ -113,7 +113,7 @@ fn build_inputs(config: &Config, state: &StateDir, issuer: &str) -> Result<Input
             key.clone(),
             ClientInput {
                 spec: client.spec.clone(),
-                credentials: Some(data),
+                credentials: Some(Arc::new(data)),
             },
         );
     }

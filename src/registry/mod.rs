@@ -48,12 +48,13 @@ impl std::fmt::Display for ObjectKey {
 #[derive(Debug, Clone, Default)]
 pub struct ClientInput {
     pub spec: ApiClientSpec,
-    /// The client's credentials (the Secret's data); absent until they exist.
-    pub credentials: Option<CredentialData>,
+    /// The client's credentials when they come with it (`keygate dev`); the operator's come
+    /// separately, in [`Inputs::credentials`].
+    pub credentials: Option<Arc<CredentialData>>,
 }
 
 /// A ScopePolicy as the registry needs it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PolicyInput {
     pub spec: ScopePolicySpec,
     /// Creation time (Unix seconds) when known: the first policy to declare a resource owns
@@ -83,8 +84,11 @@ pub struct ClientView {
     /// The lifetime the client asked for; the token server caps it.
     pub token_lifetime: Option<Duration>,
     pub material: Arc<ClientMaterial>,
-    /// The credential data the material was parsed from (operator), to reuse it unchanged.
+    /// The credential data the material was parsed from, to reuse it unchanged.
     source: Option<Arc<CredentialData>>,
+    /// The spec the view was built from, and what was wrong with it, to reuse it unchanged.
+    spec: ApiClientSpec,
+    problems: Vec<Problem>,
     /// Effective scopes per resource.
     pub grants: AllowedScopes,
     pub ineffective: Vec<IneffectiveGrant>,
@@ -168,71 +172,52 @@ impl Snapshot {
             );
         }
 
+        // With the same roles, policies and namespaces, a client whose spec and credentials
+        // are unchanged keeps its view: a change to one client costs one resolution, not n.
+        let same_context = previous.is_some_and(|p| {
+            p.roles == inputs.roles
+                && p.policies == inputs.policies
+                && p.namespace_labels == inputs.namespace_labels
+        });
         let no_labels = BTreeMap::new();
-        let mut clients = HashMap::new();
+        let mut clients = HashMap::with_capacity(inputs.clients.len());
         let mut clients_by_key = BTreeMap::new();
         for (key, client) in &inputs.clients {
-            let labels = inputs
-                .namespace_labels
-                .get(&key.namespace)
-                .unwrap_or(&no_labels);
-            let (grants, ineffective) = resolve_grants(
-                &key.namespace,
-                labels,
-                &client.spec.roles,
-                |role| inputs.roles.get(&ObjectKey::new(&key.namespace, role)),
-                &resources,
-            );
-            let shared = inputs.credentials.get(key);
-            let reused = shared.and_then(|data| {
-                let view = previous?.clients_by_key.get(key)?;
-                view.source
-                    .as_ref()
-                    .filter(|source| Arc::ptr_eq(source, data))
-                    .map(|_| view.material.clone())
-            });
-            let credentials = client.credentials.as_ref().or(shared.map(|d| &**d));
-            let material = match (reused, credentials) {
-                (Some(material), _) => Some(material),
-                (None, Some(data)) => match ClientMaterial::from_data(data) {
-                    Ok(material) => Some(Arc::new(material)),
-                    Err(e) => {
-                        problems.push(Problem {
-                            kind: "ApiClient",
-                            key: key.clone(),
-                            message: e.to_string(),
-                        });
-                        None
-                    }
-                },
-                (None, None) => None,
+            let credentials = client.credentials.as_ref().or(inputs.credentials.get(key));
+            let old = previous.and_then(|p| p.clients_by_key.get(key));
+            let same_credentials = |view: &ClientView| match (&view.source, credentials) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
             };
-            let token_lifetime = match client.spec.token_lifetime.as_deref().map(parse_duration) {
-                Some(Ok(d)) => Some(d),
-                Some(Err(e)) => {
-                    problems.push(Problem {
-                        kind: "ApiClient",
-                        key: key.clone(),
-                        message: e,
-                    });
-                    None
+            let view = match old {
+                Some(view)
+                    if same_context && view.spec == client.spec && same_credentials(view) =>
+                {
+                    problems.extend(view.problems.iter().cloned());
+                    view.clone()
                 }
-                None => None,
+                _ => {
+                    let labels = inputs
+                        .namespace_labels
+                        .get(&key.namespace)
+                        .unwrap_or(&no_labels);
+                    let (grants, ineffective) = resolve_grants(
+                        &key.namespace,
+                        labels,
+                        &client.spec.roles,
+                        |role| inputs.roles.get(&ObjectKey::new(&key.namespace, role)),
+                        &resources,
+                    );
+                    let reused = old
+                        .filter(|view| same_credentials(view))
+                        .map(|view| view.material.clone());
+                    let view = client_view(key, client, credentials, reused, grants, ineffective);
+                    problems.extend(view.problems.iter().cloned());
+                    Arc::new(view)
+                }
             };
-            let view = Arc::new(ClientView {
-                key: key.clone(),
-                client_id: material
-                    .as_ref()
-                    .map(|m| m.client_id.clone())
-                    .unwrap_or_default(),
-                disabled: client.spec.disabled,
-                token_lifetime,
-                material: material.clone().unwrap_or_default(),
-                source: shared.cloned(),
-                grants,
-                ineffective,
-            });
-            if material.as_ref().is_some_and(|m| !m.client_id.is_empty()) {
+            if !view.client_id.is_empty() {
                 clients.insert(view.client_id.clone(), view.clone());
             }
             clients_by_key.insert(key.clone(), view);
@@ -269,6 +254,58 @@ impl Snapshot {
         self.clients
             .values()
             .filter(move |c| c.grants.contains_key(resource))
+    }
+}
+
+/// Builds one client's view; `reused` is its parsed material when the credentials are the
+/// same shared value as before.
+fn client_view(
+    key: &ObjectKey,
+    client: &ClientInput,
+    credentials: Option<&Arc<CredentialData>>,
+    reused: Option<Arc<ClientMaterial>>,
+    grants: AllowedScopes,
+    ineffective: Vec<IneffectiveGrant>,
+) -> ClientView {
+    let mut problems = Vec::new();
+    let problem = |message: String| Problem {
+        kind: "ApiClient",
+        key: key.clone(),
+        message,
+    };
+    let material = match (reused, credentials) {
+        (Some(material), _) => Some(material),
+        (None, Some(data)) => match ClientMaterial::from_data(data) {
+            Ok(material) => Some(Arc::new(material)),
+            Err(e) => {
+                problems.push(problem(e.to_string()));
+                None
+            }
+        },
+        (None, None) => None,
+    };
+    let token_lifetime = match client.spec.token_lifetime.as_deref().map(parse_duration) {
+        Some(Ok(d)) => Some(d),
+        Some(Err(e)) => {
+            problems.push(problem(e));
+            None
+        }
+        None => None,
+    };
+    ClientView {
+        key: key.clone(),
+        client_id: material
+            .as_ref()
+            .map(|m| m.client_id.clone())
+            .unwrap_or_default(),
+        disabled: client.spec.disabled,
+        token_lifetime,
+        material: material.unwrap_or_default(),
+        source: credentials.cloned(),
+        spec: client.spec.clone(),
+        problems,
+        grants,
+        ineffective,
     }
 }
 

@@ -64,6 +64,7 @@ async fn start_operator_on(client: Client, namespace: &str, token_port: u16) -> 
             watch_namespaces: vec![namespace.to_owned()],
             signing_key_rotation: Duration::from_secs(720 * 3600),
             max_token_lifetime: Duration::from_secs(24 * 3600),
+            concurrency: 16,
         },
         token_listen: format!("127.0.0.1:{token_port}").parse().expect("addr"),
         admin_listen: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
