@@ -207,7 +207,7 @@ impl Fixture {
                 ObjectKey::new(NS, name),
                 ClientInput {
                     spec: spec.clone(),
-                    credentials: Some(Arc::new(data.clone())),
+                    credentials: Some(keygate::registry::read_credentials(&data)),
                 },
             );
             clients.insert(name, TestClient { spec, data });
@@ -266,7 +266,7 @@ impl Fixture {
                 .clients
                 .get_mut(&ObjectKey::new(NS, name))
                 .unwrap()
-                .credentials = Some(data.clone());
+                .credentials = Some(keygate::registry::read_credentials(&data));
         });
     }
 

@@ -13,8 +13,9 @@ use kube::{Api, Client, ResourceExt};
 
 use super::{CLIENT_LABEL, MANAGED_BY, OperatorConfig, apis};
 use crate::api::{ApiClient, M2MRole, ScopePolicy};
-use crate::credentials::CredentialData;
-use crate::registry::{ClientInput, Inputs, ObjectKey, PolicyInput, Registry};
+use crate::registry::{
+    ClientInput, Credentials, Inputs, ObjectKey, PolicyInput, Registry, read_credentials,
+};
 
 /// Counts down the watches that have not completed their first list yet.
 struct Synced {
@@ -154,12 +155,12 @@ fn apply_guarded<K, V>(
     }
 }
 
-/// The credential data of a keygate Secret, keyed by its ApiClient.
-fn secret_entry(secret: &Secret) -> Option<(ObjectKey, Arc<CredentialData>)> {
+/// The credentials of a keygate Secret, keyed by its ApiClient.
+fn secret_entry(secret: &Secret) -> Option<(ObjectKey, Credentials)> {
     let client = secret.labels().get(CLIENT_LABEL)?;
     Some((
         ObjectKey::new(secret.namespace().unwrap_or_default(), client),
-        Arc::new(super::clients::secret_data(secret)),
+        read_credentials(&super::clients::secret_data(secret)),
     ))
 }
 

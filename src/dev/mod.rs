@@ -22,7 +22,9 @@ use crate::credentials::{
     self, CredentialData, derive_client_id, ensure_material, key, prune_expired_previous, unix_now,
 };
 use crate::policy::PolicyDocument;
-use crate::registry::{ClientInput, Inputs, ObjectKey, PolicyInput, Registry, Revocations};
+use crate::registry::{
+    ClientInput, Inputs, ObjectKey, PolicyInput, Registry, Revocations, read_credentials,
+};
 use crate::sidecar::forward::{ForwardConfig, Forwarder};
 use crate::sidecar::server::Sidecar;
 use crate::token::keys::{IssuerKeys, RotationPolicy};
@@ -113,7 +115,7 @@ fn build_inputs(config: &Config, state: &StateDir, issuer: &str) -> Result<Input
             key.clone(),
             ClientInput {
                 spec: client.spec.clone(),
-                credentials: Some(Arc::new(data)),
+                credentials: Some(read_credentials(&data)),
             },
         );
     }

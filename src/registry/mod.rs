@@ -10,7 +10,7 @@ mod revocation;
 pub use resolve::*;
 pub use revocation::*;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,7 +50,7 @@ pub struct ClientInput {
     pub spec: ApiClientSpec,
     /// The client's credentials when they come with it (`keygate dev`); the operator's come
     /// separately, in [`Inputs::credentials`].
-    pub credentials: Option<Arc<CredentialData>>,
+    pub credentials: Option<Credentials>,
 }
 
 /// A ScopePolicy as the registry needs it.
@@ -70,9 +70,20 @@ pub struct Inputs {
     pub policies: BTreeMap<ObjectKey, PolicyInput>,
     pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
     /// Credentials by ApiClient key, when they arrive separately from the ApiClient (the
-    /// operator watches Secrets and ApiClients apart; either may come first). Shared, so a
-    /// rebuild can tell unchanged credentials by pointer and reuse their parsed keys.
-    pub credentials: BTreeMap<ObjectKey, Arc<CredentialData>>,
+    /// operator watches Secrets and ApiClients apart; either may come first).
+    pub credentials: BTreeMap<ObjectKey, Credentials>,
+}
+
+/// An ApiClient's credentials as the registry keeps them: parsed once, when they arrive,
+/// into digests and public keys (never a secret or a private key), or why they are unusable.
+/// Shared, so a rebuild tells unchanged credentials apart by pointer.
+pub type Credentials = Result<Arc<ClientMaterial>, String>;
+
+/// Reads credential data (a Secret's, or `keygate dev`'s state) into [`Credentials`].
+pub fn read_credentials(data: &CredentialData) -> Credentials {
+    ClientMaterial::from_data(data)
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
 }
 
 /// One client as the token server and policy builder see it.
@@ -84,13 +95,13 @@ pub struct ClientView {
     /// The lifetime the client asked for; the token server caps it.
     pub token_lifetime: Option<Duration>,
     pub material: Arc<ClientMaterial>,
-    /// The credential data the material was parsed from, to reuse it unchanged.
-    source: Option<Arc<CredentialData>>,
+    /// The credentials the view was built from, to reuse it while they are unchanged.
+    credentials: Option<Credentials>,
     /// The spec the view was built from, and what was wrong with it, to reuse it unchanged.
     spec: ApiClientSpec,
     problems: Vec<Problem>,
-    /// Effective scopes per resource.
-    pub grants: AllowedScopes,
+    /// Effective scopes per resource; clients with the same grants share one value.
+    pub grants: Arc<AllowedScopes>,
     pub ineffective: Vec<IneffectiveGrant>,
 }
 
@@ -139,8 +150,7 @@ impl Snapshot {
         Self::rebuild(inputs, None)
     }
 
-    /// Builds the snapshot, reusing the parsed credentials of `previous` where the credential
-    /// data is the same shared value: parsing keys is the expensive part of a rebuild.
+    /// Builds the snapshot, reusing the client views of `previous` whose inputs are unchanged.
     pub fn rebuild(inputs: &Inputs, previous: Option<&Snapshot>) -> Self {
         let mut problems = Vec::new();
         let mut ordered: Vec<(&ObjectKey, &PolicyInput)> = inputs.policies.iter().collect();
@@ -180,13 +190,16 @@ impl Snapshot {
                 && p.namespace_labels == inputs.namespace_labels
         });
         let no_labels = BTreeMap::new();
+        // Most clients hold one of a few role combinations: keep one copy of each.
+        let mut shared_grants: Option<HashSet<Arc<AllowedScopes>>> = None;
         let mut clients = HashMap::with_capacity(inputs.clients.len());
         let mut clients_by_key = BTreeMap::new();
         for (key, client) in &inputs.clients {
             let credentials = client.credentials.as_ref().or(inputs.credentials.get(key));
             let old = previous.and_then(|p| p.clients_by_key.get(key));
-            let same_credentials = |view: &ClientView| match (&view.source, credentials) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            let same_credentials = |view: &ClientView| match (&view.credentials, credentials) {
+                (Some(Ok(a)), Some(Ok(b))) => Arc::ptr_eq(a, b),
+                (Some(Err(a)), Some(Err(b))) => a == b,
                 (None, None) => true,
                 _ => false,
             };
@@ -209,10 +222,16 @@ impl Snapshot {
                         |role| inputs.roles.get(&ObjectKey::new(&key.namespace, role)),
                         &resources,
                     );
-                    let reused = old
-                        .filter(|view| same_credentials(view))
-                        .map(|view| view.material.clone());
-                    let view = client_view(key, client, credentials, reused, grants, ineffective);
+                    let shared = shared_grants.get_or_insert_with(|| distinct_grants(previous));
+                    let grants = match shared.get(&grants) {
+                        Some(same) => same.clone(),
+                        None => {
+                            let grants = Arc::new(grants);
+                            shared.insert(grants.clone());
+                            grants
+                        }
+                    };
+                    let view = client_view(key, client, credentials, grants, ineffective);
                     problems.extend(view.problems.iter().cloned());
                     Arc::new(view)
                 }
@@ -257,14 +276,23 @@ impl Snapshot {
     }
 }
 
-/// Builds one client's view; `reused` is its parsed material when the credentials are the
-/// same shared value as before.
+/// The distinct grant values of a snapshot's clients.
+fn distinct_grants(snapshot: Option<&Snapshot>) -> HashSet<Arc<AllowedScopes>> {
+    let mut seen = HashSet::new();
+    snapshot
+        .into_iter()
+        .flat_map(|s| s.clients_by_key.values())
+        .filter(|view| seen.insert(Arc::as_ptr(&view.grants)))
+        .map(|view| view.grants.clone())
+        .collect()
+}
+
+/// Builds one client's view.
 fn client_view(
     key: &ObjectKey,
     client: &ClientInput,
-    credentials: Option<&Arc<CredentialData>>,
-    reused: Option<Arc<ClientMaterial>>,
-    grants: AllowedScopes,
+    credentials: Option<&Credentials>,
+    grants: Arc<AllowedScopes>,
     ineffective: Vec<IneffectiveGrant>,
 ) -> ClientView {
     let mut problems = Vec::new();
@@ -273,16 +301,13 @@ fn client_view(
         key: key.clone(),
         message,
     };
-    let material = match (reused, credentials) {
-        (Some(material), _) => Some(material),
-        (None, Some(data)) => match ClientMaterial::from_data(data) {
-            Ok(material) => Some(Arc::new(material)),
-            Err(e) => {
-                problems.push(problem(e.to_string()));
-                None
-            }
-        },
-        (None, None) => None,
+    let material = match credentials {
+        Some(Ok(material)) => Some(material.clone()),
+        Some(Err(message)) => {
+            problems.push(problem(message.clone()));
+            None
+        }
+        None => None,
     };
     let token_lifetime = match client.spec.token_lifetime.as_deref().map(parse_duration) {
         Some(Ok(d)) => Some(d),
@@ -301,7 +326,7 @@ fn client_view(
         disabled: client.spec.disabled,
         token_lifetime,
         material: material.unwrap_or_default(),
-        source: credentials.cloned(),
+        credentials: credentials.cloned(),
         spec: client.spec.clone(),
         problems,
         grants,
@@ -355,5 +380,152 @@ impl Registry {
     /// Replaces every input at once (a reload of all files, a relist).
     pub fn replace(&self, inputs: Inputs) {
         self.update(|current| *current = inputs);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Permission, ScopeDefinition};
+    use crate::credentials::ensure_material;
+
+    const ORDERS: &str = "https://orders.shop.svc";
+
+    fn inputs() -> Inputs {
+        let mut inputs = Inputs::default();
+        inputs.policies.insert(
+            ObjectKey::new("shop", "orders"),
+            PolicyInput {
+                spec: ScopePolicySpec {
+                    resource: ORDERS.into(),
+                    scopes: ["orders.read", "orders.write"]
+                        .map(|name| ScopeDefinition {
+                            name: name.into(),
+                            description: None,
+                        })
+                        .into(),
+                    ..ScopePolicySpec::default()
+                },
+                created: Some(1),
+            },
+        );
+        inputs
+            .roles
+            .insert(ObjectKey::new("shop", "reader"), role(&["orders.read"]));
+        for name in ["a", "b"] {
+            inputs.clients.insert(
+                ObjectKey::new("shop", name),
+                ClientInput {
+                    spec: ApiClientSpec {
+                        roles: vec!["reader".into()],
+                        client_secret: true,
+                        ..ApiClientSpec::default()
+                    },
+                    credentials: None,
+                },
+            );
+            inputs
+                .credentials
+                .insert(ObjectKey::new("shop", name), credentials(name));
+        }
+        inputs
+    }
+
+    fn role(scopes: &[&str]) -> M2MRoleSpec {
+        M2MRoleSpec {
+            description: None,
+            permissions: vec![Permission {
+                resource: ORDERS.into(),
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            }],
+        }
+    }
+
+    fn credentials(name: &str) -> Credentials {
+        let spec = ApiClientSpec {
+            client_secret: true,
+            ..ApiClientSpec::default()
+        };
+        let (data, _) = ensure_material(
+            &spec,
+            &format!("kgc_{name}"),
+            "http://t/oauth2/token",
+            "http://t",
+            &CredentialData::new(),
+        )
+        .unwrap();
+        read_credentials(&data)
+    }
+
+    fn view<'a>(snapshot: &'a Snapshot, name: &str) -> &'a Arc<ClientView> {
+        &snapshot.clients_by_key[&ObjectKey::new("shop", name)]
+    }
+
+    #[test]
+    fn a_rebuild_keeps_the_views_of_unchanged_clients() {
+        let mut inputs = inputs();
+        let before = Snapshot::build(&inputs);
+        let b = ObjectKey::new("shop", "b");
+        inputs.clients.get_mut(&b).unwrap().spec.disabled = true;
+        let after = Snapshot::rebuild(&inputs, Some(&before));
+        assert!(Arc::ptr_eq(view(&before, "a"), view(&after, "a")));
+        assert!(!Arc::ptr_eq(view(&before, "b"), view(&after, "b")));
+        assert!(view(&after, "b").disabled);
+        assert!(Arc::ptr_eq(
+            &view(&before, "b").material,
+            &view(&after, "b").material
+        ));
+
+        inputs.credentials.insert(b.clone(), credentials("b2"));
+        let rotated = Snapshot::rebuild(&inputs, Some(&after));
+        assert_eq!(view(&rotated, "b").client_id, "kgc_b2");
+        assert!(rotated.clients.contains_key("kgc_b2"));
+        assert!(Arc::ptr_eq(view(&after, "a"), view(&rotated, "a")));
+    }
+
+    #[test]
+    fn a_changed_role_or_policy_resolves_every_client_again() {
+        let mut inputs = inputs();
+        let before = Snapshot::build(&inputs);
+        inputs.roles.insert(
+            ObjectKey::new("shop", "reader"),
+            role(&["orders.read", "orders.write"]),
+        );
+        let after = Snapshot::rebuild(&inputs, Some(&before));
+        for name in ["a", "b"] {
+            assert_eq!(
+                view(&after, name).grants[ORDERS].len(),
+                2,
+                "{name} sees the new scope"
+            );
+        }
+        inputs.policies.clear();
+        let gone = Snapshot::rebuild(&inputs, Some(&after));
+        assert!(view(&gone, "a").grants.is_empty());
+    }
+
+    #[test]
+    fn clients_with_the_same_grants_share_them() {
+        let snapshot = Snapshot::build(&inputs());
+        assert!(Arc::ptr_eq(
+            &view(&snapshot, "a").grants,
+            &view(&snapshot, "b").grants
+        ));
+    }
+
+    #[test]
+    fn a_kept_view_keeps_its_problems() {
+        let mut inputs = inputs();
+        let a = ObjectKey::new("shop", "a");
+        inputs.clients.get_mut(&a).unwrap().spec.token_lifetime = Some("soon".into());
+        inputs
+            .credentials
+            .insert(ObjectKey::new("shop", "b"), Err("bad public key".into()));
+        let before = Snapshot::build(&inputs);
+        assert_eq!(before.problems.len(), 2, "{:?}", before.problems);
+        let after = Snapshot::rebuild(&inputs, Some(&before));
+        assert!(Arc::ptr_eq(view(&before, "a"), view(&after, "a")));
+        assert_eq!(after.problems, before.problems);
+        assert!(!after.clients.values().any(|c| c.key.name == "b"));
     }
 }
