@@ -133,6 +133,40 @@ targets = [
      f"{fmt_int(tok_es)} vs {fmt_int(tok_op)} tokens/s = {fmt_ratio(tok_es, tok_op)}",
      ge(tok_es, None if tok_op is None else 10 * tok_op)),
 ]
+
+# --- controller (bench/controller.sh writes a Markdown table) ---------------------------
+controller_rows = {}
+controller_path = os.path.join(run_dir, "controller.md")
+if os.path.exists(controller_path):
+    with open(controller_path) as f:
+        for line in f:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if cells and cells[0].isdigit():
+                controller_rows[int(cells[0])] = cells
+
+
+def controller(n, column):
+    cells = controller_rows.get(n)
+    if cells is None:
+        return None
+    try:
+        return float(cells[column].split()[0])
+    except (IndexError, ValueError):
+        return None
+
+
+for n, limit in [(1000, 30), (10000, 300)]:
+    took = controller(n, 1)
+    targets.append((f"Controller: {n:,} ApiClients Ready in ≤ {limit} s (in-process API)",
+                    "—" if took is None else f"{took:.1f} s", le(took, limit)))
+idle = [controller(n, 4) for n in sorted(controller_rows)]
+targets.append(("Controller: zero writes on an idle resync",
+                "—" if not idle else " / ".join(f"{v:.0f}" for v in idle if v is not None),
+                None if not idle else all(v == 0 for v in idle)))
+peak_10k = controller(10000, 5)
+targets.append(("Controller: ≤ 64 MiB RSS at 10,000 ApiClients + Secrets (peak VmHWM)",
+                "—" if peak_10k is None else f"{peak_10k:.1f} MiB", le(peak_10k, 64)))
+
 w("## Targets")
 w("")
 w("| target | measured | met |")
@@ -143,6 +177,19 @@ w("")
 notes_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "NOTES.md")
 if not smoke and os.path.exists(notes_path):
     with open(notes_path) as f:
+        w(f.read().rstrip())
+    w("")
+
+if controller_rows:
+    w("## Controller")
+    w("")
+    w("`bench/controller.sh`: the ApiClients (one role, one ScopePolicy) are applied to the "
+      "in-process API server of the tests (`tests/support/apiserver.rs`), then a release "
+      "`keygate operator` process starts against it; the time runs until every ApiClient is "
+      "`Ready` and the ScopePolicy's status counts them all. Writes are API calls that changed "
+      "an object. RSS is the operator process's VmHWM (peak) and VmRSS after the idle period.")
+    w("")
+    with open(controller_path) as f:
         w(f.read().rstrip())
     w("")
 

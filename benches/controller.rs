@@ -36,16 +36,21 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn peak_rss_kib(child: &Child) -> u64 {
+/// A `/proc/PID/status` field in KiB: `VmHWM` (peak resident size) or `VmRSS` (now).
+fn status_kib(child: &Child, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{}/status", child.id()))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
                 .map(str::to_owned)
         })
         .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         .unwrap_or(0)
+}
+
+fn peak_rss_kib(child: &Child) -> u64 {
+    status_kib(child, "VmHWM")
 }
 
 async fn apply_objects(client: &Client, n: usize) {
@@ -104,16 +109,21 @@ async fn ready_count(client: &Client) -> usize {
         .unwrap_or(0)
 }
 
-/// How many clients the ScopePolicy's status counts (its ConfigMap is written first).
-async fn policy_clients(client: &Client) -> usize {
+/// Where the ScopePolicy stands: its policy file published for all `n` clients (with the
+/// ConfigMap's size), refused as too large for a ConfigMap, or not there yet.
+async fn policy_state(client: &Client, server: &FakeApiServer, n: usize) -> Option<String> {
     let policies: Api<keygate::api::ScopePolicy> = Api::namespaced(client.clone(), NS);
-    policies
-        .get("orders")
-        .await
-        .ok()
-        .and_then(|p| p.status)
-        .map(|s| usize::try_from(s.clients).unwrap_or(0))
-        .unwrap_or(0)
+    let status = policies.get("orders").await.ok()?.status?;
+    let reason = status.conditions.first().map(|c| c.reason.clone())?;
+    if reason == "PolicyTooLarge" {
+        return Some("over the 1 MiB ConfigMap limit: refused (`PolicyTooLarge`)".into());
+    }
+    if usize::try_from(status.clients).ok()? != n {
+        return None;
+    }
+    let map = server.object("configmaps", NS, "orders-keygate-policy")?;
+    let bytes = map["data"]["policy.json"].as_str()?.len();
+    Some(format!("{:.0} KiB", bytes as f64 / 1024.0))
 }
 
 async fn run(n: usize, binary: &str) {
@@ -149,11 +159,13 @@ async fn run(n: usize, binary: &str) {
         .expect("keygate operator starts");
     let mut peak = 0;
     let mut reported = Instant::now();
-    loop {
+    let policy = loop {
         peak = peak.max(peak_rss_kib(&operator));
         let ready = ready_count(&client).await;
-        if ready == n && policy_clients(&client).await == n {
-            break;
+        if ready == n
+            && let Some(state) = policy_state(&client, &server, n).await
+        {
+            break state;
         }
         if reported.elapsed() >= Duration::from_secs(10) {
             reported = Instant::now();
@@ -167,8 +179,8 @@ async fn run(n: usize, binary: &str) {
             let _ = operator.kill();
             panic!("{n} ApiClients did not converge in 30 minutes");
         }
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-    }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
     let converged = started.elapsed();
     let writes = server.effective_writes();
     let secrets = server.objects("secrets", Some(NS)).len();
@@ -198,14 +210,16 @@ async fn run(n: usize, binary: &str) {
         eprintln!("writes while idle: {kinds:?}");
     }
     peak = peak.max(peak_rss_kib(&operator));
+    let settled = status_kib(&operator, "VmRSS");
     let _ = operator.kill();
     let _ = operator.wait();
     println!(
-        "| {n} | {:.1} s | {secrets} | {:.2} | {} | {:.1} MiB |",
+        "| {n} | {:.1} s | {secrets} | {:.2} | {} | {:.1} MiB | {:.1} MiB | {policy} |",
         converged.as_secs_f64(),
         writes as f64 / n as f64,
         idle.len(),
-        peak as f64 / 1024.0
+        peak as f64 / 1024.0,
+        settled as f64 / 1024.0
     );
 }
 
@@ -237,9 +251,9 @@ fn main() {
         .build()
         .expect("runtime");
     println!(
-        "| ApiClients | to all Ready | Secrets | writes per ApiClient | writes while idle (10 s) | operator peak RSS |"
+        "| ApiClients | to all Ready | Secrets | writes per ApiClient | writes while idle (10 s) | operator peak RSS | operator RSS after the idle 10 s | policy file |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for n in counts {
         runtime.block_on(run(n, &binary));
     }

@@ -266,7 +266,7 @@ impl Fixture {
                 .clients
                 .get_mut(&ObjectKey::new(NS, name))
                 .unwrap()
-                .credentials = Some(keygate::registry::read_credentials(&data));
+                .credentials = Some(keygate::registry::read_credentials(data));
         });
     }
 

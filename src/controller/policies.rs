@@ -22,6 +22,9 @@ use crate::registry::ObjectKey;
 /// The ConfigMap key holding the policy file.
 pub const POLICY_KEY: &str = "policy.json";
 
+/// The most a ConfigMap's data may hold (the API server's limit is 1 MiB).
+pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
+
 /// The ConfigMap name of a ScopePolicy.
 pub fn config_map_name(policy: &str) -> String {
     format!("{policy}-keygate-policy")
@@ -131,6 +134,35 @@ async fn reconcile_policy(policy: &ScopePolicy, ctx: &Context) -> Result<Action>
         Err(other) => return Err(Error::Invalid(other.to_string())),
     };
     let json = serde_json::to_string(&document)?;
+    if json.len() > MAX_POLICY_BYTES {
+        // The API server would refuse it; say why instead of retrying a doomed write.
+        let message = format!(
+            "the policy file is {} bytes with {} clients, over the {MAX_POLICY_BYTES}-byte ConfigMap limit; the sidecars keep the last good policy",
+            json.len(),
+            document.clients.len()
+        );
+        let reported = policy
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.first())
+            .is_some_and(|c| c.reason == "PolicyTooLarge");
+        if !reported {
+            ctx.publish(&reference, EventType::Warning, "PolicyTooLarge", &message)
+                .await;
+        }
+        let status = status(
+            policy,
+            false,
+            "PolicyTooLarge",
+            &message,
+            0,
+            0,
+            None,
+            Vec::new(),
+        );
+        patch_status(ctx, policy, status).await?;
+        return Ok(Action::requeue(Duration::from_secs(300)));
+    }
     let name = config_map_name(&policy.name_any());
     let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
     let existing = timed(config_maps.get_opt(&name)).await?;

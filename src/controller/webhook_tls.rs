@@ -13,7 +13,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use futures::StreamExt;
 use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -84,51 +84,63 @@ async fn inject_ca_bundle(
 ) -> Result<()> {
     let bundle = STANDARD.encode(ca_pem);
     if let Some(name) = &configurations.mutating {
-        let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-        if let Some(existing) = timed(api.get_opt(name)).await? {
-            let hooks: Vec<(String, Option<String>)> = existing
-                .webhooks
-                .iter()
-                .flatten()
-                .map(|w| {
-                    (
-                        w.name.clone(),
-                        w.client_config
-                            .ca_bundle
-                            .as_ref()
-                            .map(|b| STANDARD.encode(&b.0)),
-                    )
-                })
-                .collect();
-            apply_bundle(&api, name, "MutatingWebhookConfiguration", &hooks, &bundle).await?;
-        }
+        inject_into(client, name, &bundle, |c: &MutatingWebhookConfiguration| {
+            hook_bundles(
+                c.webhooks
+                    .iter()
+                    .flatten()
+                    .map(|w| (&w.name, &w.client_config)),
+            )
+        })
+        .await?;
     }
     if let Some(name) = &configurations.validating {
-        let api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-        if let Some(existing) = timed(api.get_opt(name)).await? {
-            let hooks: Vec<(String, Option<String>)> = existing
-                .webhooks
-                .iter()
-                .flatten()
-                .map(|w| {
-                    (
-                        w.name.clone(),
-                        w.client_config
-                            .ca_bundle
-                            .as_ref()
-                            .map(|b| STANDARD.encode(&b.0)),
-                    )
-                })
-                .collect();
-            apply_bundle(
-                &api,
-                name,
-                "ValidatingWebhookConfiguration",
-                &hooks,
-                &bundle,
-            )
-            .await?;
-        }
+        inject_into(
+            client,
+            name,
+            &bundle,
+            |c: &ValidatingWebhookConfiguration| {
+                hook_bundles(
+                    c.webhooks
+                        .iter()
+                        .flatten()
+                        .map(|w| (&w.name, &w.client_config)),
+                )
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Each webhook's name and its current CA bundle, base64-encoded.
+fn hook_bundles<'a>(
+    hooks: impl Iterator<Item = (&'a String, &'a WebhookClientConfig)>,
+) -> Vec<(String, Option<String>)> {
+    hooks
+        .map(|(name, config)| {
+            let bundle = config.ca_bundle.as_ref().map(|b| STANDARD.encode(&b.0));
+            (name.clone(), bundle)
+        })
+        .collect()
+}
+
+/// Injects `bundle` into the webhook configuration `name` of kind `K`, when it exists.
+async fn inject_into<K>(
+    client: &Client,
+    name: &str,
+    bundle: &str,
+    hooks_of: impl Fn(&K) -> Vec<(String, Option<String>)>,
+) -> Result<()>
+where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::all(client.clone());
+    if let Some(existing) = timed(api.get_opt(name)).await? {
+        apply_bundle(&api, name, &K::kind(&()), &hooks_of(&existing), bundle).await?;
     }
     Ok(())
 }

@@ -379,44 +379,22 @@ pub async fn serve(
     drain: Duration,
 ) -> std::io::Result<()> {
     let builder = auto::Builder::new(TokioExecutor::new());
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // Out of file descriptors and the like: pause instead of spinning.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let sidecar = sidecar.clone();
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let sidecar = sidecar.clone();
-                    async move { Ok::<_, std::convert::Infallible>(sidecar.handle(req, peer).await) }
-                });
-                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection.into_owned());
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(%error, "connection ended with an error");
-                    }
-                });
+    crate::connections::serve_connections(listener, shutdown, drain, |stream, peer, watcher| {
+        let sidecar = sidecar.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let sidecar = sidecar.clone();
+            async move { Ok::<_, std::convert::Infallible>(sidecar.handle(req, peer).await) }
+        });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        async move {
+            if let Err(error) = watcher.watch(connection).await {
+                tracing::debug!(%error, "connection ended with an error");
             }
-            () = &mut shutdown => break,
         }
-    }
-    drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("in-flight requests did not finish before the drain timeout");
-    }
+    })
+    .await;
     Ok(())
 }
 

@@ -404,6 +404,23 @@ fn active_claims(server: &TokenServer, token: &str, now: u64) -> Option<AccessCl
     (!revoked && client_ok).then_some(claims)
 }
 
+/// What a revocation (RFC 7009) or introspection (RFC 7662) request starts with: its form,
+/// the client authenticated like at the token endpoint, and the `token` parameter.
+async fn token_request(
+    server: &TokenServer,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    body: Body,
+    now: u64,
+) -> Result<(Arc<ClientView>, String), OAuthError> {
+    let mut params = read_form(headers, body, server.config.max_body_bytes).await?;
+    let (client, _) = server.authenticate(headers, &params, peer.ip(), now)?;
+    let token = params
+        .remove("token")
+        .ok_or_else(|| OAuthError::new(ErrorCode::InvalidRequest, "token is required"))?;
+    Ok((client, token))
+}
+
 async fn revoke(
     State(server): State<Arc<TokenServer>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -411,14 +428,10 @@ async fn revoke(
     body: Body,
 ) -> Response {
     let result = async {
-        let params = read_form(&headers, body, server.config.max_body_bytes).await?;
         let now = unix_now();
-        let (client, _) = server.authenticate(&headers, &params, peer.ip(), now)?;
-        let token = params
-            .get("token")
-            .ok_or_else(|| OAuthError::new(ErrorCode::InvalidRequest, "token is required"))?;
+        let (client, token) = token_request(&server, peer, &headers, body, now).await?;
         // RFC 7009 §2.2: an invalid or foreign token is not an error; say nothing about it.
-        if let Some(claims) = active_claims(&server, token, now)
+        if let Some(claims) = active_claims(&server, &token, now)
             && claims.client_id == client.client_id
         {
             server.revocations.revoke_token(&claims.jti, claims.exp);
@@ -440,19 +453,15 @@ async fn introspect(
     body: Body,
 ) -> Response {
     let result = async {
-        let params = read_form(&headers, body, server.config.max_body_bytes).await?;
         let now = unix_now();
-        let (client, _) = server.authenticate(&headers, &params, peer.ip(), now)?;
+        let (client, token) = token_request(&server, peer, &headers, body, now).await?;
         if client.disabled {
             return Err(OAuthError::new(
                 ErrorCode::InvalidClient,
                 "this client is disabled",
             ));
         }
-        let token = params
-            .get("token")
-            .ok_or_else(|| OAuthError::new(ErrorCode::InvalidRequest, "token is required"))?;
-        Ok::<_, OAuthError>(match active_claims(&server, token, now) {
+        Ok::<_, OAuthError>(match active_claims(&server, &token, now) {
             Some(c) => json!({
                 "active": true,
                 "scope": c.scope,

@@ -433,55 +433,32 @@ pub async fn serve_tls(
 ) -> Result<(), TlsError> {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(resolver.server_config()?));
     let builder = auto::Builder::new(TokioExecutor::new());
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        tracing::warn!(%error, "webhook accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let acceptor = acceptor.clone();
-                let builder = builder.clone();
-                let router = router.clone();
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(error)) => {
-                            tracing::debug!(%error, %peer, "webhook TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "webhook TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                        router.clone().oneshot(req)
-                    });
-                    let connection = builder.serve_connection(TokioIo::new(tls), service);
-                    if let Err(error) = watcher.watch(connection.into_owned()).await {
-                        tracing::debug!(%error, %peer, "webhook connection ended with an error");
-                    }
-                });
+    crate::connections::serve_connections(listener, shutdown, DRAIN, |stream, peer, watcher| {
+        let acceptor = acceptor.clone();
+        let builder = builder.clone();
+        let router = router.clone();
+        async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, %peer, "webhook TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "webhook TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                router.clone().oneshot(req)
+            });
+            let connection = builder.serve_connection(TokioIo::new(tls), service);
+            if let Err(error) = watcher.watch(connection.into_owned()).await {
+                tracing::debug!(%error, %peer, "webhook connection ended with an error");
             }
-            () = &mut shutdown => break,
         }
-    }
-    drop(listener);
-    if tokio::time::timeout(DRAIN, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("webhook requests did not finish before the drain timeout");
-    }
+    })
+    .await;
     Ok(())
 }
 
