@@ -663,6 +663,7 @@ mod tests {
             "--sidecar-cpu-request=10m",
             "--sidecar-memory-request=32Mi",
             "--sidecar-memory-limit=128Mi",
+            "--concurrency=16",
             "--default-token-lifetime=1h",
             "--max-token-lifetime=24h",
             "--signing-key-rotation=720h",
@@ -674,6 +675,7 @@ mod tests {
             panic!("not the operator")
         };
         assert_eq!(args.watch_namespaces, ["a", "b"]);
+        assert_eq!(args.concurrency, 16);
         let webhook = webhook_options(&args).expect("webhook enabled");
         let limits = webhook.inject.resources.limits.expect("limits");
         assert_eq!(limits["memory"].0, "128Mi");
