@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
 #
-# The keygate image: one binary for every role (operator, sidecar, dev, CLI), chosen by
-# subcommand. The Helm chart runs `keygate operator` and injects `keygate sidecar` from it.
+# The keygate image: `/keygate`, one binary for every role (operator, sidecar, dev, CLI)
+# chosen by subcommand, and `/keygate-sidecar`, the sidecar alone in a smaller executable.
+# The Helm chart runs `keygate operator`; the webhook injects `/keygate-sidecar` from the
+# same image into every opted-in pod.
 #
 #   docker build -t registry.example.com/keygate:0.1.0 .
 #
@@ -33,14 +35,15 @@ COPY benches ./benches
 # the cache mount so it lands in the layer.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin keygate \
- && install -D -m 0755 target/release/keygate /out/keygate
+    cargo build --release --locked --bin keygate --bin keygate-sidecar \
+ && install -D -m 0755 target/release/keygate /out/keygate \
+ && install -D -m 0755 target/release/keygate-sidecar /out/keygate-sidecar
 
 FROM ${RUNTIME_IMAGE}
 LABEL org.opencontainers.image.title="keygate" \
       org.opencontainers.image.description="Machine-to-machine API authentication for Kubernetes: operator, token server, admission webhook and sidecar" \
       org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=build /out/keygate /keygate
+COPY --from=build /out/keygate /out/keygate-sidecar /
 # distroless "nonroot": uid/gid 65532, matching the chart's runAsUser.
 USER 65532:65532
 # token server, operator admin, webhook, sidecar, sidecar admin

@@ -5,6 +5,8 @@ BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$BENCH_DIR/.." && pwd)"
 RUN="${KG_BENCH_RUN:-$BENCH_DIR/.run}"
 KEYGATE="${KEYGATE:-$ROOT/target/release/keygate}"
+# The executable the webhook injects (the sidecar alone; the same code as `keygate sidecar`).
+KEYGATE_SIDECAR="${KEYGATE_SIDECAR:-$ROOT/target/release/keygate-sidecar}"
 LOAD_LUA="$BENCH_DIR/wrk/load.lua"
 RESOURCE="https://orders.shop.svc"
 
@@ -29,7 +31,7 @@ P_NGINX_PROXY=18081    # nginx: plain reverse proxy to the upstream
 P_APACHE=18082         # Apache httpd + mod_auth_openidc (oauth20) → upstream
 P_TOKEN=18100          # keygate dev: token server
 P_DEV_SIDECAR=18110    # keygate dev: its own sidecar (not benchmarked)
-P_SIDECAR=18120        # keygate sidecar (standalone process) → upstream
+P_SIDECAR=18120        # keygate-sidecar (standalone process, as injected) → upstream
 P_SIDECAR_ADMIN=18121
 P_OIDC_PROVIDER=18130  # node oidc-provider
 P_JWKS_TLS=18143       # nginx: keygate's JWKS over https (for mod_auth_openidc)
@@ -188,6 +190,7 @@ ensure_keygate() {
     (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release"
   fi
   [ -x "$KEYGATE" ] || die "no $KEYGATE"
+  [ -x "$KEYGATE_SIDECAR" ] || die "no $KEYGATE_SIDECAR"
 }
 
 # start_dev NAME STATE TOKEN_PORT SIDECAR_PORT: keygate dev with the quickstart config,

@@ -201,7 +201,7 @@ w("`GET /orders/42` to an nginx upstream answering a fixed 1 KiB body, on 127.0.
   f"Latency: a separate run paced at {machine.get('sidecar_rate')} req/s "
   f"(`-c{machine.get('rate_conns')} -d{machine.get('rate_duration')}`, see *How*). CPU and RSS "
   "are the proxy's own processes (nginx master + workers, Apache master + children, the "
-  "keygate sidecar process), CPU during the paced run.")
+  "`keygate-sidecar` process), CPU during the paced run.")
 w("")
 w("| scenario | req/s (saturation) | vs nginx proxy | p50 @ paced rate | p99 @ paced rate | "
   "added p99 vs direct | CPU cores per 1,000 req/s | peak RSS | verify-cache hits |")
@@ -267,7 +267,8 @@ w("- **Load generator**: `wrk` 4.1 (Debian) with one Lua script, `bench/wrk/load
   "queues at these rates). The achieved rates are listed above.")
 w("- **Tokens**: issued by keygate's token server (`keygate dev` with `examples/quickstart`, "
   "client `shop/reporting`), ES256. The same token is used for mod_auth_openidc and keygate.")
-w("- **keygate sidecar**: the standalone `keygate sidecar` process (not `keygate dev`), so its "
+w("- **keygate sidecar**: the `keygate-sidecar` executable the webhook injects (the same code "
+  "as `keygate sidecar`, without the operator), run standalone (not `keygate dev`), so its "
   "CPU and RSS are the sidecar's alone. Its policy file is written by `bench/sidecar.sh` in "
   "the documented format (`docs/policy-file.md`): the quickstart `shop/orders` spec "
   "(`bench/policy-spec.json`), the token server's issuer and live JWKS, and the reporting "

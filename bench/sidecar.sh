@@ -47,7 +47,7 @@ jq -n --arg issuer "$ISSUER" --arg resource "$RESOURCE" --arg client "$CLIENT_ID
     clients: [{clientId: $client, name: "shop/reporting", scopes: ["orders.read"]}],
     revocations: {tokens: {}, clients: {}}
   }' >"$RUN/policy.json"
-start_bg keygate-sidecar "$KEYGATE" sidecar --policy "$RUN/policy.json" \
+start_bg keygate-sidecar "$KEYGATE_SIDECAR" --policy "$RUN/policy.json" \
   --listen "127.0.0.1:$P_SIDECAR" --upstream "127.0.0.1:$P_UPSTREAM" \
   --admin "127.0.0.1:$P_SIDECAR_ADMIN"
 wait_http "http://127.0.0.1:$P_SIDECAR_ADMIN/readyz"

@@ -15,22 +15,11 @@ use clap::{Parser, Subcommand, ValueEnum};
     about = "Machine-to-machine API authentication for Kubernetes"
 )]
 struct Cli {
-    /// Log line format.
-    #[arg(long, env = "KEYGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain, global = true)]
-    log_format: LogFormat,
-
-    /// Log filter in `RUST_LOG` syntax, e.g. `info,keygate=debug`.
-    #[arg(long, env = "KEYGATE_LOG", default_value = "info", global = true)]
-    log: String,
+    #[command(flatten)]
+    log: keygate::cli::LogArgs,
 
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Copy, Clone, Debug, ValueEnum)]
-enum LogFormat {
-    Plain,
-    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -66,7 +55,7 @@ enum Command {
     Operator(Box<OperatorArgs>),
 
     /// Run the verifying proxy in front of a workload.
-    Sidecar(SidecarArgs),
+    Sidecar(keygate::sidecar::command::SidecarArgs),
 
     /// Run the token server and a sidecar per ScopePolicy from YAML files, without a cluster.
     Dev(DevArgs),
@@ -225,38 +214,6 @@ impl SidecarTemplateArgs {
 }
 
 #[derive(clap::Args, Debug)]
-struct SidecarArgs {
-    /// The policy file (the ScopePolicy's ConfigMap mount).
-    #[arg(
-        long,
-        env = "KEYGATE_POLICY",
-        default_value = "/etc/keygate/policy.json"
-    )]
-    policy: PathBuf,
-    /// Address for requests to the workload.
-    #[arg(long, env = "KEYGATE_LISTEN", default_value = "0.0.0.0:8100")]
-    listen: SocketAddr,
-    /// The workload. Defaults to 127.0.0.1 and the policy's upstream port.
-    #[arg(long, env = "KEYGATE_UPSTREAM")]
-    upstream: Option<SocketAddr>,
-    /// Speak HTTP/2 without negotiation (h2c) to the workload, e.g. for gRPC.
-    #[arg(long, env = "KEYGATE_UPSTREAM_H2C", default_value_t = false)]
-    upstream_h2c: bool,
-    /// Address for /healthz, /readyz and /metrics.
-    #[arg(long, env = "KEYGATE_ADMIN", default_value = "0.0.0.0:8101")]
-    admin: SocketAddr,
-    /// Clock skew tolerated on token times.
-    #[arg(long, env = "KEYGATE_LEEWAY", default_value = "30s", value_parser = parse_duration)]
-    leeway: Duration,
-    /// How often the policy file is checked for changes.
-    #[arg(long, env = "KEYGATE_RELOAD_INTERVAL", default_value = "1s", value_parser = parse_duration)]
-    reload_interval: Duration,
-    /// How long in-flight requests may take to finish on shutdown.
-    #[arg(long, env = "KEYGATE_DRAIN", default_value = "20s", value_parser = parse_duration)]
-    drain: Duration,
-}
-
-#[derive(clap::Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
 struct DevArgs {
     #[command(subcommand)]
@@ -332,20 +289,6 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     keygate::api::parse_duration(text)
 }
 
-fn init_tracing(format: LogFormat, filter: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .with_context(|| format!("invalid log filter {filter:?}"))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Plain => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-    Ok(())
-}
-
 /// Prints `text` and a newline; a reader that closed the pipe early (`| head`) is not an error.
 fn print_line(text: &str) -> anyhow::Result<()> {
     use std::io::Write;
@@ -371,10 +314,10 @@ fn read_input(path: &PathBuf) -> anyhow::Result<String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_tracing(cli.log_format, &cli.log)?;
+    cli.log.init()?;
     match cli.command {
         Command::Operator(args) => run_operator(*args).await?,
-        Command::Sidecar(args) => run_sidecar(args).await?,
+        Command::Sidecar(args) => keygate::sidecar::command::run(args).await?,
         Command::Dev(args) => run_dev(args).await?,
         Command::Token(args) => fetch_token(args).await?,
         Command::Inject(args) => {
@@ -459,61 +402,6 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
         webhook,
     };
     keygate::operator::run(client, options, keygate::admin::shutdown_signal()).await?;
-    Ok(())
-}
-
-async fn run_sidecar(args: SidecarArgs) -> anyhow::Result<()> {
-    use keygate::policy::PolicyDocument;
-    use keygate::sidecar::forward::{ForwardConfig, Forwarder};
-    use keygate::sidecar::server::{Sidecar, serve, watch_policy_file};
-
-    // Read once up front to learn the upstream port and to refuse to start without a policy.
-    let document = std::fs::read(&args.policy)
-        .with_context(|| format!("reading the policy file {}", args.policy.display()))?;
-    let document = PolicyDocument::parse(&document).with_context(|| {
-        format!(
-            "the policy file {} is invalid; refusing to start",
-            args.policy.display()
-        )
-    })?;
-    let upstream = args
-        .upstream
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], document.spec.upstream.port)));
-    let mut forward = ForwardConfig::new(upstream);
-    forward.http2_prior_knowledge = args.upstream_h2c;
-    let mut metrics = prometheus_client::registry::Registry::default();
-    let sidecar = Sidecar::new(Forwarder::new(forward), args.leeway, &mut metrics);
-    let reload = watch_policy_file(args.policy.clone(), sidecar.clone(), args.reload_interval)
-        .await
-        .map_err(anyhow::Error::msg)?;
-    let reload = tokio::spawn(reload);
-    let admin = keygate::admin::router(keygate::admin::AdminState {
-        metrics: std::sync::Arc::new(std::sync::RwLock::new(metrics)),
-        ready: sidecar.ready(),
-    });
-    let admin_listener = tokio::net::TcpListener::bind(args.admin)
-        .await
-        .with_context(|| format!("binding the admin address {}", args.admin))?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    tracing::info!(listen = %args.listen, %upstream, admin = %args.admin, policy = %document.policy, "sidecar started");
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let admin_task = tokio::spawn(keygate::admin::serve(
-        admin_listener,
-        admin,
-        stopped(stop_rx.clone()),
-    ));
-    let shutdown = async move {
-        keygate::admin::shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    };
-    serve(listener, sidecar, shutdown, args.drain).await?;
-    reload.abort();
-    admin_task.await??;
     Ok(())
 }
 

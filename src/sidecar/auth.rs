@@ -280,13 +280,20 @@ impl LoadedPolicy {
                 .clients
                 .get(&claims.client_id)
                 .ok_or_else(|| invalid("client has no grant on this API"))?;
-            return Ok(Caller {
-                client_id: entry.client_id.clone(),
-                scopes: claims
+            // A token usually carries every scope its client holds here: share that list
+            // instead of keeping a copy per cached token.
+            let scopes = if claims.scopes().eq(entry.scopes.iter().map(String::as_str)) {
+                entry.scopes.clone()
+            } else {
+                claims
                     .scopes()
                     .map(str::to_owned)
                     .collect::<Vec<_>>()
-                    .into(),
+                    .into()
+            };
+            return Ok(Caller {
+                client_id: entry.client_id.clone(),
+                scopes,
                 method: Method::AccessToken,
                 jti: Some(claims.jti.as_str().into()),
                 iat: claims.iat,

@@ -46,6 +46,9 @@ pub const INJECTED_ANNOTATION: &str = "keygate.dev/injected";
 pub const DEFAULT_CONTAINER_ANNOTATION: &str = "kubectl.kubernetes.io/default-container";
 /// The injected container's name.
 pub const SIDECAR_NAME: &str = "keygate-sidecar";
+/// The executable the sidecar container runs: the sidecar-only binary of keygate's image
+/// (`keygate-sidecar`, the same code as `keygate sidecar` in a smaller program).
+pub const SIDECAR_COMMAND: &str = "/keygate-sidecar";
 /// The policy volume's name.
 pub const POLICY_VOLUME: &str = "keygate-policy";
 /// Where the policy ConfigMap is mounted.
@@ -402,8 +405,8 @@ fn sidecar_container(
         name: SIDECAR_NAME.to_owned(),
         image: Some(config.image.clone()),
         image_pull_policy: config.image_pull_policy.clone(),
+        command: Some(vec![SIDECAR_COMMAND.to_owned()]),
         args: Some(vec![
-            "sidecar".to_owned(),
             "--policy".to_owned(),
             format!("{POLICY_MOUNT_PATH}/{POLICY_KEY}"),
             "--listen".to_owned(),

@@ -126,10 +126,10 @@ fn labelled_pod_gets_a_native_sidecar() {
     let (list, index, sidecar) = &found[0];
     assert_eq!((*list, *index), ("initContainers", 0));
     assert_eq!(sidecar["restartPolicy"], "Always");
+    assert_eq!(sidecar["command"], json!(["/keygate-sidecar"]));
     assert_eq!(
         sidecar["args"],
         json!([
-            "sidecar",
             "--policy",
             "/etc/keygate/policy.json",
             "--listen",

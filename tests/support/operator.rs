@@ -488,9 +488,9 @@ pub async fn scenario_token_flow_through_sidecar(client: Client, ns: &str) {
     std::fs::write(&policy_path, serde_json::to_vec(&document).expect("json"))
         .expect("write policy");
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut sidecar = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+    // The executable the webhook injects.
+    let mut sidecar = std::process::Command::new(env!("CARGO_BIN_EXE_keygate-sidecar"))
         .args([
-            "sidecar",
             "--listen",
             &listen,
             "--admin",
