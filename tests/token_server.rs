@@ -206,7 +206,7 @@ impl Fixture {
             inputs.clients.insert(
                 ObjectKey::new(NS, name),
                 ClientInput {
-                    spec: spec.clone(),
+                    spec: spec.clone().into(),
                     credentials: Some(keygate::registry::read_credentials(&data)),
                 },
             );
@@ -605,7 +605,7 @@ async fn token_lifetime_follows_the_client() {
             .clients
             .get_mut(&ObjectKey::new(NS, "reporting"))
             .unwrap();
-        client.spec.token_lifetime = Some("15m".into());
+        std::sync::Arc::make_mut(&mut client.spec).token_lifetime = Some("15m".into());
     });
     let body = assert_token(fx.token("reporting", &[]).await).await;
     assert_eq!(body["expires_in"], 900);

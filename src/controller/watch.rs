@@ -136,7 +136,7 @@ fn apply_guarded<K, V>(
     };
     match change {
         Change::Reset(objects) => {
-            map.retain(|key, _| scope.is_some_and(|ns| key.namespace != ns));
+            map.retain(|key, _| scope.is_some_and(|ns| &*key.namespace != ns));
             for object in objects {
                 upsert(map, object);
             }
@@ -192,7 +192,7 @@ pub fn spawn_feeds(
                     ns.as_deref(),
                     change,
                     |c: &ApiClient| ClientInput {
-                        spec: c.spec.clone(),
+                        spec: c.spec.clone().into(),
                         credentials: None,
                     },
                     "ApiClient",
@@ -253,7 +253,7 @@ pub fn spawn_feeds(
                 Change::Reset(secrets) => {
                     inputs
                         .credentials
-                        .retain(|key, _| ns.as_deref().is_some_and(|n| key.namespace != n));
+                        .retain(|key, _| ns.as_deref().is_some_and(|n| &*key.namespace != n));
                     inputs
                         .credentials
                         .extend(secrets.iter().filter_map(secret_entry));

@@ -114,7 +114,7 @@ fn build_inputs(config: &Config, state: &StateDir, issuer: &str) -> Result<Input
         inputs.clients.insert(
             key.clone(),
             ClientInput {
-                spec: client.spec.clone(),
+                spec: client.spec.clone().into(),
                 credentials: Some(read_credentials(&data)),
             },
         );

@@ -107,12 +107,12 @@ impl PolicyDocument {
         if owns_resource {
             for client in snapshot.clients_of(resource) {
                 if client.disabled {
-                    disabled_clients.push(client.client_id.clone());
+                    disabled_clients.push(client.client_id.to_string());
                     continue;
                 }
                 let scopes: BTreeSet<&String> = client.grants[resource].iter().collect();
                 clients.push(PolicyClient {
-                    client_id: client.client_id.clone(),
+                    client_id: client.client_id.to_string(),
                     name: client.key.to_string(),
                     scopes: scopes.into_iter().cloned().collect(),
                     keys: client

@@ -22,18 +22,19 @@ use crate::api::{
 use crate::credentials::{ClientMaterial, CredentialData};
 use crate::grants::AllowedScopes;
 
-/// Namespace and name of an object.
+/// Namespace and name of an object. Shared strings: every snapshot keys its maps by the
+/// same keys, so cloning one must not allocate.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectKey {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl ObjectKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> Self {
         Self {
-            namespace: namespace.into(),
-            name: name.into(),
+            namespace: namespace.as_ref().into(),
+            name: name.as_ref().into(),
         }
     }
 }
@@ -47,7 +48,8 @@ impl std::fmt::Display for ObjectKey {
 /// An ApiClient as the registry needs it.
 #[derive(Debug, Clone, Default)]
 pub struct ClientInput {
-    pub spec: ApiClientSpec,
+    /// Shared with the client's view, which keeps it to tell an unchanged client apart.
+    pub spec: Arc<ApiClientSpec>,
     /// The client's credentials when they come with it (`keygate dev`); the operator's come
     /// separately, in [`Inputs::credentials`].
     pub credentials: Option<Credentials>,
@@ -90,7 +92,8 @@ pub fn read_credentials(data: &CredentialData) -> Credentials {
 #[derive(Debug, Clone)]
 pub struct ClientView {
     pub key: ObjectKey,
-    pub client_id: String,
+    /// Shared with the snapshot's map key, so a rebuild does not copy it.
+    pub client_id: Arc<str>,
     pub disabled: bool,
     /// The lifetime the client asked for; the token server caps it.
     pub token_lifetime: Option<Duration>,
@@ -98,7 +101,7 @@ pub struct ClientView {
     /// The credentials the view was built from, to reuse it while they are unchanged.
     credentials: Option<Credentials>,
     /// The spec the view was built from, and what was wrong with it, to reuse it unchanged.
-    spec: ApiClientSpec,
+    spec: Arc<ApiClientSpec>,
     problems: Vec<Problem>,
     /// Effective scopes per resource; clients with the same grants share one value.
     pub grants: Arc<AllowedScopes>,
@@ -130,7 +133,7 @@ pub struct Problem {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     /// Clients with credentials, by client id.
-    pub clients: HashMap<String, Arc<ClientView>>,
+    pub clients: HashMap<Arc<str>, Arc<ClientView>>,
     /// Every client by object key, with or without credentials yet.
     pub clients_by_key: BTreeMap<ObjectKey, Arc<ClientView>>,
     /// Declared resources by resource indicator.
@@ -205,7 +208,9 @@ impl Snapshot {
             };
             let view = match old {
                 Some(view)
-                    if same_context && view.spec == client.spec && same_credentials(view) =>
+                    if same_context
+                        && (Arc::ptr_eq(&view.spec, &client.spec) || view.spec == client.spec)
+                        && same_credentials(view) =>
                 {
                     problems.extend(view.problems.iter().cloned());
                     view.clone()
@@ -213,7 +218,7 @@ impl Snapshot {
                 _ => {
                     let labels = inputs
                         .namespace_labels
-                        .get(&key.namespace)
+                        .get(&*key.namespace)
                         .unwrap_or(&no_labels);
                     let (grants, ineffective) = resolve_grants(
                         &key.namespace,
@@ -321,8 +326,7 @@ fn client_view(
         key: key.clone(),
         client_id: material
             .as_ref()
-            .map(|m| m.client_id.clone())
-            .unwrap_or_default(),
+            .map_or_else(|| "".into(), |m| m.client_id.as_str().into()),
         disabled: client.spec.disabled,
         token_lifetime,
         material: material.unwrap_or_default(),
@@ -416,11 +420,11 @@ mod tests {
             inputs.clients.insert(
                 ObjectKey::new("shop", name),
                 ClientInput {
-                    spec: ApiClientSpec {
+                    spec: Arc::new(ApiClientSpec {
                         roles: vec!["reader".into()],
                         client_secret: true,
                         ..ApiClientSpec::default()
-                    },
+                    }),
                     credentials: None,
                 },
             );
@@ -466,7 +470,7 @@ mod tests {
         let mut inputs = inputs();
         let before = Snapshot::build(&inputs);
         let b = ObjectKey::new("shop", "b");
-        inputs.clients.get_mut(&b).unwrap().spec.disabled = true;
+        Arc::make_mut(&mut inputs.clients.get_mut(&b).unwrap().spec).disabled = true;
         let after = Snapshot::rebuild(&inputs, Some(&before));
         assert!(Arc::ptr_eq(view(&before, "a"), view(&after, "a")));
         assert!(!Arc::ptr_eq(view(&before, "b"), view(&after, "b")));
@@ -478,7 +482,7 @@ mod tests {
 
         inputs.credentials.insert(b.clone(), credentials("b2"));
         let rotated = Snapshot::rebuild(&inputs, Some(&after));
-        assert_eq!(view(&rotated, "b").client_id, "kgc_b2");
+        assert_eq!(&*view(&rotated, "b").client_id, "kgc_b2");
         assert!(rotated.clients.contains_key("kgc_b2"));
         assert!(Arc::ptr_eq(view(&after, "a"), view(&rotated, "a")));
     }
@@ -517,7 +521,8 @@ mod tests {
     fn a_kept_view_keeps_its_problems() {
         let mut inputs = inputs();
         let a = ObjectKey::new("shop", "a");
-        inputs.clients.get_mut(&a).unwrap().spec.token_lifetime = Some("soon".into());
+        Arc::make_mut(&mut inputs.clients.get_mut(&a).unwrap().spec).token_lifetime =
+            Some("soon".into());
         inputs
             .credentials
             .insert(ObjectKey::new("shop", "b"), Err("bad public key".into()));
@@ -526,6 +531,6 @@ mod tests {
         let after = Snapshot::rebuild(&inputs, Some(&before));
         assert!(Arc::ptr_eq(view(&before, "a"), view(&after, "a")));
         assert_eq!(after.problems, before.problems);
-        assert!(!after.clients.values().any(|c| c.key.name == "b"));
+        assert!(!after.clients.values().any(|c| &*c.key.name == "b"));
     }
 }

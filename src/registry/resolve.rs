@@ -27,7 +27,7 @@ impl ResourceView {
     /// Whether clients in `namespace` (with `labels`) may get tokens for this resource.
     pub fn admits_namespace(&self, namespace: &str, labels: &BTreeMap<String, String>) -> bool {
         match &self.client_namespaces {
-            None => namespace == self.policy.namespace,
+            None => namespace == &*self.policy.namespace,
             Some(allowed) => {
                 allowed.names.iter().any(|n| n == namespace)
                     || allowed

@@ -356,8 +356,8 @@ async fn issue_token(
     let server_error = |_| OAuthError::new(ErrorCode::ServerError, "could not sign the token");
     let claims = AccessClaims {
         iss: server.config.issuer.clone(),
-        sub: client.client_id.clone(),
-        client_id: client.client_id.clone(),
+        sub: client.client_id.to_string(),
+        client_id: client.client_id.to_string(),
         aud: granted.resource.clone(),
         scope: granted.scope_string(),
         iat: now,
@@ -399,7 +399,7 @@ fn active_claims(server: &TokenServer, token: &str, now: u64) -> Option<AccessCl
     let snapshot = server.registry.borrow().clone();
     let client_ok = snapshot
         .clients
-        .get(&claims.client_id)
+        .get(claims.client_id.as_str())
         .is_some_and(|c| !c.disabled);
     (!revoked && client_ok).then_some(claims)
 }
@@ -432,7 +432,7 @@ async fn revoke(
         let (client, token) = token_request(&server, peer, &headers, body, now).await?;
         // RFC 7009 §2.2: an invalid or foreign token is not an error; say nothing about it.
         if let Some(claims) = active_claims(&server, &token, now)
-            && claims.client_id == client.client_id
+            && *claims.client_id == *client.client_id
         {
             server.revocations.revoke_token(&claims.jti, claims.exp);
             tracing::info!(client = %client.key, jti = %claims.jti, "token revoked");
