@@ -84,34 +84,30 @@ async fn inject_ca_bundle(
 ) -> Result<()> {
     let bundle = STANDARD.encode(ca_pem);
     if let Some(name) = &configurations.mutating {
-        inject_into(client, name, &bundle, |c: &MutatingWebhookConfiguration| {
-            hook_bundles(
-                c.webhooks
-                    .iter()
-                    .flatten()
-                    .map(|w| (&w.name, &w.client_config)),
-            )
-        })
-        .await?;
+        inject_into::<MutatingWebhookConfiguration>(client, name, &bundle).await?;
     }
     if let Some(name) = &configurations.validating {
-        inject_into(
-            client,
-            name,
-            &bundle,
-            |c: &ValidatingWebhookConfiguration| {
-                hook_bundles(
-                    c.webhooks
-                        .iter()
-                        .flatten()
-                        .map(|w| (&w.name, &w.client_config)),
-                )
-            },
-        )
-        .await?;
+        inject_into::<ValidatingWebhookConfiguration>(client, name, &bundle).await?;
     }
     Ok(())
 }
+
+/// A webhook configuration kind: its webhooks' names and current CA bundles (base64).
+trait WebhookConfiguration {
+    fn hook_bundles(&self) -> Vec<(String, Option<String>)>;
+}
+
+/// Both kinds have `webhooks` with `name` and `clientConfig`, in different Rust types.
+macro_rules! webhook_configuration {
+    ($($kind:ty),*) => {$(
+        impl WebhookConfiguration for $kind {
+            fn hook_bundles(&self) -> Vec<(String, Option<String>)> {
+                hook_bundles(self.webhooks.iter().flatten().map(|w| (&w.name, &w.client_config)))
+            }
+        }
+    )*};
+}
+webhook_configuration!(MutatingWebhookConfiguration, ValidatingWebhookConfiguration);
 
 /// Each webhook's name and its current CA bundle, base64-encoded.
 fn hook_bundles<'a>(
@@ -126,21 +122,17 @@ fn hook_bundles<'a>(
 }
 
 /// Injects `bundle` into the webhook configuration `name` of kind `K`, when it exists.
-async fn inject_into<K>(
-    client: &Client,
-    name: &str,
-    bundle: &str,
-    hooks_of: impl Fn(&K) -> Vec<(String, Option<String>)>,
-) -> Result<()>
+async fn inject_into<K>(client: &Client, name: &str, bundle: &str) -> Result<()>
 where
-    K: kube::Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
+    K: WebhookConfiguration
+        + kube::Resource<DynamicType = (), Scope = kube::core::ClusterResourceScope>
         + Clone
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
 {
     let api: Api<K> = Api::all(client.clone());
     if let Some(existing) = timed(api.get_opt(name)).await? {
-        apply_bundle(&api, name, &K::kind(&()), &hooks_of(&existing), bundle).await?;
+        apply_bundle(&api, name, &K::kind(&()), &existing.hook_bundles(), bundle).await?;
     }
     Ok(())
 }
