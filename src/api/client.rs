@@ -63,8 +63,10 @@ pub struct ApiClientSpec {
     /// does not exist yet is reported in status, not rejected, so objects can be applied in
     /// any order.
     #[serde(default)]
-    #[x_kube(validation = kube::core::Rule::new(crate::api::NAME_LIST_RULE).message("each role must be a DNS subdomain name"))]
-    #[schemars(length(max = 32), inner(length(min = 1, max = 253)))]
+    #[schemars(
+        length(max = 32),
+        inner(length(min = 1, max = 253), pattern(crate::api::NAME_PATTERN))
+    )]
     pub roles: Vec<String>,
 
     /// Issue an OAuth 2.0 client secret (`client_secret_basic` / `client_secret_post`).
@@ -84,8 +86,7 @@ pub struct ApiClientSpec {
 
     /// Name of the Secret holding the credentials. Defaults to `<name>-credentials`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = kube::core::Rule::new(crate::api::NAME_RULE).message("secretName must be a DNS subdomain name"))]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), pattern(crate::api::NAME_PATTERN))]
     pub secret_name: Option<String>,
 
     /// Extra labels and annotations for the credentials Secret.

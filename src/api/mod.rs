@@ -2,8 +2,9 @@
 //!
 //! These types are the single source of the CRD schemas: `keygate crd` prints them and
 //! `crds/` holds the committed output (a test fails when the two drift apart). Everything
-//! that can be checked on one object alone is a CEL rule in the schema, so the API server,
-//! `keygate dev` and the admission webhook all reject the same input.
+//! that can be checked on one object alone is in the schema (patterns, bounds, enums and a
+//! few CEL rules), so the API server and `keygate dev` ([`parse_object`]) reject the same
+//! input.
 
 // kube's `printcolumn(...)` repeats `type_ = ...` by design; clippy mistakes that for a
 // duplicated attribute.
@@ -13,10 +14,12 @@ mod client;
 mod policy;
 #[allow(clippy::duplicated_attributes)]
 mod role;
+mod schema;
 
 pub use client::*;
 pub use policy::*;
 pub use role::*;
+pub use schema::{check_schema, parse_object};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -29,9 +32,39 @@ pub const VERSION: &str = "v1alpha1";
 /// The `type` of the condition every keygate resource reports.
 pub const READY: &str = "Ready";
 
-/// The CRDs of every keygate resource, in a stable order.
+/// The CRDs of every keygate resource, in a stable order, with each description's doc-comment
+/// line breaks joined so that `kubectl explain` wraps whole paragraphs.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![M2MRole::crd(), ApiClient::crd(), ScopePolicy::crd()]
+    [M2MRole::crd(), ApiClient::crd(), ScopePolicy::crd()]
+        .into_iter()
+        .map(|crd| {
+            let mut value = serde_json::to_value(crd).expect("a CRD serialises");
+            join_description_lines(&mut value);
+            serde_json::from_value(value).expect("a CRD deserialises")
+        })
+        .collect()
+}
+
+/// Joins the lines of every paragraph of every `description`; blank lines stay.
+fn join_description_lines(node: &mut serde_json::Value) {
+    match node {
+        serde_json::Value::Object(map) => {
+            for (key, value) in map.iter_mut() {
+                match value {
+                    serde_json::Value::String(text) if key == "description" => {
+                        *text = text
+                            .split("\n\n")
+                            .map(|paragraph| paragraph.split('\n').collect::<Vec<_>>().join(" "))
+                            .collect::<Vec<_>>()
+                            .join("\n\n");
+                    }
+                    _ => join_description_lines(value),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(join_description_lines),
+        _ => {}
+    }
 }
 
 /// All CRDs as one multi-document YAML stream, exactly as committed in `crds/`.
@@ -89,22 +122,22 @@ pub fn is_ready(conditions: &[Condition]) -> bool {
         .any(|c| c.type_ == READY && c.status == "True")
 }
 
-/// CEL: an absolute URI (scheme `://` authority …) without a fragment, as RFC 8707 requires.
-pub(crate) const RESOURCE_URI_RULE: &str =
-    "self.matches('^[a-zA-Z][a-zA-Z0-9+.-]*://[^/#[:space:]]+[^#[:space:]]*$')";
-/// CEL: one well-formed scope token.
-pub(crate) const SCOPE_RULE: &str = "self.matches('^[A-Za-z0-9*][A-Za-z0-9_.:/*-]*$')";
-/// CEL: a list of well-formed scope tokens.
-pub(crate) const SCOPE_LIST_RULE: &str =
-    "self.all(s, s.matches('^[A-Za-z0-9*][A-Za-z0-9_.:/*-]*$'))";
-/// CEL: a DNS subdomain name (RFC 1123), as Kubernetes object names are.
-pub(crate) const NAME_RULE: &str =
-    "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')";
-/// CEL: a list of DNS subdomain names.
-pub(crate) const NAME_LIST_RULE: &str =
-    "self.all(n, n.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$'))";
-/// CEL: a rule name.
-pub(crate) const RULE_NAME_RULE: &str = "self.matches('^[A-Za-z0-9][A-Za-z0-9_-]*$')";
+// Rules about one value are OpenAPI `pattern`s, `enum`s and bounds: the API server checks
+// them at no CEL cost, and its error names the field and the pattern. CEL is kept for what a
+// schema keyword cannot say (durations, rules across fields), and `tests/crds.rs` keeps every
+// CEL rule within the API server's cost budget.
+
+/// An absolute URI (scheme `://` authority …) without a fragment, as RFC 8707 requires.
+pub(crate) const RESOURCE_URI_PATTERN: &str = r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/#\s]+[^#\s]*$";
+/// One scope token: letters, digits and `_ . : / - *`, starting with a letter, digit or `*`.
+pub(crate) const SCOPE_PATTERN: &str = r"^[A-Za-z0-9*][A-Za-z0-9_.:/*-]*$";
+/// A DNS subdomain name (RFC 1123), as Kubernetes object names are.
+pub(crate) const NAME_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// A DNS label (RFC 1123), as namespace names are.
+pub(crate) const LABEL_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+/// A route rule's name.
+pub(crate) const RULE_NAME_PATTERN: &str = r"^[A-Za-z0-9][A-Za-z0-9_-]*$";
 /// CEL: an access-token lifetime between one minute and one day.
 pub(crate) const TOKEN_LIFETIME_RULE: &str =
     "duration(self) >= duration('1m') && duration(self) <= duration('24h')";

@@ -43,8 +43,7 @@ use serde::{Deserialize, Serialize};
 pub struct ScopePolicySpec {
     /// The API resource indicator (RFC 8707) this policy declares, an absolute URI such as
     /// `https://orders.shop.svc`. Access tokens for this API carry it as `aud`.
-    #[x_kube(validation = kube::core::Rule::new(crate::api::RESOURCE_URI_RULE).message("resource must be an absolute URI without a fragment, e.g. https://orders.shop.svc"))]
-    #[schemars(length(min = 1, max = 512))]
+    #[schemars(length(min = 1, max = 512), pattern(crate::api::RESOURCE_URI_PATTERN))]
     pub resource: String,
 
     /// What this API is, shown to people.
@@ -93,8 +92,7 @@ pub struct ScopePolicySpec {
 #[serde(rename_all = "camelCase")]
 pub struct ScopeDefinition {
     /// The scope token, e.g. `orders.read`.
-    #[x_kube(validation = kube::core::Rule::new(crate::api::SCOPE_RULE).message("scope name must be 1-128 characters of letters, digits and _ . : / - *, starting with a letter, digit or *"))]
-    #[schemars(length(min = 1, max = 128))]
+    #[schemars(length(min = 1, max = 128), pattern(crate::api::SCOPE_PATTERN))]
     pub name: String,
     /// What the scope allows, shown to people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -109,8 +107,10 @@ pub struct ScopeDefinition {
 pub struct ClientNamespaces {
     /// Namespace names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[x_kube(validation = kube::core::Rule::new(crate::api::NAME_LIST_RULE).message("each namespace must be a DNS name"))]
-    #[schemars(length(max = 256), inner(length(min = 1, max = 63)))]
+    #[schemars(
+        length(max = 256),
+        inner(length(min = 1, max = 63), pattern(crate::api::LABEL_PATTERN))
+    )]
     pub names: Vec<String>,
     /// A label selector over namespaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -150,18 +150,24 @@ fn default_upstream_port() -> u16 {
 #[serde(rename_all = "camelCase")]
 pub struct RouteRule {
     /// The rule's name, unique in the policy; it labels metrics and logs.
-    #[x_kube(validation = kube::core::Rule::new(crate::api::RULE_NAME_RULE).message("rule name must be 1-63 characters of letters, digits, - and _"))]
-    #[schemars(length(min = 1, max = 63))]
+    #[schemars(length(min = 1, max = 63), pattern(crate::api::RULE_NAME_PATTERN))]
     pub name: String,
     /// HTTP methods the rule applies to (upper case). Empty: every method.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[x_kube(validation = kube::core::Rule::new("self.all(m, m in ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS', 'CONNECT', 'TRACE'])").message("methods must be upper-case HTTP methods such as GET or POST"))]
-    #[schemars(length(max = 9), inner(length(min = 1, max = 16)))]
+    #[schemars(
+        length(max = 9),
+        inner(
+            length(min = 1, max = 16),
+            pattern(r"^(GET|HEAD|POST|PUT|PATCH|DELETE|OPTIONS|CONNECT|TRACE)$")
+        )
+    )]
     pub methods: Vec<String>,
     /// Path patterns: exact segments, `*` for exactly one segment, and a final `**` for any
     /// suffix (including none), e.g. `/orders/*/items/**`.
-    #[x_kube(validation = kube::core::Rule::new("self.all(p, p.startsWith('/'))").message("every path pattern must start with /"))]
-    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 1024)))]
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(length(min = 1, max = 1024), pattern("^/"))
+    )]
     pub paths: Vec<String>,
     /// Let requests through without any credential.
     #[serde(default)]
@@ -179,13 +185,17 @@ pub struct RouteRule {
 pub struct RequireScopes {
     /// The request must hold at least one of these scopes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = kube::core::Rule::new(crate::api::SCOPE_LIST_RULE).message("each scope must be 1-128 characters of letters, digits and _ . : / - *"))]
-    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 128)))]
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(length(min = 1, max = 128), pattern(crate::api::SCOPE_PATTERN))
+    )]
     pub any_of: Option<Vec<String>>,
     /// The request must hold every one of these scopes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = kube::core::Rule::new(crate::api::SCOPE_LIST_RULE).message("each scope must be 1-128 characters of letters, digits and _ . : / - *"))]
-    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 128)))]
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(length(min = 1, max = 128), pattern(crate::api::SCOPE_PATTERN))
+    )]
     pub all_of: Option<Vec<String>>,
 }
 
@@ -225,8 +235,7 @@ pub struct TrustedIssuer {
     #[schemars(length(min = 1, max = 512))]
     pub issuer: String,
     /// Where its JWKS is served (https, or http on loopback for tests).
-    #[x_kube(validation = kube::core::Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("jwksUri must be an http(s) URL"))]
-    #[schemars(length(min = 1, max = 1024))]
+    #[schemars(length(min = 1, max = 1024), pattern("^https?://"))]
     pub jwks_uri: String,
     /// `aud` values accepted from this issuer. Absent: this policy's resource.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

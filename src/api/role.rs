@@ -53,14 +53,15 @@ pub struct Permission {
     /// The API resource indicator (RFC 8707), an absolute URI such as
     /// `https://orders.shop.svc`. It is the `aud` of access tokens for that API and must be
     /// declared by a ScopePolicy.
-    #[x_kube(validation = kube::core::Rule::new(crate::api::RESOURCE_URI_RULE).message("resource must be an absolute URI without a fragment, e.g. https://orders.shop.svc"))]
-    #[schemars(length(min = 1, max = 512))]
+    #[schemars(length(min = 1, max = 512), pattern(crate::api::RESOURCE_URI_PATTERN))]
     pub resource: String,
 
     /// The scopes granted on the resource, e.g. `orders.read`. Scope tokens are 1-128
     /// characters of letters, digits and `_ . : / - *`.
-    #[x_kube(validation = kube::core::Rule::new(crate::api::SCOPE_LIST_RULE).message("each scope must be 1-128 characters of letters, digits and _ . : / - *, starting with a letter, digit or *"))]
-    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 128)))]
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(length(min = 1, max = 128), pattern(crate::api::SCOPE_PATTERN))
+    )]
     pub scopes: Vec<String>,
 }
 

@@ -187,23 +187,14 @@ pub fn load_sources(sources: &[(PathBuf, String)]) -> Result<Config, Vec<ConfigE
     }
 }
 
-/// Deserialises with the failing field's path in the error, then runs the CRD's CEL rules.
+/// Checks an object as the API server would (schema with unknown fields refused, then CEL
+/// rules) and decodes it.
 fn parse<K>(mut value: serde_json::Value, namespace: &str) -> Result<K, String>
 where
     K: DeserializeOwned + kube::CustomResourceExt + serde::Serialize,
 {
     value["metadata"]["namespace"] = namespace.into();
-    let object: K = serde_path_to_error::deserialize(value)
-        .map_err(|e| format!("{}: {}", e.path(), e.inner()))?;
-    kube::core::cel::validate_cel(&object).map_err(|errors| {
-        errors
-            .into_vec()
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("; ")
-    })?;
-    Ok(object)
+    crate::api::parse_object(value).map_err(|errors| errors.join("; "))
 }
 
 /// Checks across objects: roles that clients name exist, a resource is declared once.
@@ -348,8 +339,17 @@ spec:
     fn field_errors_and_cel_errors_name_the_field() {
         let wrong_type = "apiVersion: keygate.dev/v1alpha1\nkind: ApiClient\nmetadata: {name: c}\nspec: {roles: 5}\n";
         let errors = load(wrong_type).unwrap_err();
-        assert!(
-            errors[0].message.starts_with("spec.roles: invalid type"),
+        assert_eq!(
+            errors[0].message, "spec.roles: 5 is not of type \"array\"",
+            "{}",
+            errors[0]
+        );
+        // An unknown field is an error, as with `kubectl apply`'s strict field validation: a
+        // misspelt `requireScopes` must never turn a rule into "any client".
+        let typo = "apiVersion: keygate.dev/v1alpha1\nkind: ScopePolicy\nmetadata: {name: p}\nspec: {resource: 'https://o.svc', rules: [{name: w, paths: [/], requiredScopes: {anyOf: [o.write]}}]}\n";
+        let errors = load(typo).unwrap_err();
+        assert_eq!(
+            errors[0].message, "spec.rules[0].requiredScopes: unknown field",
             "{}",
             errors[0]
         );
