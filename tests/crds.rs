@@ -207,7 +207,6 @@ fn cel_rules_stay_within_the_api_servers_cost_budget() {
         ".exists_one(",
         ".map(",
         ".filter(",
-        ".matches(",
         "matches(",
         ".startsWith(",
         ".endsWith(",
