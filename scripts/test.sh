@@ -16,5 +16,5 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/helm/requirements.txt
 KEYGATE_BIN="$PWD/target/debug/keygate" .venv/bin/python -m pytest tests/python -q
 # 3. The Helm chart rendered and linted with Helm's own engine, validated against the
-#    Kubernetes 1.24 and current schemas.
+#    Kubernetes 1.25 and current schemas.
 .venv/bin/python -m pytest tests/helm -q

@@ -55,6 +55,7 @@ pub enum WebhookTls {
 pub struct WebhookOptions {
     pub listen: SocketAddr,
     pub tls: WebhookTls,
+    /// The sidecar to inject; its `watch_namespaces` are replaced by the operator's.
     pub inject: InjectConfig,
 }
 
@@ -289,9 +290,16 @@ async fn start_webhook(
             false
         }
     };
+    // Injection serves exactly the watched namespaces: the webhook configuration matches
+    // opted-in Pods everywhere, and those elsewhere are refused rather than started without
+    // the sidecar.
+    let inject = InjectConfig {
+        watch_namespaces: config.watch_namespaces.clone(),
+        ..options.inject.clone()
+    };
     let router = crate::webhook::router(crate::webhook::WebhookState {
         snapshot: registry.subscribe(),
-        inject: Arc::new(options.inject.clone()),
+        inject: Arc::new(inject),
         native_sidecars,
     });
     let listener = tokio::net::TcpListener::bind(options.listen).await?;

@@ -12,6 +12,11 @@
 //!
 //! Injection is idempotent: a Pod that already has the container or the annotation gets no
 //! patch, so `reinvocationPolicy: IfNeeded` and re-running `keygate inject` are no-ops.
+//!
+//! Injection fails closed: an opted-in Pod that cannot get a working sidecar is refused with a
+//! [`Deny`] saying what to change, never admitted without it. That includes a Pod in a
+//! namespace the operator does not watch ([`InjectConfig::watch_namespaces`]), where it keeps
+//! no ScopePolicies and writes no policy ConfigMaps.
 
 use std::collections::BTreeMap;
 
@@ -60,7 +65,8 @@ pub const ADMIN_PORT_NAME: &str = "keygate-admin";
 /// The user and group the sidecar runs as (distroless `nonroot`).
 pub const SIDECAR_UID: i64 = 65532;
 
-/// What the injected sidecar looks like, from the operator's configuration.
+/// What the injected sidecar looks like and where it can be injected, from the operator's
+/// configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InjectConfig {
     /// The keygate image; its entrypoint must be the `keygate` binary.
@@ -75,11 +81,16 @@ pub struct InjectConfig {
     pub resources: ResourceRequirements,
     /// Recorded in the annotation `keygate.dev/injected`.
     pub version: String,
+    /// The namespaces whose Pods can get the sidecar: the operator's watched namespaces
+    /// (`OperatorConfig::watch_namespaces`, which the operator copies here), the only ones
+    /// where it reads ScopePolicies and writes policy ConfigMaps. Opted-in Pods elsewhere
+    /// are refused. Empty: every namespace.
+    pub watch_namespaces: Vec<String>,
 }
 
 impl InjectConfig {
     /// The defaults: ports 8100 and 8101, requests 10m CPU and 32Mi memory, a 128Mi memory
-    /// limit and no CPU limit.
+    /// limit and no CPU limit, every namespace.
     pub fn new(image: impl Into<String>, version: impl Into<String>) -> Self {
         let quantities = |pairs: &[(&str, &str)]| {
             pairs
@@ -98,7 +109,13 @@ impl InjectConfig {
                 ..Default::default()
             },
             version: version.into(),
+            watch_namespaces: Vec::new(),
         }
+    }
+
+    /// Whether Pods in `namespace` can get the sidecar (see [`Self::watch_namespaces`]).
+    pub fn watches(&self, namespace: &str) -> bool {
+        self.watch_namespaces.is_empty() || self.watch_namespaces.iter().any(|n| n == namespace)
     }
 }
 
@@ -135,8 +152,9 @@ pub fn is_injected(pod: &Pod) -> bool {
 /// The RFC 6902 patch that adds the sidecar to `pod`, in `namespace`.
 ///
 /// - `Ok(None)`: nothing to do (not opted in, or already injected).
-/// - `Err(Deny)`: the Pod opted in but cannot get a working sidecar; the message says why
-///   and how to fix it.
+/// - `Err(Deny)`: the Pod opted in but cannot get a working sidecar (among other reasons,
+///   because `namespace` is not one of `config.watch_namespaces`); the message says why and
+///   how to fix it.
 ///
 /// `native_sidecars`: the API server supports init containers with `restartPolicy: Always`
 /// (Kubernetes 1.29+). `policy_upstream(namespace, name)` returns the ScopePolicy's
@@ -150,6 +168,12 @@ pub fn inject(
 ) -> Result<Option<Patch>, Deny> {
     if !wants_injection(pod) || is_injected(pod) {
         return Ok(None);
+    }
+    if !config.watches(namespace) {
+        return Err(Deny(format!(
+            "keygate: the pod has the label {INJECT_LABEL}: \"true\" but namespace {namespace} is not watched by this keygate operator (it watches {}), so it cannot get the sidecar; add {namespace} to the operator's watched namespaces (Helm value watchNamespaces, flag --watch-namespaces) or remove the label {INJECT_LABEL} from the pod (template)",
+            config.watch_namespaces.join(", ")
+        )));
     }
     let annotations = pod.metadata.annotations.clone().unwrap_or_default();
     let Some(policy) = annotations

@@ -230,6 +230,52 @@ fn missing_scope_policy_is_denied_naming_it() {
 }
 
 #[test]
+fn labelled_pod_in_an_unwatched_namespace_is_denied_with_the_fix() {
+    // The operator watches billing and payments; the fixtures' Pods are in shop.
+    let config = InjectConfig {
+        watch_namespaces: vec!["billing".to_owned(), "payments".to_owned()],
+        ..config()
+    };
+    let mutate = |name: &str| {
+        mutate_review(fixture(name).as_bytes(), &config, true, lookup)
+            .response
+            .expect("a response")
+    };
+    let response = mutate("pod-inject.json");
+    assert!(
+        !response.allowed,
+        "an opted-in pod must not start without the sidecar"
+    );
+    assert_eq!(response.uid, "705ab4f5-6393-11e8-b7cc-42010a800002");
+    assert!(response.patch.is_none());
+    let message = &response.result.message;
+    for part in [
+        "namespace shop is not watched by this keygate operator (it watches billing, payments)",
+        "add shop to the operator's watched namespaces (Helm value watchNamespaces",
+        "or remove the label keygate.dev/inject",
+    ] {
+        assert!(message.contains(part), "{message}");
+    }
+    // Pods that did not opt in, or already carry the sidecar, are left alone there.
+    for name in ["pod-no-label.json", "pod-already-injected.json"] {
+        let response = mutate(name);
+        assert!(response.allowed, "{name}");
+        assert!(response.patch.is_none(), "{name}");
+    }
+    // Once shop is watched, the same Pod gets its sidecar.
+    let config = InjectConfig {
+        watch_namespaces: vec!["billing".to_owned(), "shop".to_owned()],
+        ..config
+    };
+    let body = fixture("pod-inject.json");
+    let response = mutate_review(body.as_bytes(), &config, true, lookup)
+        .response
+        .expect("a response");
+    assert!(response.allowed, "{}", response.result.message);
+    assert_eq!(sidecars(&apply(&body, &response)).len(), 1);
+}
+
+#[test]
 fn malformed_body_is_invalid_not_a_panic() {
     for body in [
         fixture("malformed.json"),

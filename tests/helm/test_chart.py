@@ -2,7 +2,7 @@
 
 Helm's own Go library (helm-python-sdk) renders, lints and checks values.schema.json;
 kubernetes-validate checks every rendered object in strict mode (unknown fields are errors)
-against the Kubernetes 1.24 schemas (the chart's kubeVersion floor) and the newest it ships.
+against the Kubernetes 1.25 schemas (the chart's kubeVersion floor) and the newest it ships.
 Then the security-relevant promises of the chart are asserted on the objects themselves.
 
 Run from the repository root: python -m pytest tests/helm -q
@@ -28,7 +28,7 @@ RELEASE = "keygate"
 NAMESPACE = "keygate-system"
 
 # Kubernetes versions every rendered object must validate against.
-MIN_KUBE = "1.24.0"
+MIN_KUBE = "1.25.0"
 LATEST_KUBE = kv_utils.latest_version()
 
 # Kinds kubernetes-validate ships no schema for, and why skipping them is fine.
@@ -158,7 +158,10 @@ def test_validation_covers_the_chart_floor_and_a_current_version():
     assert kv_utils.major_minor(MIN_KUBE) in [kv_utils.major_minor(v) for v in kv_utils.all_versions()]
     assert tuple(int(p) for p in LATEST_KUBE.split(".")[:2]) >= (1, 33)
     with helm.Chart.load(CHART) as chart:
-        assert chart.metadata["kubeVersion"] == ">=1.24.0-0"
+        # CEL validation rules (x-kubernetes-validations) in the CRDs are beta and on by
+        # default from Kubernetes 1.25; on 1.24 they are alpha and off.
+        assert chart.metadata["kubeVersion"] == ">=1.25.0-0"
+        assert kv_utils.major_minor(MIN_KUBE) == "1.25"
 
 
 def test_crds_validate_strictly():
@@ -401,10 +404,25 @@ def test_mutating_webhook_fails_closed_for_opted_in_pods_only(variant):
     assert webhook_svc["spec"]["ports"][0]["port"] == service["port"] == 443
     assert webhook_svc["spec"]["ports"][0]["targetPort"] == "webhook"
     assert flag(deployment_args(objects), "webhook-service") == service["name"]
-    watched = values.get("watchNamespaces")
-    if watched:
-        assert {"key": "kubernetes.io/metadata.name", "operator": "In", "values": watched} in \
-            hook["namespaceSelector"]["matchExpressions"]
+    # Every namespace (the user's own selector aside), whatever watchNamespaces says: the
+    # operator refuses an opted-in Pod in a namespace it does not watch, where a narrower
+    # selector would let that Pod start without the sidecar.
+    user_selector = values.get("webhook", {}).get("namespaceSelector") or {}
+    assert hook.get("namespaceSelector", {}) == user_selector, name
+    for expression in hook.get("namespaceSelector", {}).get("matchExpressions", []):
+        assert expression["key"] != "kubernetes.io/metadata.name", (name, expression)
+
+
+def test_mutating_webhook_does_not_narrow_to_watch_namespaces():
+    for values in ({"watchNamespaces": ["a", "b"]},
+                   {"watchNamespaces": ["shop"], "webhook": {"namespaceSelector": {
+                       "matchExpressions": [{"key": "tier", "operator": "In", "values": ["apps"]}]}}}):
+        objects = render(values)
+        [hook] = one(objects, "MutatingWebhookConfiguration")["webhooks"]
+        assert hook.get("namespaceSelector", {}) == values.get("webhook", {}).get("namespaceSelector", {})
+        assert "kubernetes.io/metadata.name" not in json.dumps(hook)
+        # the operator is told which namespaces it serves, and so refuses labelled Pods elsewhere
+        assert flag(deployment_args(objects), "watch-namespaces") == ",".join(values["watchNamespaces"])
 
 
 def test_failure_policy_comments_explain_the_choice():
@@ -427,6 +445,17 @@ def test_validating_webhook(variant):
                               "scope": "Namespaced"}]
     expected = values.get("webhook", {}).get("validating", {}).get("failurePolicy", "Ignore")
     assert hook["failurePolicy"] == expected
+    # Only the watched namespaces (when set), on top of the user's selector: keygate objects
+    # elsewhere are not this operator's to act on.
+    selector = hook.get("namespaceSelector", {})
+    user_selector = values.get("webhook", {}).get("namespaceSelector") or {}
+    assert selector.get("matchLabels") == user_selector.get("matchLabels"), name
+    watched = values.get("watchNamespaces")
+    narrowing = [e for e in selector.get("matchExpressions", []) if e["key"] == "kubernetes.io/metadata.name"]
+    if watched:
+        assert narrowing == [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": watched}], name
+    else:
+        assert narrowing == [], name
     assert hook["sideEffects"] == "None"
     assert hook["admissionReviewVersions"] == ["v1"]
     assert "caBundle" not in hook["clientConfig"]
@@ -522,6 +551,67 @@ def test_deployment_runs_the_operator_with_the_contract_flags(variant):
     token_svc = next(s for s in of_kind(objects, "Service") if s["spec"]["ports"][0]["targetPort"] == "http")
     expected_issuer = values.get("issuerUrl") or f"http://{token_svc['metadata']['name']}.{NAMESPACE}.svc"
     assert flag(args, "issuer") == expected_issuer
+
+
+# Flags the chart sets on the operator through the environment (clap reads the variable
+# when the flag is absent), and the chart value behind some of the flags it passes.
+ENV_FLAGS = {"POD_NAMESPACE": "namespace", "POD_NAME": "pod-name"}
+FLAG_VALUES = {
+    "issuer": "issuerUrl",
+    "log": "log.level",
+    "log-format": "log.format",
+    "watch-namespaces": "watchNamespaces",
+    "lease-name": "leaderElection.leaseName",
+    "sidecar-cpu-limit": "sidecar.resources.limits.cpu",
+    "sidecar-image": "sidecar.image.repository",
+    "concurrency": "concurrency",
+    "max-token-lifetime": "token.maxLifetime",
+}
+
+
+def chart_flags() -> set[str]:
+    """Every flag the chart sets on `keygate operator` in any variant."""
+    flags = set()
+    for values in VARIANTS.values():
+        values = {k: v for k, v in values.items() if k != "extraArgs"}
+        container = one(render(values), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+        for arg in container["args"][1:]:
+            assert arg.startswith("--") and "=" in arg, f"chart args are --flag=value: {arg}"
+            flags.add(arg[2:].split("=", 1)[0])
+        flags |= {ENV_FLAGS[e["name"]] for e in container["env"] if e["name"] in ENV_FLAGS}
+    return flags
+
+
+def render_error(values: dict) -> str:
+    """The message of the failed render (as `helm template` and `helm install` report it)."""
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmRenderError) as err:
+            chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return str(err.value)
+
+
+def test_extra_args_may_not_repeat_a_flag_the_chart_sets():
+    # keygate operator takes each flag once: a second --log made it exit at start. Every
+    # flag the chart sets, in either spelling, fails the render naming the flag and what
+    # to set instead, whether or not the current values render that flag.
+    flags = chart_flags()
+    assert {"issuer", "log", "log-format", "watch-namespaces", "webhook-cert-dir",
+            "mutating-webhook-name", "sidecar-cpu-limit", "namespace", "pod-name"} <= flags
+    for name in sorted(flags):
+        for extra in ([f"--{name}=x"], [f"--{name}", "x"], ["--example-flag=value", f"--{name}"]):
+            message = render_error({"extraArgs": extra})
+            assert f"extraArgs: \"--{name}" in message, (extra, message)
+            assert f"the chart already sets --{name} " in message, (extra, message)
+            if name in FLAG_VALUES:
+                assert f" {FLAG_VALUES[name]} " in message and " instead" in message, \
+                    (extra, message)
+
+
+def test_extra_args_that_the_chart_does_not_set_pass_through_in_order():
+    extra = ["--example-flag=value", "--logx", "debug", "-v", "--"]
+    args = deployment_args(render({"extraArgs": extra}))
+    assert args[-len(extra):] == extra
+    assert args.count("--log=info") == 1
 
 
 def test_replicas_spread_and_pdb(variant):
@@ -642,6 +732,30 @@ def test_notes_tell_how_to_apply_the_example_and_get_a_token():
     assert "kubectl apply -f examples/quickstart/" in notes
     assert "/oauth2/token" in notes and "grant_type=client_credentials" in notes
     assert "kubectl apply --server-side -f charts/keygate/crds/" in notes
+
+
+def notes(values: dict) -> str:
+    with helm.Chart.load(CHART) as chart:
+        return chart.render(values, name=RELEASE, namespace=NAMESPACE)["keygate/templates/NOTES.txt"]
+
+
+def test_notes_follow_watch_namespaces():
+    # All namespaces: the example's namespace can be created after installing.
+    text = notes({})
+    assert "kubectl create namespace shop\n     kubectl apply -f examples/quickstart/" in text
+    assert "Set watchNamespaces to confine it" in text
+    # shop is watched: it had to exist before the install, so it is not created again.
+    text = notes({"watchNamespaces": ["shop"]})
+    assert "kubectl create namespace shop" not in text
+    assert "kubectl apply -f examples/quickstart/" in text
+    assert "create a namespace before adding it" in text
+    assert "Only in shop: a labelled Pod in\n   another namespace is refused" in text
+    # shop is not watched: create it, then add it to watchNamespaces.
+    text = notes({"watchNamespaces": ["a", "b"]})
+    create = text.index("kubectl create namespace shop")
+    upgrade = text.index("helm upgrade keygate charts/keygate -n keygate-system --reuse-values "
+                         "--set 'watchNamespaces={a,b,shop}'")
+    assert create < upgrade < text.index("kubectl apply -f examples/quickstart/")
 
 
 def test_variants_do_not_mutate_each_other():

@@ -144,3 +144,50 @@ is empty, in a Role per watched namespace otherwise.
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end }}
+
+{{/*
+The flags the chart sets on `keygate operator` (as arguments, or through the environment
+variables POD_NAMESPACE and POD_NAME), each with what to do instead. keygate exits at start
+on an argument given twice, and the chart's other objects rely on these values, so
+extraArgs may not give any of them, whether or not the current values render it.
+tests/helm checks that every flag the chart renders is listed here.
+*/}}
+{{- define "keygate.chartFlags" -}}
+issuer: use the value issuerUrl instead
+token-listen: it is fixed at 0.0.0.0:8080, the port the token Service, probes and NetworkPolicy use (tokenService.port sets the Service's port)
+webhook-listen: it is fixed at 0.0.0.0:9443, the port the webhook Service targets
+admin: it is fixed at 0.0.0.0:8081, the port of the probes and metrics
+watch-namespaces: use the value watchNamespaces instead (the chart's RBAC follows it)
+lease-name: use the value leaderElection.leaseName instead (the chart's Role grants that Lease)
+webhook-tls: use the value certManager.enabled instead
+webhook-cert-dir: the chart mounts the cert-manager certificate there (certManager.enabled)
+webhook-service: the chart names its webhook Service (nameOverride, fullnameOverride)
+mutating-webhook-name: the chart names its MutatingWebhookConfiguration (webhook.mutating.enabled, fullnameOverride)
+validating-webhook-name: the chart names its ValidatingWebhookConfiguration (webhook.validating.enabled, fullnameOverride)
+sidecar-image: use the values sidecar.image.repository and sidecar.image.tag instead
+sidecar-cpu-request: use the value sidecar.resources.requests.cpu instead
+sidecar-memory-request: use the value sidecar.resources.requests.memory instead
+sidecar-cpu-limit: use the value sidecar.resources.limits.cpu instead
+sidecar-memory-limit: use the value sidecar.resources.limits.memory instead
+concurrency: use the value concurrency instead
+default-token-lifetime: use the value token.defaultLifetime instead
+max-token-lifetime: use the value token.maxLifetime instead
+signing-key-rotation: use the value signingKeys.rotation instead
+log-format: use the value log.format instead
+log: use the value log.level instead
+namespace: the chart sets it through POD_NAMESPACE to the release namespace, where its RBAC grants access; install the release in the namespace you want instead
+pod-name: the chart sets it through POD_NAME to each replica's Pod name, its identity in the leader Lease, which must stay unique
+{{- end }}
+
+{{/* Fails the render when extraArgs repeats a flag of keygate.chartFlags, spelled --flag=value or --flag value. */}}
+{{- define "keygate.checkExtraArgs" -}}
+{{- $flags := include "keygate.chartFlags" . | fromYaml }}
+{{- range $arg := .Values.extraArgs }}
+{{- if hasPrefix "--" $arg }}
+{{- $name := (splitn "=" 2 (trimPrefix "--" $arg))._0 }}
+{{- with get $flags $name }}
+{{- fail (printf "extraArgs: %q: the chart already sets --%s (keygate operator takes each flag once); %s" $arg $name .) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
