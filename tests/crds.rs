@@ -411,3 +411,31 @@ mod validation {
         );
     }
 }
+
+#[path = "support/invalid.rs"]
+mod invalid;
+
+/// `keygate dev` refuses every invalid example, naming what its file says (the same files a
+/// real API server refuses in tests/e2e_cluster.rs).
+#[test]
+fn every_invalid_example_is_refused_with_its_field() {
+    for example in invalid::examples() {
+        let mut object = example.object;
+        object["metadata"]["namespace"] = "shop".into();
+        let errors = match object["kind"].as_str().unwrap() {
+            "ApiClient" => keygate::api::parse_object::<ApiClient>(object).map(drop),
+            "ScopePolicy" => keygate::api::parse_object::<ScopePolicy>(object).map(drop),
+            "M2MRole" => keygate::api::parse_object::<M2MRole>(object).map(drop),
+            other => panic!("{}: unexpected kind {other}", example.file),
+        }
+        .expect_err(&example.file)
+        .join("\n");
+        for expected in &example.refused {
+            assert!(
+                errors.contains(expected.as_str()),
+                "{}: {expected:?} not in\n{errors}",
+                example.file
+            );
+        }
+    }
+}

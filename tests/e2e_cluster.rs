@@ -1,7 +1,9 @@
 //! End-to-end tests against a real cluster. They run only with `KEYGATE_E2E=1` and a
 //! `KUBECONFIG`; otherwise each test says why it skipped. They install the CRDs from `crds/`,
 //! run the operator in-process against the cluster, and use a fresh namespace per test,
-//! deleted afterwards. Any conformant cluster 1.24+ works (kind, k3d, a cloud cluster).
+//! deleted afterwards. Any conformant cluster 1.25+ works (kind, k3d, a cloud cluster, or a
+//! kube-apiserver with etcd and kube-controller-manager and no kubelet: pods are only ever
+//! created with dry run).
 
 #[path = "support/operator.rs"]
 mod operator;
@@ -211,10 +213,10 @@ async fn webhook_scenario(client: Client, ns: String, host: String) {
     let port = listener.local_addr().expect("addr").port();
     let router = keygate::webhook::router(keygate::webhook::WebhookState {
         snapshot: registry.subscribe(),
-        inject: Arc::new(keygate::webhook::InjectConfig::new(
-            "ghcr.io/keygate/keygate:0.1.0",
-            "e2e",
-        )),
+        inject: Arc::new(keygate::webhook::InjectConfig {
+            watch_namespaces: vec![ns.clone()],
+            ..keygate::webhook::InjectConfig::new("ghcr.io/keygate/keygate:0.1.0", "e2e")
+        }),
         native_sidecars: false,
     });
     let server = tokio::spawn(keygate::webhook::serve_tls(
@@ -225,7 +227,10 @@ async fn webhook_scenario(client: Client, ns: String, host: String) {
     ));
 
     let bundle = base64::engine::general_purpose::STANDARD.encode(&certs.ca_crt);
-    let scope = json!({"matchLabels": {"kubernetes.io/metadata.name": ns}});
+    // The webhooks see this namespace and one the operator does not watch.
+    let unwatched = format!("{ns}-unwatched");
+    operator::create_namespace(&client, &unwatched).await;
+    let scope = json!({"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": [ns, unwatched]}]});
     let pp = PatchParams::apply("keygate-e2e").force();
     let mutating_name = format!("{ns}-inject");
     let mutating: MutatingWebhookConfiguration = serde_json::from_value(json!({
@@ -340,6 +345,27 @@ async fn webhook_scenario(client: Client, ns: String, host: String) {
         .expect_err("a pod naming a missing ScopePolicy is denied");
     assert!(missing.to_string().contains("does not exist"), "{missing}");
 
+    let elsewhere: Api<Pod> = Api::namespaced(client.clone(), &unwatched);
+    let unprotected = elsewhere
+        .create(
+            &dry_run,
+            &pod(
+                "elsewhere",
+                json!({"keygate.dev/inject": "true"}),
+                json!({"keygate.dev/policy": "orders"}),
+            ),
+        )
+        .await
+        .expect_err("a labelled pod in a namespace the operator does not watch is denied");
+    assert!(
+        unprotected.to_string().contains("is not watched"),
+        "{unprotected}"
+    );
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let _ = namespaces
+        .delete(&unwatched, &DeleteParams::default())
+        .await;
+
     let policies: Api<keygate::api::ScopePolicy> = Api::namespaced(client.clone(), &ns);
     let invalid: keygate::api::ScopePolicy = serde_json::from_value(json!({
         "apiVersion": "keygate.dev/v1alpha1", "kind": "ScopePolicy", "metadata": {"name": "bad", "namespace": ns},
@@ -361,12 +387,16 @@ async fn webhook_scenario(client: Client, ns: String, host: String) {
     server.abort();
 }
 
-/// The operator runs with exactly the permissions the Helm chart grants: the chart's RBAC is
-/// rendered with Helm's engine (tests/helm/render.py, in the venv scripts/test.sh creates),
-/// applied, and the operator's client impersonates the chart's ServiceAccount. Any forbidden
-/// call would stop the scenario.
+/// The Helm chart installed for real: everything it renders (tests/helm/render.py, with
+/// Helm's engine in the venv scripts/test.sh creates) is applied to the API server, which
+/// must accept every object. The release watches only the test namespace and its webhooks
+/// match only it. Then:
+/// - a Pod that asks for the sidecar is refused while no replica serves the webhook (no
+///   kubelet runs the Deployment here): injection fails closed;
+/// - the operator runs with exactly the chart's RBAC, its client impersonating the chart's
+///   ServiceAccount; any forbidden call would stop the scenario.
 #[tokio::test]
-async fn operator_runs_with_the_charts_rbac() {
+async fn chart_installs_and_the_operator_runs_with_its_rbac() {
     let Some(client) = cluster().await else {
         return;
     };
@@ -378,15 +408,16 @@ async fn operator_runs_with_the_charts_rbac() {
         );
         return;
     }
-    in_namespace(client, "rbac", move |c, ns| async move {
-        rbac_scenario(c, ns, python).await
+    in_namespace(client, "chart", move |c, ns| async move {
+        chart_scenario(c, ns, python).await
     })
     .await;
 }
 
-async fn rbac_scenario(client: Client, ns: String, python: String) {
-    use k8s_openapi::api::core::v1::ServiceAccount;
-    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+async fn chart_scenario(client: Client, ns: String, python: String) {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind, PostParams};
+    use kube::discovery::{Discovery, Scope};
 
     let release = format!("kg{}", std::process::id());
     let lease = format!("keygate-test-{ns}");
@@ -400,77 +431,270 @@ async fn rbac_scenario(client: Client, ns: String, python: String) {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let pp = PatchParams::apply("keygate-e2e").force();
-    let mut service_account = None;
-    let mut cluster_scoped: Vec<(String, String)> = Vec::new();
     let text = String::from_utf8(output.stdout).expect("utf-8");
-    let documents: Vec<serde_json::Value> = serde_yaml_ng::Deserializer::from_str(&text)
+    let documents: Vec<DynamicObject> = serde_yaml_ng::Deserializer::from_str(&text)
         .map(|doc| serde::Deserialize::deserialize(doc).expect("yaml"))
         .filter(|value: &serde_json::Value| !value.is_null())
+        .map(|value| serde_json::from_value(value).expect("a Kubernetes object"))
         .collect();
-    for value in documents {
-        let name = value["metadata"]["name"].as_str().expect("name").to_owned();
-        let doc_ns = value["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or(&ns)
-            .to_owned();
-        match value["kind"].as_str().unwrap_or_default() {
-            "ServiceAccount" => {
-                let api: Api<ServiceAccount> = Api::namespaced(client.clone(), &doc_ns);
-                let object: ServiceAccount = serde_json::from_value(value).expect("sa");
-                api.patch(&name, &pp, &Patch::Apply(&object))
-                    .await
-                    .expect("apply ServiceAccount");
-                service_account = Some(name);
-            }
-            "Role" => {
-                let api: Api<Role> = Api::namespaced(client.clone(), &doc_ns);
-                let object: Role = serde_json::from_value(value).expect("role");
-                api.patch(&name, &pp, &Patch::Apply(&object))
-                    .await
-                    .expect("apply Role");
-            }
-            "RoleBinding" => {
-                let api: Api<RoleBinding> = Api::namespaced(client.clone(), &doc_ns);
-                let object: RoleBinding = serde_json::from_value(value).expect("rolebinding");
-                api.patch(&name, &pp, &Patch::Apply(&object))
-                    .await
-                    .expect("apply RoleBinding");
-            }
-            "ClusterRole" => {
-                let api: Api<ClusterRole> = Api::all(client.clone());
-                let object: ClusterRole = serde_json::from_value(value).expect("clusterrole");
-                api.patch(&name, &pp, &Patch::Apply(&object))
-                    .await
-                    .expect("apply ClusterRole");
-                cluster_scoped.push(("ClusterRole".into(), name));
-            }
-            "ClusterRoleBinding" => {
-                let api: Api<ClusterRoleBinding> = Api::all(client.clone());
-                let object: ClusterRoleBinding =
-                    serde_json::from_value(value).expect("clusterrolebinding");
-                api.patch(&name, &pp, &Patch::Apply(&object))
-                    .await
-                    .expect("apply ClusterRoleBinding");
-                cluster_scoped.push(("ClusterRoleBinding".into(), name));
-            }
-            _ => {}
+    let discovery = Discovery::new(client.clone())
+        .run()
+        .await
+        .expect("discovery");
+    let pp = PatchParams::apply("keygate-e2e").force();
+    let mut service_account = None;
+    let mut cluster_scoped: Vec<(ApiResource, String)> = Vec::new();
+    for object in &documents {
+        let types = object.types.as_ref().expect("apiVersion and kind");
+        let gvk = GroupVersionKind::try_from(types).expect("group, version, kind");
+        let (resource, capabilities) = discovery
+            .resolve_gvk(&gvk)
+            .unwrap_or_else(|| panic!("the API server serves {gvk:?}"));
+        let name = object.metadata.name.clone().expect("name");
+        let api: Api<DynamicObject> = if capabilities.scope == Scope::Cluster {
+            cluster_scoped.push((resource.clone(), name.clone()));
+            Api::all_with(client.clone(), &resource)
+        } else {
+            let namespace = object.metadata.namespace.as_deref().unwrap_or(&ns);
+            Api::namespaced_with(client.clone(), namespace, &resource)
+        };
+        api.patch(&name, &pp, &Patch::Apply(object))
+            .await
+            .unwrap_or_else(|e| panic!("the API server accepts {} {name}: {e}", gvk.kind));
+        if gvk.kind == "ServiceAccount" {
+            service_account = Some(name);
         }
     }
+    eprintln!(
+        "applied {} objects of the chart, {} cluster-scoped",
+        documents.len(),
+        cluster_scoped.len()
+    );
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "app", "labels": {"keygate.dev/inject": "true"},
+                     "annotations": {"keygate.dev/policy": "orders"}},
+        "spec": {"containers": [{"name": "app", "image": "registry.invalid/orders:1"}]}
+    }))
+    .expect("pod");
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    let refused = pods
+        .create(&dry_run, &pod)
+        .await
+        .expect_err("no sidecar webhook answers, so a Pod that asked for the sidecar is refused");
+    assert!(
+        refused.to_string().contains("inject.keygate.dev"),
+        "{refused}"
+    );
+
     let service_account = service_account.expect("the chart renders a ServiceAccount");
     let mut config = kube::Config::infer().await.expect("kubeconfig");
     config.auth_info.impersonate = Some(format!("system:serviceaccount:{ns}:{service_account}"));
     let operator_client = Client::try_from(config).expect("impersonating client");
     operator::scenario_lifecycle_as(client.clone(), operator_client, &ns).await;
-    for (kind, name) in cluster_scoped {
-        if kind == "ClusterRole" {
-            let _ = Api::<ClusterRole>::all(client.clone())
-                .delete(&name, &DeleteParams::default())
-                .await;
-        } else {
-            let _ = Api::<ClusterRoleBinding>::all(client.clone())
-                .delete(&name, &DeleteParams::default())
-                .await;
-        }
+    for (resource, name) in cluster_scoped {
+        let _ = Api::<DynamicObject>::all_with(client.clone(), &resource)
+            .delete(&name, &DeleteParams::default())
+            .await;
     }
+}
+
+#[path = "support/invalid.rs"]
+mod invalid;
+
+/// Every object in tests/fixtures/invalid/ is refused by the API server itself (schema and
+/// CEL rules, strict field validation of server-side apply), with an error naming each
+/// problem its file lists; `keygate dev` refuses the same files (tests/crds.rs).
+#[tokio::test]
+async fn every_invalid_example_is_refused_by_the_api_server() {
+    let Some(client) = cluster().await else {
+        return;
+    };
+    in_namespace(client, "invalid", |client, ns| async move {
+        use kube::api::{ApiResource, DynamicObject};
+        let pp = PatchParams::apply("keygate-e2e");
+        for example in invalid::examples() {
+            let resource = match example.object["kind"].as_str().expect("kind") {
+                "ApiClient" => ApiResource::erase::<keygate::api::ApiClient>(&()),
+                "ScopePolicy" => ApiResource::erase::<keygate::api::ScopePolicy>(&()),
+                "M2MRole" => ApiResource::erase::<keygate::api::M2MRole>(&()),
+                other => panic!("{}: unexpected kind {other}", example.file),
+            };
+            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &resource);
+            let name = example.object["metadata"]["name"].as_str().expect("name");
+            let error = api
+                .patch(name, &pp, &Patch::Apply(&example.object))
+                .await
+                .expect_err(&example.file)
+                .to_string();
+            eprintln!("{}: {error}", example.file);
+            for expected in &example.refused {
+                assert!(
+                    error.contains(expected.as_str()),
+                    "{}: {expected:?} not in {error}",
+                    example.file
+                );
+            }
+        }
+    })
+    .await;
+}
+
+/// Two teams' namespaces declare the same API resource: the first ScopePolicy keeps it, the
+/// second is Ready=False with ResourceConflict and an Event; once the first is deleted, the
+/// second takes over. Then the first namespace is deleted for real (the namespace controller
+/// removes its objects): it goes away, its client can no longer get tokens, and the
+/// operator goes on serving the other namespace.
+#[tokio::test]
+async fn policy_conflict_across_namespaces_and_namespace_deletion() {
+    let Some(client) = cluster().await else {
+        return;
+    };
+    in_namespace(client, "two", |client, home| async move {
+        let team_a = format!("{home}-a");
+        let team_b = format!("{home}-b");
+        for ns in [&team_a, &team_b] {
+            operator::create_namespace(&client, ns).await;
+        }
+        let result = tokio::spawn(two_namespaces_scenario(
+            client.clone(),
+            home.clone(),
+            team_a.clone(),
+            team_b.clone(),
+        ))
+        .await;
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+        for ns in [&team_a, &team_b] {
+            let _ = namespaces.delete(ns, &DeleteParams::default()).await;
+        }
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic.into_panic());
+        }
+    })
+    .await;
+}
+
+async fn two_namespaces_scenario(client: Client, home: String, team_a: String, team_b: String) {
+    use k8s_openapi::api::core::v1::Namespace;
+    use keygate::api::ScopePolicy;
+
+    let policy_status = |ns: String| {
+        let api: Api<ScopePolicy> = Api::namespaced(client.clone(), &ns);
+        async move {
+            let policy = api.get_opt("orders").await.ok()??;
+            let condition = policy
+                .status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == keygate::api::READY)?;
+            Some((condition.status, condition.reason))
+        }
+    };
+    operator::apply_basics(&client, &team_a).await;
+    let operator = operator::start_operator_watching(
+        client.clone(),
+        &home,
+        &[home.as_str(), team_a.as_str(), team_b.as_str()],
+    )
+    .await;
+    operator::ready_secret(&client, &team_a, "reporting").await;
+    operator::eventually("team A's policy Ready", operator::WAIT, || async {
+        (policy_status(team_a.clone()).await? == ("True".into(), "PolicyPublished".into()))
+            .then_some(())
+    })
+    .await;
+
+    operator::apply_basics(&client, &team_b).await;
+    operator::eventually(
+        "team B's policy refused with ResourceConflict",
+        operator::WAIT,
+        || async {
+            let (status, reason) = policy_status(team_b.clone()).await?;
+            (status == "False" && reason == "ResourceConflict").then_some(())
+        },
+    )
+    .await;
+    assert!(operator::events_with_reason(&client, &team_b, "ResourceConflict").await > 0);
+    assert_eq!(
+        policy_status(team_a.clone()).await,
+        Some(("True".into(), "PolicyPublished".into())),
+        "the first declaration keeps the resource"
+    );
+
+    let http = reqwest::Client::new();
+    let secret_a =
+        operator::secret_data(&operator::ready_secret(&client, &team_a, "reporting").await);
+    assert_eq!(
+        operator::token_status(
+            &http,
+            &operator.token_url,
+            &secret_a["client_id"],
+            &secret_a["client_secret"]
+        )
+        .await,
+        200
+    );
+
+    let policies_a: Api<ScopePolicy> = Api::namespaced(client.clone(), &team_a);
+    policies_a
+        .delete("orders", &DeleteParams::default())
+        .await
+        .expect("delete team A's policy");
+    operator::eventually(
+        "team B's policy takes over the resource",
+        operator::WAIT,
+        || async {
+            (policy_status(team_b.clone()).await? == ("True".into(), "PolicyPublished".into()))
+                .then_some(())
+        },
+    )
+    .await;
+
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .delete(&team_a, &DeleteParams::default())
+        .await
+        .expect("delete team A's namespace");
+    operator::eventually("team A's namespace is gone", operator::WAIT, || async {
+        namespaces
+            .get_opt(&team_a)
+            .await
+            .ok()
+            .and_then(|ns| ns.is_none().then_some(()))
+    })
+    .await;
+    operator::eventually(
+        "team A's client gets no more tokens",
+        operator::WAIT,
+        || async {
+            let status = operator::token_status(
+                &http,
+                &operator.token_url,
+                &secret_a["client_id"],
+                &secret_a["client_secret"],
+            )
+            .await;
+            (status == 401).then_some(())
+        },
+    )
+    .await;
+    let secret_b =
+        operator::secret_data(&operator::ready_secret(&client, &team_b, "reporting").await);
+    assert_eq!(
+        operator::token_status(
+            &http,
+            &operator.token_url,
+            &secret_b["client_id"],
+            &secret_b["client_secret"]
+        )
+        .await,
+        200,
+        "the other namespace is served on"
+    );
+    operator.kill();
 }

@@ -38,7 +38,7 @@ impl Operator {
         let port = self.token_port;
         self.task.abort();
         let _ = self.task.await;
-        start_operator_on(client, namespace, port).await
+        start_operator_on(client, namespace, &[namespace], port).await
     }
 }
 
@@ -52,16 +52,26 @@ fn free_port() -> u16 {
 
 /// Starts the operator watching `namespace` (which also holds its keys and lease).
 pub async fn start_operator(client: Client, namespace: &str) -> Operator {
-    start_operator_on(client, namespace, free_port()).await
+    start_operator_on(client, namespace, &[namespace], free_port()).await
 }
 
-async fn start_operator_on(client: Client, namespace: &str, token_port: u16) -> Operator {
+/// Starts the operator with its keys and lease in `namespace`, watching `watch`.
+pub async fn start_operator_watching(client: Client, namespace: &str, watch: &[&str]) -> Operator {
+    start_operator_on(client, namespace, watch, free_port()).await
+}
+
+async fn start_operator_on(
+    client: Client,
+    namespace: &str,
+    watch: &[&str],
+    token_port: u16,
+) -> Operator {
     let issuer = format!("http://127.0.0.1:{token_port}");
     let options = OperatorOptions {
         config: OperatorConfig {
             namespace: namespace.to_owned(),
             issuer: issuer.clone(),
-            watch_namespaces: vec![namespace.to_owned()],
+            watch_namespaces: watch.iter().map(|n| (*n).to_owned()).collect(),
             signing_key_rotation: Duration::from_secs(720 * 3600),
             max_token_lifetime: Duration::from_secs(24 * 3600),
             concurrency: 16,
