@@ -4,12 +4,17 @@
 use std::sync::{Arc, RwLock};
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
+use tower::ServiceExt;
+
+use crate::connections::ConnectionLimits;
 
 /// What the admin endpoints read.
 #[derive(Clone)]
@@ -80,16 +85,31 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown signal received; draining in-flight requests");
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then drains in-flight requests.
+/// Serves `router` on `listener` within `limits` (connection cap, header-read and idle
+/// timeouts; see [`crate::connections`]) until `shutdown` resolves, then drains in-flight
+/// requests for up to `limits.drain`. Handlers can extract `ConnectInfo<SocketAddr>`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
+    limits: ConnectionLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    let builder = crate::connections::http_builder(&limits);
+    crate::connections::serve_connections(listener, shutdown, limits, |stream, peer, watcher| {
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().oneshot(request)
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), watcher.track(service))
+            .into_owned();
+        async move {
+            if let Err(error) = watcher.watch(connection).await {
+                tracing::debug!(%error, %peer, "connection ended with an error");
+            }
+        }
+    })
+    .await;
+    Ok(())
 }

@@ -155,6 +155,12 @@ struct OperatorArgs {
     /// The ValidatingWebhookConfiguration that gets the CA bundle (self mode).
     #[arg(long, env = "KEYGATE_VALIDATING_WEBHOOK_NAME")]
     validating_webhook_name: Option<String>,
+    /// Connections the admission webhook keeps open at once; further ones wait in the listen
+    /// backlog until one closes.
+    #[arg(long, env = "KEYGATE_WEBHOOK_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    webhook_max_connections: u32,
+    #[command(flatten)]
+    connections: keygate::connections::ConnectionArgs,
     #[command(flatten)]
     sidecar: SidecarTemplateArgs,
 }
@@ -239,6 +245,8 @@ struct DevArgs {
     /// How often the configuration directory is checked for changes.
     #[arg(long, env = "KEYGATE_DEV_RELOAD_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     reload_interval: Duration,
+    #[command(flatten)]
+    connections: keygate::connections::ConnectionArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -376,11 +384,24 @@ fn webhook_options(args: &OperatorArgs) -> Option<keygate::operator::WebhookOpti
     })
 }
 
+fn listener_limits(args: &OperatorArgs) -> keygate::operator::ListenerLimits {
+    keygate::operator::ListenerLimits {
+        token: args.connections.limits(),
+        admin: args.connections.admin_limits(),
+        webhook: args
+            .connections
+            .limits()
+            .with_max_connections(args.webhook_max_connections as usize)
+            .with_drain(keygate::webhook::tls::DRAIN),
+    }
+}
+
 async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes configuration (in-cluster service account or KUBECONFIG)")?;
     let webhook = webhook_options(&args);
+    let limits = listener_limits(&args);
     let options = keygate::operator::OperatorOptions {
         config: keygate::controller::OperatorConfig {
             namespace: args.namespace,
@@ -401,7 +422,8 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
         default_token_lifetime: args.default_token_lifetime,
         webhook,
     };
-    keygate::operator::run(client, options, keygate::admin::shutdown_signal()).await?;
+    keygate::operator::run_with_limits(client, options, limits, keygate::admin::shutdown_signal())
+        .await?;
     Ok(())
 }
 
@@ -451,6 +473,7 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
         command: std::env::current_exe()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|_| "keygate".into()),
+        connections: args.connections.limits(),
     };
     keygate::dev::run(options, keygate::admin::shutdown_signal(), |endpoints| {
         println!("{}", endpoints.walkthrough);
@@ -564,6 +587,10 @@ mod tests {
         };
         assert_eq!(args.watch_namespaces, ["a", "b"]);
         assert_eq!(args.concurrency, 16);
+        assert_eq!(
+            listener_limits(&args),
+            keygate::operator::ListenerLimits::default()
+        );
         let webhook = webhook_options(&args).expect("webhook enabled");
         let limits = webhook.inject.resources.limits.expect("limits");
         assert_eq!(limits["memory"].0, "128Mi");

@@ -17,6 +17,7 @@ use kube::{Api, Client};
 use tokio::sync::watch;
 
 use crate::api::{ApiClient, M2MRole, ScopePolicy};
+use crate::connections::ConnectionLimits;
 use crate::controller::webhook_tls::{self, WebhookConfigurations};
 use crate::controller::{self, Context, MANAGED_BY, OperatorConfig, apis, error_policy};
 use crate::registry::{Registry, Revocations, Snapshot};
@@ -57,6 +58,29 @@ pub struct WebhookOptions {
     pub tls: WebhookTls,
     /// The sidecar to inject; its `watch_namespaces` are replaced by the operator's.
     pub inject: InjectConfig,
+}
+
+/// What each of the operator's listeners allows its clients (see [`crate::connections`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerLimits {
+    /// The token server.
+    pub token: ConnectionLimits,
+    /// `/healthz`, `/readyz` and `/metrics`.
+    pub admin: ConnectionLimits,
+    /// The admission webhook.
+    pub webhook: ConnectionLimits,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        Self {
+            token: ConnectionLimits::default(),
+            admin: ConnectionLimits::admin(),
+            webhook: ConnectionLimits::default()
+                .with_max_connections(crate::connections::DEFAULT_WEBHOOK_MAX_CONNECTIONS)
+                .with_drain(crate::webhook::tls::DRAIN),
+        }
+    }
 }
 
 /// Why the operator stopped.
@@ -119,10 +143,21 @@ pub fn changed_clients(
         .collect()
 }
 
-/// Runs the operator until `shutdown` resolves or a critical task fails.
+/// Runs the operator until `shutdown` resolves or a critical task fails, with the default
+/// [`ListenerLimits`].
 pub async fn run(
     client: Client,
     options: OperatorOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), OperatorError> {
+    run_with_limits(client, options, ListenerLimits::default(), shutdown).await
+}
+
+/// Runs the operator until `shutdown` resolves or a critical task fails.
+pub async fn run_with_limits(
+    client: Client,
+    options: OperatorOptions,
+    limits: ListenerLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), OperatorError> {
     check_crds(&client, &options.config).await?;
@@ -171,7 +206,12 @@ pub async fn run(
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let admin_task = tokio::spawn(crate::admin::serve(admin_listener, admin, stopped()));
+    let admin_task = tokio::spawn(crate::admin::serve(
+        admin_listener,
+        admin,
+        limits.admin,
+        stopped(),
+    ));
     tracing::info!(admin = %options.admin_listen, "waiting for the signing keys");
     let keys = tokio::select! {
         keys = controller::signing::watch_keys(client.clone(), config.namespace.clone()) => keys,
@@ -186,6 +226,7 @@ pub async fn run(
     let mut token_config = TokenConfig::new(&config.issuer);
     token_config.default_lifetime = options.default_token_lifetime;
     token_config.max_lifetime = config.max_token_lifetime;
+    token_config.body_read_timeout = limits.token.header_read_timeout;
     let token_server = {
         let mut m = metrics.write().unwrap_or_else(|p| p.into_inner());
         TokenServer::new(
@@ -200,6 +241,7 @@ pub async fn run(
     let token_task = tokio::spawn(crate::admin::serve(
         token_listener,
         crate::token::router(token_server),
+        limits.token,
         stopped(),
     ));
     tracing::info!(token = %options.token_listen, "token server listening");
@@ -212,6 +254,7 @@ pub async fn run(
                 webhook,
                 &registry,
                 leading.clone(),
+                limits.webhook,
                 stopped(),
             )
             .await?,
@@ -263,6 +306,7 @@ async fn start_webhook(
     options: &WebhookOptions,
     registry: &Arc<Registry>,
     leading: watch::Receiver<bool>,
+    limits: ConnectionLimits,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<tokio::task::JoinHandle<()>, OperatorError> {
     let resolver = match &options.tls {
@@ -305,7 +349,10 @@ async fn start_webhook(
     let listener = tokio::net::TcpListener::bind(options.listen).await?;
     tracing::info!(listen = %options.listen, native_sidecars, "admission webhook listening");
     Ok(tokio::spawn(async move {
-        if let Err(error) = crate::webhook::serve_tls(listener, router, resolver, stop).await {
+        if let Err(error) =
+            crate::webhook::tls::serve_tls_with_limits(listener, router, resolver, limits, stop)
+                .await
+        {
             tracing::error!(%error, "the admission webhook stopped");
         }
     }))

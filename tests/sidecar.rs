@@ -218,6 +218,17 @@ fn mk_document(fx: &Fixture) -> PolicyDocument {
     }
 }
 
+/// Every scope of the orders API.
+const ALL_SCOPES: [&str; 3] = ["orders.admin", "orders.read", "orders.write"];
+
+/// [`mk_document`] with the client holding `scopes`: a token counts only for the scopes its
+/// client still holds.
+fn mk_document_holding(fx: &Fixture, scopes: &[&str]) -> PolicyDocument {
+    let mut document = mk_document(fx);
+    document.clients[0].scopes = scopes.iter().map(|s| (*s).to_owned()).collect();
+    document
+}
+
 // ---------------------------------------------------------------------------------------
 // Harness: echo upstream + sidecar
 // ---------------------------------------------------------------------------------------
@@ -581,7 +592,7 @@ async fn every_credential_kind_is_allowed_refused_or_forbidden() {
 #[tokio::test]
 async fn public_missing_and_malformed_credentials() {
     let fx = Fixture::new();
-    let h = Harness::start(mk_document(&fx)).await;
+    let h = Harness::start(mk_document_holding(&fx, &ALL_SCOPES)).await;
 
     let echoed = assert_allowed(
         h.http.get(h.url("/healthz")).send().await.unwrap(),
@@ -1136,7 +1147,7 @@ async fn an_api_key_stops_at_not_after_even_when_cached() {
 #[tokio::test]
 async fn path_tricks_never_bypass_a_rule() {
     let fx = Fixture::new();
-    let h = Harness::start(mk_document(&fx)).await;
+    let h = Harness::start(mk_document_holding(&fx, &ALL_SCOPES)).await;
     let reader = format!("Bearer {}", fx.access_token("orders.read"));
 
     for target in [
@@ -1663,5 +1674,713 @@ async fn upstream_down_is_a_502_without_the_credential() {
                 "the credential is in the 502 body"
             );
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. Issue #15: upgrade tunnels, look-alike identity headers, scopes a client has lost,
+//    key-pair JWT time claims
+// ---------------------------------------------------------------------------------------
+
+/// How the raw upstream answers a request.
+#[derive(Clone, Copy, Debug)]
+enum Switch {
+    /// `101` naming the protocol asked for, only to a request with an `Upgrade` header;
+    /// `200 plain` otherwise.
+    WhenAsked,
+    /// `101 Upgrade: <protocol>` to every request, asked or not: the worst an application
+    /// can do.
+    Always(&'static str),
+    /// `200 Connection Established` to every request, then echo: a CONNECT tunnel.
+    Established,
+}
+
+/// A raw-TCP workload that switches protocols and then echoes every byte it receives, so a
+/// spliced connection is a tunnel straight into the application.
+struct RawUpstream {
+    addr: SocketAddr,
+    /// Every request head received, lower-cased.
+    heads: Arc<Mutex<Vec<String>>>,
+    /// Bytes received after a `101`, i.e. through a tunnel.
+    tunnelled: Arc<Mutex<Vec<u8>>>,
+}
+
+impl RawUpstream {
+    async fn start(switch: Switch) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads: Arc<Mutex<Vec<String>>> = Arc::default();
+        let tunnelled: Arc<Mutex<Vec<u8>>> = Arc::default();
+        let (h, t) = (heads.clone(), tunnelled.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(Self::connection(stream, switch, h.clone(), t.clone()));
+            }
+        });
+        Self {
+            addr,
+            heads,
+            tunnelled,
+        }
+    }
+
+    async fn connection(
+        mut stream: TcpStream,
+        switch: Switch,
+        heads: Arc<Mutex<Vec<String>>>,
+        tunnelled: Arc<Mutex<Vec<u8>>>,
+    ) {
+        let mut buffer = Vec::new();
+        loop {
+            let Some(end) = read_head(&mut stream, &mut buffer).await else {
+                return;
+            };
+            let head = String::from_utf8_lossy(&buffer[..end]).to_ascii_lowercase();
+            let rest = buffer.split_off(end);
+            heads.lock().unwrap().push(head.clone());
+            let asked = head
+                .lines()
+                .find_map(|l| l.strip_prefix("upgrade:"))
+                .map(|v| v.trim().to_owned());
+            let protocol = match (switch, asked) {
+                (Switch::Established, _) => String::new(),
+                (Switch::Always(protocol), _) => protocol.to_owned(),
+                (Switch::WhenAsked, Some(asked)) => asked,
+                (Switch::WhenAsked, None) => {
+                    let answer = "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nplain";
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    buffer = rest;
+                    continue;
+                }
+            };
+            let answer = if protocol.is_empty() {
+                "HTTP/1.1 200 Connection Established\r\n\r\n".to_owned()
+            } else {
+                format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nconnection: Upgrade\r\nupgrade: {protocol}\r\nsec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+                )
+            };
+            if stream.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+            // From here on the connection is a raw tunnel: echo everything.
+            let mut pending = rest;
+            loop {
+                if !pending.is_empty() {
+                    tunnelled.lock().unwrap().extend_from_slice(&pending);
+                    if stream.write_all(&pending).await.is_err() {
+                        return;
+                    }
+                }
+                let mut chunk = [0u8; 4096];
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => pending = chunk[..n].to_vec(),
+                }
+            }
+        }
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+
+    fn tunnelled(&self) -> Vec<u8> {
+        self.tunnelled.lock().unwrap().clone()
+    }
+}
+
+/// Reads from `stream` into `buffer` until it holds a whole head; returns the offset just past
+/// the blank line, or `None` when the peer closed first.
+async fn read_head(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<usize> {
+    loop {
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(at + 4);
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Fails the test instead of hanging it.
+async fn bounded<F: std::future::Future>(future: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(10), future)
+        .await
+        .expect("test step timed out")
+}
+
+/// One exchange on an open connection: writes `request` and reads the answer's head and,
+/// except after a `101`, its `Content-Length` body. `None` when the sidecar closed the
+/// connection instead of answering.
+async fn exchange(stream: &mut TcpStream, request: &str) -> Option<RawResponse> {
+    bounded(async {
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut buffer = Vec::new();
+        let end = read_head(stream, &mut buffer).await?;
+        let head = String::from_utf8_lossy(&buffer[..end]).into_owned();
+        let mut lines = head.trim_end().split("\r\n");
+        // Anything but an HTTP status line (an echo through a tunnel) is status 0.
+        let status = lines
+            .next()
+            .filter(|l| l.starts_with("HTTP/1.1 "))
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+            .collect();
+        let mut body = buffer[end..].to_vec();
+        if status != 101 {
+            let length: usize = headers
+                .iter()
+                .find(|(n, _)| n == "content-length")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0);
+            while body.len() < length {
+                let mut chunk = [0u8; 4096];
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => body.extend_from_slice(&chunk[..n]),
+                }
+            }
+        }
+        Some(RawResponse {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    })
+    .await
+}
+
+/// `GET <path>` with `headers`, keeping the connection open.
+fn request_head(path: &str, headers: &[(&str, &str)]) -> String {
+    request_head_with("GET", path, headers)
+}
+
+fn request_head_with(method: &str, path: &str, headers: &[(&str, &str)]) -> String {
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: orders.shop.svc\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request
+}
+
+/// The h2c upgrade request the attack used, with `HTTP2-Settings`.
+const H2C_UPGRADE: [(&str, &str); 3] = [
+    ("Connection", "Upgrade, HTTP2-Settings"),
+    ("Upgrade", "h2c"),
+    ("HTTP2-Settings", "AAMAAABkAARAAAAAAAIAAAAA"),
+];
+
+/// A complete WebSocket opening handshake (RFC 6455 §4.1).
+const WEBSOCKET_UPGRADE: [(&str, &str); 4] = [
+    ("Connection", "Upgrade"),
+    ("Upgrade", "websocket"),
+    ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ("Sec-WebSocket-Version", "13"),
+];
+
+/// After an answer that is not a `101`, the connection is still HTTP checked by the
+/// sidecar (or closed), never a tunnel: a request for a scoped route without a credential
+/// gets the sidecar's 401 and does not reach the application.
+async fn assert_not_a_tunnel(stream: &mut TcpStream, upstream: &RawUpstream, what: &str) {
+    let before = upstream.heads().len();
+    let follow_up = request_head("/admin/secrets", &[]);
+    if let Some(resp) = exchange(stream, &follow_up).await {
+        assert_eq!(
+            resp.status, 401,
+            "{what}: the connection became a tunnel ({:?})",
+            resp.body
+        );
+    }
+    assert_eq!(upstream.heads().len(), before, "{what}: reached the app");
+    assert!(
+        upstream.tunnelled().is_empty(),
+        "{what}: bytes went through a tunnel"
+    );
+}
+
+fn with<'a>(base: &[(&'a str, &'a str)], more: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    base.iter().chain(more).copied().collect()
+}
+
+/// `Upgrade: h2c` (deprecated by RFC 9113) is never forwarded: the sidecar drops the
+/// `Upgrade` and `HTTP2-Settings` headers and the request goes on as plain HTTP/1.1, on a
+/// public route as on an authenticated one; the connection stays HTTP checked by the sidecar.
+#[tokio::test]
+async fn an_h2c_upgrade_is_stripped_and_never_opens_a_tunnel() {
+    let fx = Fixture::new();
+    let upstream = RawUpstream::start(Switch::WhenAsked).await;
+    let h = Harness::in_front_of(upstream.addr, Hits::default()).await;
+    h.sidecar.install(mk_document(&fx)).unwrap();
+    let reader = format!("Bearer {}", fx.access_token("orders.read"));
+
+    for (what, path, auth) in [
+        ("public route", "/healthz", None),
+        ("authenticated route", "/orders/1", Some(reader.as_str())),
+    ] {
+        let mut headers = H2C_UPGRADE.to_vec();
+        headers.extend(auth.map(|a| ("Authorization", a)));
+        let mut stream = TcpStream::connect(h.addr).await.unwrap();
+        let resp = exchange(&mut stream, &request_head(path, &headers))
+            .await
+            .unwrap();
+        assert_eq!(resp.status, 200, "{what}: {}", resp.body);
+        assert_eq!(resp.body, "plain", "{what}");
+        let head = upstream.heads().last().cloned().unwrap();
+        assert!(!head.contains("upgrade: "), "{what}: forwarded {head}");
+        assert!(!head.contains("http2-settings"), "{what}: forwarded {head}");
+        assert!(!head.contains("h2c"), "{what}: forwarded {head}");
+        assert_not_a_tunnel(&mut stream, &upstream, what).await;
+    }
+}
+
+/// Upgrades to anything but WebSocket are refused with 400 before they reach the app.
+#[tokio::test]
+async fn upgrades_to_other_protocols_are_refused() {
+    let fx = Fixture::new();
+    let upstream = RawUpstream::start(Switch::WhenAsked).await;
+    let h = Harness::in_front_of(upstream.addr, Hits::default()).await;
+    h.sidecar.install(mk_document(&fx)).unwrap();
+    let reader = format!("Bearer {}", fx.access_token("orders.read"));
+
+    for protocol in [
+        "x-raw",
+        "TLS/1.2",
+        "websocket, x-raw",
+        "h2c, x-raw",
+        "IRC/6.9",
+    ] {
+        for (path, auth) in [
+            ("/healthz", None),
+            ("/public/feed", None),
+            ("/orders/1", Some(reader.as_str())),
+        ] {
+            let what = format!("Upgrade: {protocol} on {path}");
+            let mut headers = vec![("Connection", "Upgrade"), ("Upgrade", protocol)];
+            headers.extend(auth.map(|a| ("Authorization", a)));
+            let mut stream = TcpStream::connect(h.addr).await.unwrap();
+            let resp = exchange(&mut stream, &request_head(path, &headers))
+                .await
+                .unwrap();
+            assert_eq!(resp.status, 400, "{what}: {}", resp.body);
+            let body: Value = serde_json::from_str(&resp.body).unwrap();
+            assert_eq!(body["error"], "invalid_request", "{what}");
+            assert!(upstream.heads().is_empty(), "{what}: reached the app");
+            assert_not_a_tunnel(&mut stream, &upstream, &what).await;
+        }
+    }
+}
+
+/// A WebSocket upgrade is forwarded only where a rule authenticated the caller, after the
+/// same checks as any request; it is then spliced and carries the verified identity.
+#[tokio::test]
+async fn a_websocket_upgrade_needs_a_rule_that_authenticates_the_caller() {
+    let fx = Fixture::new();
+    let upstream = RawUpstream::start(Switch::WhenAsked).await;
+    let h = Harness::in_front_of(upstream.addr, Hits::default()).await;
+    h.sidecar.install(mk_document(&fx)).unwrap();
+    let reader = format!("Bearer {}", fx.access_token("orders.read"));
+
+    // Public rules never open a tunnel.
+    for path in ["/healthz", "/public/feed"] {
+        let mut stream = TcpStream::connect(h.addr).await.unwrap();
+        let resp = exchange(&mut stream, &request_head(path, &WEBSOCKET_UPGRADE))
+            .await
+            .unwrap();
+        assert_eq!(resp.status, 403, "{path}: {}", resp.body);
+        let body: Value = serde_json::from_str(&resp.body).unwrap();
+        assert_eq!(body["error"], "access_denied", "{path}");
+        assert_not_a_tunnel(&mut stream, &upstream, path).await;
+    }
+    // Scoped rules answer exactly as for any request.
+    let cases = [
+        (
+            "no credential",
+            "/orders/ws",
+            WEBSOCKET_UPGRADE.to_vec(),
+            401,
+        ),
+        (
+            "bad credential",
+            "/orders/ws",
+            with(&WEBSOCKET_UPGRADE, &[("Authorization", "Bearer a.b.c")]),
+            401,
+        ),
+        (
+            "insufficient scope",
+            "/admin/ws",
+            with(&WEBSOCKET_UPGRADE, &[("Authorization", &reader)]),
+            403,
+        ),
+        (
+            "no rule",
+            "/billing/ws",
+            with(&WEBSOCKET_UPGRADE, &[("Authorization", &reader)]),
+            403,
+        ),
+    ];
+    for (what, path, headers, status) in cases {
+        let mut stream = TcpStream::connect(h.addr).await.unwrap();
+        let resp = exchange(&mut stream, &request_head(path, &headers))
+            .await
+            .unwrap();
+        assert_eq!(resp.status, status, "{what}: {}", resp.body);
+        assert_not_a_tunnel(&mut stream, &upstream, what).await;
+    }
+    // A WebSocket handshake must be a GET with its keys (RFC 6455 §4.1).
+    let post = request_head_with(
+        "POST",
+        "/orders/ws",
+        &with(&WEBSOCKET_UPGRADE, &[("Authorization", &reader)]),
+    );
+    let incomplete = request_head(
+        "/orders/ws",
+        &[
+            ("Connection", "Upgrade"),
+            ("Upgrade", "websocket"),
+            ("Authorization", &reader),
+        ],
+    );
+    for (what, request) in [("POST", post), ("no Sec-WebSocket-Key", incomplete)] {
+        let mut stream = TcpStream::connect(h.addr).await.unwrap();
+        let resp = exchange(&mut stream, &request).await.unwrap();
+        assert_eq!(resp.status, 400, "{what}: {}", resp.body);
+        assert_not_a_tunnel(&mut stream, &upstream, what).await;
+    }
+    assert!(
+        upstream.heads().is_empty(),
+        "a refused upgrade reached the app"
+    );
+
+    // Allowed: forwarded with the identity, then spliced.
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    let handshake = with(
+        &WEBSOCKET_UPGRADE,
+        &[
+            ("Authorization", &reader),
+            ("X-Keygate-Scopes", "orders.admin"),
+        ],
+    );
+    let resp = exchange(&mut stream, &request_head("/orders/ws", &handshake))
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 101, "{}", resp.body);
+    assert_eq!(resp.header("upgrade"), Some("websocket"));
+    let head = upstream.heads().last().cloned().unwrap();
+    assert!(head.starts_with("get /orders/ws http/1.1\r\n"), "{head}");
+    assert!(head.contains("\r\nupgrade: websocket\r\n"), "{head}");
+    assert!(
+        head.contains(&format!(
+            "\r\nx-keygate-client-id: {}\r\n",
+            fx.client_id.to_ascii_lowercase()
+        )),
+        "{head}"
+    );
+    assert!(
+        head.contains("\r\nx-keygate-scopes: orders.read\r\n"),
+        "{head}"
+    );
+    assert!(!head.contains("orders.admin"), "{head}");
+    assert!(!head.contains("authorization"), "{head}");
+    for message in [&b"hello keygate"[..], &b"\x81\x05hello"[..]] {
+        stream.write_all(message).await.unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        bounded(stream.read_exact(&mut echoed)).await.unwrap();
+        assert_eq!(echoed, message);
+    }
+}
+
+/// Whatever the application answers, a `101` is spliced only for a WebSocket upgrade the
+/// sidecar forwarded, and only when it switches to WebSocket.
+#[tokio::test]
+async fn an_upstream_101_to_anything_else_is_never_spliced() {
+    let fx = Fixture::new();
+    let reader = format!("Bearer {}", fx.access_token("orders.read"));
+
+    let upstream = RawUpstream::start(Switch::Always("websocket")).await;
+    let h = Harness::in_front_of(upstream.addr, Hits::default()).await;
+    h.sidecar.install(mk_document(&fx)).unwrap();
+    let cases: Vec<(&str, String)> = vec![
+        ("plain public request", request_head("/healthz", &[])),
+        (
+            "plain authenticated request",
+            request_head("/orders/1", &[("Authorization", &reader)]),
+        ),
+        (
+            "h2c on a public route",
+            request_head("/healthz", &H2C_UPGRADE),
+        ),
+        (
+            "h2c on an authenticated route",
+            request_head(
+                "/orders/1",
+                &with(&H2C_UPGRADE, &[("Authorization", &reader)]),
+            ),
+        ),
+        (
+            "Upgrade without Connection: upgrade",
+            request_head(
+                "/orders/1",
+                &[("Upgrade", "websocket"), ("Authorization", &reader)],
+            ),
+        ),
+    ];
+    for (what, request) in cases {
+        let mut stream = TcpStream::connect(h.addr).await.unwrap();
+        let resp = exchange(&mut stream, &request).await.unwrap();
+        assert_eq!(resp.status, 502, "{what}: {}", resp.body);
+        let body: Value = serde_json::from_str(&resp.body).unwrap();
+        assert_eq!(body["error"], "upstream_error", "{what}");
+        assert_not_a_tunnel(&mut stream, &upstream, what).await;
+    }
+
+    // A permitted WebSocket upgrade the application switches to another protocol.
+    let upstream = RawUpstream::start(Switch::Always("x-raw")).await;
+    let h = Harness::in_front_of(upstream.addr, Hits::default()).await;
+    h.sidecar.install(mk_document(&fx)).unwrap();
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    let handshake = with(&WEBSOCKET_UPGRADE, &[("Authorization", &reader)]);
+    let resp = exchange(&mut stream, &request_head("/orders/ws", &handshake))
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 502, "{}", resp.body);
+    assert_not_a_tunnel(&mut stream, &upstream, "101 to x-raw").await;
+}
+
+/// CGI and WSGI servers map `_` (Apache: every non-alphanumeric character) and `-` to the
+/// same variable, so a look-alike of an identity header is one: they are all removed.
+#[tokio::test]
+async fn look_alike_identity_headers_are_removed() {
+    let fx = Fixture::new();
+    let h = Harness::start(mk_document(&fx)).await;
+    let token = fx.access_token("orders.read");
+    let spoof = |request: reqwest::RequestBuilder| {
+        request
+            .header("X_Keygate_Client_Id", "admin")
+            .header("X_Keygate_Scopes", "orders.read orders.write orders.admin")
+            .header("x_keygate-auth_method", "access_token")
+            .header("X.Keygate.Extra", "1")
+            .header("x~keygate~other", "1")
+            .header("X_Forwarded_Host", "evil.example")
+            .header("X_Forwarded_Proto", "https")
+            .header("X_Forwarded_For", "10.0.0.1")
+    };
+    let folds_to_reserved = |name: &str| {
+        let folded: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        folded.starts_with("x-keygate-") || folded.starts_with("x-forwarded-")
+    };
+
+    let resp = spoof(h.http.get(h.url("/orders/7")).bearer_auth(&token))
+        .send()
+        .await
+        .unwrap();
+    let echoed = assert_allowed(resp, "protected").await;
+    let names: Vec<String> = echoed["headers"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|n| folds_to_reserved(n))
+        .cloned()
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "x-forwarded-proto",
+            "x-keygate-auth-method",
+            "x-keygate-client-id",
+            "x-keygate-scopes",
+        ],
+        "{echoed}"
+    );
+    assert_eq!(
+        header_values(&echoed, "x-keygate-client-id"),
+        [fx.client_id.as_str()]
+    );
+    assert_eq!(header_values(&echoed, "x-keygate-scopes"), ["orders.read"]);
+    assert_eq!(
+        header_values(&echoed, "x-keygate-auth-method"),
+        ["access_token"]
+    );
+    assert_eq!(header_values(&echoed, "x-forwarded-for"), ["127.0.0.1"]);
+
+    for path in ["/healthz", "/public/docs"] {
+        let resp = spoof(h.http.get(h.url(path))).send().await.unwrap();
+        let echoed = assert_allowed(resp, path).await;
+        let names: Vec<String> = echoed["headers"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|n| folds_to_reserved(n))
+            .cloned()
+            .collect();
+        assert_eq!(
+            names,
+            ["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto"],
+            "{path}: {echoed}"
+        );
+    }
+}
+
+/// A keygate access token carries only the scopes its client still holds: token scopes ∩
+/// the client's current scopes in the policy, cached or not; a client no longer in the
+/// policy gets 401.
+#[tokio::test]
+async fn a_token_keeps_only_the_scopes_its_client_still_holds() {
+    let fx = Fixture::new();
+    let mut document = mk_document_holding(&fx, &["orders.read", "orders.write"]);
+    let h = Harness::start(document.clone()).await;
+    let token = fx.access_token("orders.read orders.write");
+    // Verified (and cached) while the client may write.
+    assert_allowed(h.post_bearer("/orders/1", &token).await, "write before").await;
+
+    // Cut to read-only.
+    document.clients[0].scopes = vec!["orders.read".into()];
+    h.sidecar.install(document.clone()).unwrap();
+    assert_insufficient(
+        h.post_bearer("/orders/1", &token).await,
+        "orders.write",
+        "cached token after the cut",
+    )
+    .await;
+    let echoed = assert_allowed(h.get_bearer("/orders/1", &token).await, "read after").await;
+    assert_eq!(header_values(&echoed, "x-keygate-scopes"), ["orders.read"]);
+    let fresh = fx.access_token("orders.read orders.write");
+    assert_insufficient(
+        h.post_bearer("/orders/1", &fresh).await,
+        "orders.write",
+        "fresh token after the cut",
+    )
+    .await;
+    // A token only for scopes the client lost still authenticates it (it holds a grant
+    // here) but satisfies no scope.
+    let writer = fx.access_token("orders.write");
+    assert_insufficient(
+        h.get_bearer("/orders/1", &writer).await,
+        "orders.read",
+        "token for a lost scope",
+    )
+    .await;
+
+    // The client loses its last grant on this API.
+    document.clients.clear();
+    h.sidecar.install(document).unwrap();
+    assert_invalid(
+        &h,
+        h.get_bearer("/orders/1", &token).await,
+        "client has no grant on this API",
+        "client gone",
+    )
+    .await;
+}
+
+/// `nbf` is enforced on key-pair JWTs with the leeway, and `iat` or `nbf` after `exp` is
+/// refused.
+#[tokio::test]
+async fn keypair_jwt_nbf_and_iat_after_exp_are_refused() {
+    let fx = Fixture::new();
+    let h = Harness::start(mk_document(&fx)).await;
+    let now = unix_now();
+    let iss = keypair_issuer(&fx.client_id, &fx.client_key.signing.fingerprint);
+    let signed = |patch: Value| {
+        let mut claims =
+            json!({"iss": iss, "sub": fx.client_id, "iat": now, "exp": now + 300, "aud": RESOURCE});
+        for (k, v) in patch.as_object().unwrap() {
+            claims[k] = v.clone();
+        }
+        fx.client_key
+            .signing
+            .sign(Header::new(Algorithm::ES256), &claims)
+            .unwrap()
+    };
+    let three_years = 3 * 365 * 24 * 3600;
+    let cases = [
+        (
+            "nbf three years ahead",
+            signed(json!({"nbf": now + three_years})),
+            "not yet valid",
+        ),
+        (
+            "nbf three years ahead, exp after it",
+            signed(
+                json!({"nbf": now + three_years, "exp": now + three_years + 60, "iat": now + three_years}),
+            ),
+            "issued in the future",
+        ),
+        (
+            "nbf a minute ahead",
+            signed(json!({"nbf": now + 60})),
+            "not yet valid",
+        ),
+        (
+            "iat after exp",
+            signed(json!({"iat": now + 4, "exp": now + 3})),
+            "issued after it expires",
+        ),
+        (
+            "nbf after exp",
+            signed(json!({"nbf": now + 2, "exp": now + 1})),
+            "not valid before it expires",
+        ),
+        (
+            "nbf not a number",
+            signed(json!({"nbf": "soon"})),
+            "malformed token",
+        ),
+    ];
+    for (what, token, reason) in cases {
+        let resp = h.get_bearer("/orders/1", &token).await;
+        assert_invalid(&h, resp, reason, what).await;
+    }
+    // Within the leeway, or in the past, `nbf` passes.
+    for (what, token) in [
+        ("nbf within the leeway", signed(json!({"nbf": now + 2}))),
+        ("nbf in the past", signed(json!({"nbf": now - 60}))),
+    ] {
+        assert_allowed(h.get_bearer("/orders/1", &token).await, what).await;
+    }
+}
+
+/// CONNECT never opens a tunnel either, even where a public rule matches every method and
+/// path and the application answers `200 Connection Established`.
+#[tokio::test]
+async fn connect_never_opens_a_tunnel() {
+    let fx = Fixture::new();
+    let upstream = RawUpstream::start(Switch::Established).await;
+    let h = Harness::in_front_of(upstream.addr, Hits::default()).await;
+    let mut document = mk_document(&fx);
+    document
+        .spec
+        .rules
+        .push(public(mk_rule("everything", &[], &["/**"])));
+    h.sidecar.install(document).unwrap();
+    for target in ["orders.shop.svc:443", "127.0.0.1:22", "/public/x", "*"] {
+        let mut stream = TcpStream::connect(h.addr).await.unwrap();
+        let request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+        // Refused (the target is not a path), or forwarded and answered, but never spliced:
+        // the connection is closed or still HTTP checked by the sidecar.
+        if let Some(resp) = exchange(&mut stream, &request).await {
+            assert_ne!(resp.status, 101, "{target}");
+        }
+        assert_not_a_tunnel(&mut stream, &upstream, target).await;
     }
 }

@@ -3,8 +3,9 @@
 //! `jsonwebtoken` against the served JWKS) talking to it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -13,12 +14,15 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use reqwest::StatusCode;
 use reqwest::header::{self, HeaderMap};
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use keygate::api::{
     ApiClientSpec, ClientNamespaces, KeyAlgorithm, KeyPairSpec, M2MRoleSpec, Permission,
     ScopeDefinition, ScopePolicySpec,
 };
+use keygate::connections::ConnectionLimits;
 use keygate::credentials::{
     CredentialData, SigningKey, derive_client_id, ensure_material, generate_key_pair, key, rotate,
     unix_now,
@@ -115,7 +119,9 @@ impl TestClient {
 /// A running token server on 127.0.0.1 with the `shop` fixture loaded.
 struct Fixture {
     issuer: String,
+    addr: SocketAddr,
     registry: Arc<Registry>,
+    revocations: Arc<Revocations>,
     clients: BTreeMap<&'static str, TestClient>,
     http: reqwest::Client,
     keys: watch::Sender<Arc<IssuerKeys>>,
@@ -130,12 +136,23 @@ const KEY_ROTATION: RotationPolicy = RotationPolicy {
 
 impl Fixture {
     async fn start() -> Self {
+        Self::start_with(|_| {}, ConnectionLimits::default()).await
+    }
+
+    /// The fixture with `configure` applied to the token server's settings, served within
+    /// `limits`.
+    async fn start_with(
+        configure: impl FnOnce(&mut TokenConfig),
+        limits: ConnectionLimits,
+    ) -> Self {
         // Bind first: the issuer (and so every token endpoint URL) names the port.
         let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .unwrap();
-        let issuer = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
-        let config = TokenConfig::new(&issuer);
+        let addr = listener.local_addr().unwrap();
+        let issuer = format!("http://127.0.0.1:{}", addr.port());
+        let mut config = TokenConfig::new(&issuer);
+        configure(&mut config);
 
         let mut inputs = Inputs::default();
         let policies = [
@@ -224,22 +241,26 @@ impl Fixture {
         let (keys_tx, keys_rx) = watch::channel(IssuerKeys::from_stored(&stored).unwrap());
 
         let mut metrics = prometheus_client::registry::Registry::default();
+        let revocations = Arc::new(Revocations::default());
         let server = TokenServer::new(
             config,
             registry.subscribe(),
             keys_rx,
-            Arc::new(Revocations::default()),
+            revocations.clone(),
             &mut metrics,
         );
         tokio::spawn(keygate::admin::serve(
             listener,
             router(server),
+            limits,
             std::future::pending(),
         ));
 
         Self {
             issuer,
+            addr,
             registry,
+            revocations,
             clients,
             http: reqwest::Client::new(),
             keys: keys_tx,
@@ -395,9 +416,13 @@ fn sign_assertion(
         "exp": exp,
         "jti": new_jti().unwrap(),
     });
+    sign_claims(private_pem, &claims)
+}
+
+fn sign_claims(private_pem: &str, claims: &Value) -> String {
     SigningKey::from_pkcs8_pem(private_pem)
         .unwrap()
-        .sign(jsonwebtoken::Header::default(), &claims)
+        .sign(jsonwebtoken::Header::default(), claims)
         .unwrap()
 }
 
@@ -1431,4 +1456,274 @@ async fn failed_authentications_throttle_the_client_from_that_address_only() {
         .build()
         .unwrap();
     assert_token(attempt(&elsewhere, edgy.secret()).await.unwrap()).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// 10. Bounded resources (issue #15)
+// ---------------------------------------------------------------------------------------
+
+/// The bound on waiting for something that must happen.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Waits until the server closes `stream` (EOF or reset); returns what it sent before.
+async fn read_until_closed(stream: &mut TcpStream) -> Option<String> {
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()?;
+    Some(String::from_utf8_lossy(&received).into_owned())
+}
+
+/// Reads one HTTP/1.1 response to `GET /.well-known/jwks.json` (its JSON body ends with
+/// `]}`), or `None` after `wait`.
+async fn read_jwks_response(stream: &mut TcpStream, wait: Duration) -> Option<String> {
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(wait, async {
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before a whole response");
+            received.extend_from_slice(&buf[..n]);
+            if received.ends_with(b"]}") {
+                return String::from_utf8(received).unwrap();
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+const GET_JWKS: &[u8] = b"GET /.well-known/jwks.json HTTP/1.1\r\nHost: keygate\r\n\r\n";
+
+#[tokio::test]
+async fn over_long_client_ids_are_refused_and_never_throttled() {
+    let fx = Fixture::start().await;
+    let long = "x".repeat(64 * 1024);
+    // Far more attempts than the throttle allows: none is remembered, so none is slowed
+    // down, and each is refused for what it is.
+    for _ in 0..25 {
+        let response = fx
+            .post("/oauth2/token", &[("grant_type", "client_credentials")])
+            .header(header::AUTHORIZATION, basic(&long, "kgs_guess"))
+            .send()
+            .await
+            .unwrap();
+        let headers = response.headers().clone();
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(headers[header::WWW_AUTHENTICATE], WWW_AUTHENTICATE);
+        assert_eq!(body["error"], "invalid_client");
+        assert_eq!(body["error_description"], "client_id is too long");
+    }
+    // In the form too (client_secret_post), just over the limit.
+    let over = "x".repeat(keygate::token::MAX_CLIENT_ID_BYTES + 1);
+    let response = fx
+        .post(
+            "/oauth2/token",
+            &[
+                ("grant_type", "client_credentials"),
+                ("client_id", &over),
+                ("client_secret", "kgs_guess"),
+            ],
+        )
+        .send()
+        .await
+        .unwrap();
+    let headers = assert_error(response, StatusCode::UNAUTHORIZED, "invalid_client").await;
+    assert_eq!(headers[header::WWW_AUTHENTICATE], WWW_AUTHENTICATE);
+    // Real clients are unaffected.
+    assert_token(fx.token("reporting", &[]).await).await;
+}
+
+#[tokio::test]
+async fn client_assertions_not_yet_valid_or_issued_after_expiry_are_refused() {
+    let fx = Fixture::start().await;
+    let keyed = fx.client("keyed");
+    let endpoint = fx.token_endpoint();
+    let now = unix_now();
+    let send = |claims: Value| {
+        let assertion = sign_claims(keyed.private_key(), &claims);
+        let request = fx.post("/oauth2/token", &assertion_params(&assertion));
+        async move { request.send().await.unwrap() }
+    };
+    let claims = |extra: Value| {
+        let mut claims = json!({
+            "iss": keyed.id(), "sub": keyed.id(), "aud": endpoint,
+            "iat": now, "exp": now + 60, "jti": new_jti().unwrap(),
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            claims[k] = v.clone();
+        }
+        claims
+    };
+    let refused = |response: reqwest::Response, reason: &'static str| async move {
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(body["error"], "invalid_client");
+        assert!(
+            body["error_description"].as_str().unwrap().contains(reason),
+            "{body}"
+        );
+    };
+
+    // Not valid for three more years.
+    let three_years = 3 * 365 * 24 * 3600;
+    refused(
+        send(claims(json!({ "nbf": now + three_years }))).await,
+        "not yet valid",
+    )
+    .await;
+    // Not valid for two more minutes (beyond the 30 s leeway).
+    refused(
+        send(claims(json!({ "nbf": now + 120 }))).await,
+        "not yet valid",
+    )
+    .await;
+    // Issued after it expires (both within the leeway of now).
+    refused(
+        send(claims(json!({ "iat": now + 20, "exp": now + 10 }))).await,
+        "issued after it expires",
+    )
+    .await;
+    // Not valid before it expires.
+    refused(
+        send(claims(json!({ "nbf": now + 20, "exp": now + 10 }))).await,
+        "not valid before it expires",
+    )
+    .await;
+    // Issued in the future (beyond the leeway).
+    refused(
+        send(claims(json!({ "iat": now + 120, "exp": now + 180 }))).await,
+        "issued in the future",
+    )
+    .await;
+
+    // Within the leeway, and already valid, are accepted.
+    assert_token(send(claims(json!({ "nbf": now + 10 }))).await).await;
+    assert_token(send(claims(json!({ "nbf": now - 10 }))).await).await;
+}
+
+#[tokio::test]
+async fn a_half_sent_request_head_is_closed_after_the_header_read_timeout() {
+    let limits = ConnectionLimits {
+        header_read_timeout: Duration::from_millis(300),
+        ..ConnectionLimits::default()
+    };
+    let fx = Fixture::start_with(|_| {}, limits).await;
+    let mut stream = TcpStream::connect(fx.addr).await.unwrap();
+    stream
+        .write_all(b"POST /oauth2/token HTTP/1.1\r\nHost: keygate\r\nContent-Ty")
+        .await
+        .unwrap();
+    assert!(
+        read_until_closed(&mut stream).await.is_some(),
+        "the half-sent request head stayed open"
+    );
+    // The server still serves whole requests.
+    assert_token(fx.token("reporting", &[]).await).await;
+}
+
+#[tokio::test]
+async fn a_body_that_does_not_arrive_in_time_is_refused() {
+    let fx = Fixture::start_with(
+        |config| config.body_read_timeout = Duration::from_millis(300),
+        ConnectionLimits::default(),
+    )
+    .await;
+    let mut stream = TcpStream::connect(fx.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /oauth2/token HTTP/1.1\r\nHost: keygate\r\n\
+              Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\n\
+              grant_type=client_",
+        )
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut stream)
+        .await
+        .expect("the slow body stayed open");
+    assert!(
+        answer.starts_with("HTTP/1.1 408 "),
+        "not a 408 answer: {answer}"
+    );
+    assert!(answer.contains(r#""error":"invalid_request""#), "{answer}");
+}
+
+#[tokio::test]
+async fn at_the_connection_cap_a_new_connection_waits_until_one_closes() {
+    let limits = ConnectionLimits::default().with_max_connections(1);
+    let fx = Fixture::start_with(|_| {}, limits).await;
+    let mut first = TcpStream::connect(fx.addr).await.unwrap();
+    first.write_all(GET_JWKS).await.unwrap();
+    assert!(read_jwks_response(&mut first, PATIENCE).await.is_some());
+
+    // The second connection is accepted by the kernel but not served while the first is
+    // open (kept alive).
+    let mut second = TcpStream::connect(fx.addr).await.unwrap();
+    second.write_all(GET_JWKS).await.unwrap();
+    assert!(
+        read_jwks_response(&mut second, Duration::from_millis(300))
+            .await
+            .is_none(),
+        "served beyond the cap"
+    );
+    drop(first);
+    assert!(
+        read_jwks_response(&mut second, PATIENCE).await.is_some(),
+        "not served after the first connection closed"
+    );
+}
+
+#[tokio::test]
+async fn one_by_one_revocations_are_bounded_per_client() {
+    let fx = Fixture::start_with(
+        |config| config.max_revoked_tokens_per_client = 2,
+        ConnectionLimits::default(),
+    )
+    .await;
+    let reporting = fx.client("reporting");
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        tokens.push(fx.access_token("reporting", &[]).await);
+    }
+    let active = |token: &str| {
+        let request = fx.post_basic("/oauth2/introspect", "reporting", &[("token", token)]);
+        async move {
+            let response = request.send().await.unwrap();
+            response.json::<Value>().await.unwrap()["active"] == true
+        }
+    };
+    for token in &tokens {
+        let response = fx
+            .post_basic("/oauth2/revoke", "reporting", &[("token", token)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(!active(token).await);
+    }
+    // Two are listed one by one; the third became a per-client "not before" just after it
+    // was issued, which refuses it (and every earlier token of the client).
+    let list = fx.revocations.current();
+    assert_eq!(list.tokens.len(), 2, "{list:?}");
+    let iat = fx.verify(&tokens[2], ORDERS).await["iat"].as_u64().unwrap();
+    assert_eq!(list.clients.get(reporting.id()), Some(&(iat + 1)));
+    // Other clients are not affected.
+    let other = fx.access_token("edgy", &[]).await;
+    let response = fx
+        .post_basic("/oauth2/introspect", "edgy", &[("token", &other)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.json::<Value>().await.unwrap()["active"], true);
 }

@@ -19,6 +19,9 @@ pub struct KeyPairClaims {
     pub sub: String,
     pub iat: u64,
     pub exp: u64,
+    /// Not before (RFC 7519 §4.1.5): optional, enforced with the leeway when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aud: Option<String>,
 }
@@ -51,6 +54,7 @@ pub fn sign_keypair_jwt(
         sub: client_id.to_owned(),
         iat: now,
         exp: now + lifetime,
+        nbf: None,
         aud: audience.map(str::to_owned),
     };
     let mut header = Header::new(jws_algorithm(key.algorithm));
@@ -82,9 +86,40 @@ pub fn peek_keypair_identity(token: &str) -> Result<KeyPairJwtIdentity> {
     })
 }
 
+/// Checks a JWT's time claims against the caller's clock `now` (Unix seconds; jsonwebtoken
+/// would use its own) with `leeway` for clock skew: not expired (`exp`), not before `nbf`,
+/// `iat` not in the future, and neither `iat` nor `nbf` after `exp` (such a token was never
+/// meant to be valid). Returns a short reason, safe to show.
+pub fn check_jwt_times(
+    iat: Option<u64>,
+    nbf: Option<u64>,
+    exp: u64,
+    leeway: Duration,
+    now: u64,
+) -> std::result::Result<(), &'static str> {
+    let leeway = leeway.as_secs();
+    if exp.saturating_add(leeway) <= now {
+        return Err("expired");
+    }
+    if iat.is_some_and(|iat| iat > now.saturating_add(leeway)) {
+        return Err("issued in the future");
+    }
+    if nbf.is_some_and(|nbf| nbf > now.saturating_add(leeway)) {
+        return Err("not yet valid");
+    }
+    if iat.is_some_and(|iat| iat > exp) {
+        return Err("issued after it expires");
+    }
+    if nbf.is_some_and(|nbf| nbf > exp) {
+        return Err("not valid before it expires");
+    }
+    Ok(())
+}
+
 /// Verifies a key-pair JWT against the key it names: signature with the key's own algorithm
-/// only, `iss` naming this key's fingerprint, `sub` equal to the client id, `exp`/`nbf` with
-/// `leeway`, `iat` not in the future, a lifetime of at most one hour, and `aud` when given.
+/// only, `iss` naming this key's fingerprint, `sub` equal to the client id, the time claims
+/// with `leeway` ([`check_jwt_times`]: `exp`, `nbf` when present, `iat` not in the future and
+/// not after `exp`), a lifetime of at most one hour, and `aud` when given.
 pub fn verify_keypair_jwt(
     token: &str,
     identity: &KeyPairJwtIdentity,
@@ -118,16 +153,12 @@ pub fn verify_keypair_jwt(
     let data = jsonwebtoken::decode::<KeyPairClaims>(token, &key.decoding, &validation)
         .map_err(|e| Error::InvalidJwt(jwt_error_reason(&e)))?;
     let claims = data.claims;
-    if claims.exp.saturating_sub(claims.iat) > MAX_KEYPAIR_JWT_LIFETIME.as_secs() {
+    // jsonwebtoken checks `exp` against its own clock (and `nbf` not at all unless asked);
+    // check every time claim against ours so that callers (and tests) control time.
+    check_jwt_times(Some(claims.iat), claims.nbf, claims.exp, leeway, now)
+        .map_err(|reason| Error::InvalidJwt(reason.into()))?;
+    if claims.exp - claims.iat > MAX_KEYPAIR_JWT_LIFETIME.as_secs() {
         return Err(Error::InvalidJwt("lifetime exceeds one hour".into()));
-    }
-    if claims.iat > now + leeway.as_secs() {
-        return Err(Error::InvalidJwt("issued in the future".into()));
-    }
-    // jsonwebtoken checks `exp` against its own clock; check against ours as well so that
-    // callers (and tests) control time.
-    if claims.exp + leeway.as_secs() <= now {
-        return Err(Error::InvalidJwt("expired".into()));
     }
     Ok(claims)
 }
@@ -277,6 +308,85 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("future")
+        );
+    }
+
+    #[test]
+    fn nbf_and_time_order_are_enforced() {
+        let (signing, verifying) = keys(KeyAlgorithm::ES256);
+        let iss = keypair_issuer(CLIENT, &verifying.fingerprint);
+        let token = |iat: u64, nbf: Option<u64>, exp: u64| {
+            let claims = KeyPairClaims {
+                iss: iss.clone(),
+                sub: CLIENT.into(),
+                iat,
+                exp,
+                nbf,
+                aud: None,
+            };
+            signing
+                .sign(Header::new(jws_algorithm(signing.algorithm)), &claims)
+                .unwrap()
+        };
+        let three_years = 3 * 365 * 86_400;
+        let refused = [
+            (
+                token(NOW, Some(NOW + three_years), NOW + 600),
+                "not yet valid",
+            ),
+            (token(NOW, Some(NOW + 31), NOW + 600), "not yet valid"),
+            (token(NOW + 20, None, NOW + 10), "issued after it expires"),
+            (
+                token(NOW, Some(NOW + 20), NOW + 10),
+                "not valid before it expires",
+            ),
+        ];
+        for (jwt, reason) in refused {
+            let err = verify(&jwt, &verifying, None, NOW).unwrap_err();
+            assert!(err.to_string().ends_with(reason), "{err} / {reason}");
+        }
+        for nbf in [NOW - 600, NOW, NOW + 30] {
+            verify(&token(NOW, Some(nbf), NOW + 600), &verifying, None, NOW).unwrap();
+        }
+        // The check works on the caller's clock, not the system's.
+        let future = token(NOW, Some(NOW + 300), NOW + 600);
+        assert!(verify(&future, &verifying, None, NOW).is_err());
+        verify(&future, &verifying, None, NOW + 300).unwrap();
+    }
+
+    #[test]
+    fn time_checks() {
+        let l = LEEWAY;
+        assert_eq!(check_jwt_times(Some(NOW), None, NOW + 60, l, NOW), Ok(()));
+        assert_eq!(check_jwt_times(None, None, NOW + 60, l, NOW), Ok(()));
+        assert_eq!(
+            check_jwt_times(None, None, NOW - 30, l, NOW),
+            Err("expired")
+        );
+        assert_eq!(check_jwt_times(None, None, NOW - 29, l, NOW), Ok(()));
+        assert_eq!(
+            check_jwt_times(Some(NOW + 31), None, NOW + 60, l, NOW),
+            Err("issued in the future")
+        );
+        assert_eq!(
+            check_jwt_times(None, Some(NOW + 31), NOW + 60, l, NOW),
+            Err("not yet valid")
+        );
+        assert_eq!(
+            check_jwt_times(None, Some(NOW + 30), NOW + 60, l, NOW),
+            Ok(())
+        );
+        assert_eq!(
+            check_jwt_times(Some(NOW + 1), None, NOW, l, NOW),
+            Err("issued after it expires")
+        );
+        assert_eq!(
+            check_jwt_times(None, Some(NOW + 1), NOW, l, NOW),
+            Err("not valid before it expires")
+        );
+        assert_eq!(
+            check_jwt_times(Some(u64::MAX), Some(u64::MAX), u64::MAX, l, NOW),
+            Err("issued in the future")
         );
     }
 

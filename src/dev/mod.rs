@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api::KeyAlgorithm;
+use crate::connections::ConnectionLimits;
 use crate::credentials::{
     self, CredentialData, derive_client_id, ensure_material, key, prune_expired_previous, unix_now,
 };
@@ -53,6 +54,8 @@ pub struct DevOptions {
     pub leeway: Duration,
     /// How the walkthrough invokes keygate (the running executable, or `cargo run --`).
     pub command: String,
+    /// What the token server and each sidecar allow their clients.
+    pub connections: ConnectionLimits,
 }
 
 /// Why `keygate dev` could not start.
@@ -200,8 +203,10 @@ pub async fn run(
 
     let token_server = {
         let mut m = metrics.write().unwrap_or_else(|p| p.into_inner());
+        let mut config = TokenConfig::new(&issuer);
+        config.body_read_timeout = options.connections.header_read_timeout;
         TokenServer::new(
-            TokenConfig::new(&issuer),
+            config,
             registry.subscribe(),
             keys_rx.clone(),
             revocations.clone(),
@@ -214,7 +219,12 @@ pub async fn run(
             metrics: metrics.clone(),
             ready: ready_rx,
         }));
-    let token_task = tokio::spawn(crate::admin::serve(token_listener, router, wait_shutdown()));
+    let token_task = tokio::spawn(crate::admin::serve(
+        token_listener,
+        router,
+        options.connections,
+        wait_shutdown(),
+    ));
 
     // Persist revocations as the token server adds them.
     {
@@ -239,6 +249,7 @@ pub async fn run(
     let mut sidecars: BTreeMap<ObjectKey, RunningSidecar> = BTreeMap::new();
     let mut next_port = options.sidecar_port;
     let leeway = options.leeway;
+    let limits = options.connections;
     let mut start_sidecar = async |key: &ObjectKey| -> Result<RunningSidecar, DevError> {
         let port = next_port;
         if next_port != 0 {
@@ -255,9 +266,9 @@ pub async fn run(
             let sidecar = sidecar.clone();
             let stop = wait_shutdown();
             async move {
-                let _ =
-                    crate::sidecar::server::serve(listener, sidecar, stop, Duration::from_secs(10))
-                        .await;
+                let limits = limits.with_drain(Duration::from_secs(10));
+                let _ = crate::sidecar::server::serve_with_limits(listener, sidecar, stop, limits)
+                    .await;
             }
         });
         Ok(RunningSidecar {

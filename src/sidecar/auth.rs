@@ -11,6 +11,7 @@ use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 
 use super::jwks::JwksCache;
+use crate::api::ScopeMatching;
 use crate::credentials::{
     KeyPairJwtIdentity, SecretDigest, VerifyingKey, jws_algorithm, jwt_error_reason,
     split_keypair_issuer, verify_keypair_jwt,
@@ -94,6 +95,9 @@ pub struct LoadedPolicy {
     external: Vec<ExternalIssuer>,
     /// `realm="..."` value: the resource without characters that would break the header.
     pub realm: String,
+    /// Verified callers by credential digest. Their scopes and expiry were computed against
+    /// this policy's grants, so the cache lives and dies with it: a reloaded policy starts
+    /// empty and no caller keeps scopes its client has since lost.
     cache: RwLock<HashMap<SecretDigest, Caller>>,
 }
 
@@ -280,16 +284,19 @@ impl LoadedPolicy {
                 .clients
                 .get(&claims.client_id)
                 .ok_or_else(|| invalid("client has no grant on this API"))?;
+            // The token vouches for the scopes its client held when it was issued; the policy
+            // says what the client holds now. Only what both allow counts.
+            let scopes = effective_scopes(
+                claims.scopes(),
+                &entry.scopes,
+                self.document.spec.scope_matching,
+            );
             // A token usually carries every scope its client holds here: share that list
             // instead of keeping a copy per cached token.
-            let scopes = if claims.scopes().eq(entry.scopes.iter().map(String::as_str)) {
+            let scopes = if *scopes == *entry.scopes {
                 entry.scopes.clone()
             } else {
-                claims
-                    .scopes()
-                    .map(str::to_owned)
-                    .collect::<Vec<_>>()
-                    .into()
+                scopes.into()
             };
             return Ok(Caller {
                 client_id: entry.client_id.clone(),
@@ -341,6 +348,34 @@ impl LoadedPolicy {
         }
         Err(invalid("untrusted issuer"))
     }
+}
+
+/// The scopes a keygate access token is good for now: its scopes intersected with the scopes
+/// its client currently holds on this resource, under the policy's scope matching. A token
+/// scope stays when a current scope covers it (so `Exact` is plain set intersection); a token
+/// scope that covers narrower current scopes (`orders.*` while the client now holds only
+/// `orders.read`) is narrowed to them. Sorted, without duplicates.
+fn effective_scopes<'t>(
+    token: impl Iterator<Item = &'t str>,
+    current: &[String],
+    matching: ScopeMatching,
+) -> Vec<String> {
+    let mut effective = Vec::new();
+    for scope in token {
+        if current.iter().any(|held| matching.satisfies(held, scope)) {
+            effective.push(scope.to_owned());
+        } else {
+            effective.extend(
+                current
+                    .iter()
+                    .filter(|held| matching.satisfies(scope, held))
+                    .cloned(),
+            );
+        }
+    }
+    effective.sort_unstable();
+    effective.dedup();
+    effective
 }
 
 /// The `aud` claim of an unverified JWT when it is a single string.
@@ -448,4 +483,62 @@ async fn verify_external(
         iat: claims.iat.unwrap_or(0),
         exp: Some(claims.exp),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn effective(token: &str, current: &[&str], matching: ScopeMatching) -> Vec<String> {
+        let current: Vec<String> = current.iter().map(|s| (*s).to_owned()).collect();
+        effective_scopes(token.split(' '), &current, matching)
+    }
+
+    #[test]
+    fn token_scopes_are_cut_to_the_current_grant() {
+        use ScopeMatching::{Exact, Hierarchic, Wildcard};
+        let cases: &[(&str, &[&str], ScopeMatching, &[&str])] = &[
+            (
+                "orders.read orders.write",
+                &["orders.read", "orders.write"],
+                Exact,
+                &["orders.read", "orders.write"],
+            ),
+            (
+                "orders.read orders.write",
+                &["orders.read"],
+                Exact,
+                &["orders.read"],
+            ),
+            ("orders.write", &["orders.read"], Exact, &[]),
+            (
+                "orders.read",
+                &["orders.read", "orders.admin"],
+                Exact,
+                &["orders.read"],
+            ),
+            // A current grant that covers a token scope keeps it.
+            ("orders.read", &["orders"], Hierarchic, &["orders.read"]),
+            ("orders.read", &["orders.*"], Wildcard, &["orders.read"]),
+            // A token scope that covers a narrower current grant is narrowed to it.
+            (
+                "orders",
+                &["orders.read", "billing.read"],
+                Hierarchic,
+                &["orders.read"],
+            ),
+            ("orders.*", &["orders.read"], Wildcard, &["orders.read"]),
+            ("orders.*", &["orders:read"], Wildcard, &[]),
+            // Exact matching does not read structure into scopes.
+            ("orders", &["orders.read"], Exact, &[]),
+            ("orders.*", &["orders.read"], Exact, &[]),
+        ];
+        for (token, current, matching, expected) in cases {
+            assert_eq!(
+                effective(token, current, *matching),
+                *expected,
+                "{token} / {current:?} / {matching:?}"
+            );
+        }
+    }
 }

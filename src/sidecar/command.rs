@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use super::forward::{ForwardConfig, Forwarder};
-use super::server::{Sidecar, serve, watch_policy_file};
+use super::server::{Sidecar, serve_with_limits, watch_policy_file};
 use crate::api::parse_duration;
 use crate::policy::PolicyDocument;
 
@@ -43,6 +43,8 @@ pub struct SidecarArgs {
     /// How long in-flight requests may take to finish on shutdown.
     #[arg(long, env = "KEYGATE_DRAIN", default_value = "20s", value_parser = parse_duration)]
     pub drain: Duration,
+    #[command(flatten)]
+    pub connections: crate::connections::ConnectionArgs,
 }
 
 /// Runs the sidecar until SIGTERM or Ctrl-C, then drains.
@@ -79,15 +81,19 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(listen = %args.listen, %upstream, admin = %args.admin, policy = %document.policy, "sidecar started");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let admin_task = tokio::spawn(crate::admin::serve(admin_listener, admin, async move {
+    let limits = args.connections.admin_limits();
+    let admin_stop = async move {
         let mut rx = stop_rx;
         let _ = rx.wait_for(|s| *s).await;
-    }));
+    };
+    let admin_serve = crate::admin::serve(admin_listener, admin, limits, admin_stop);
+    let admin_task = tokio::spawn(admin_serve);
     let shutdown = async move {
         crate::admin::shutdown_signal().await;
         let _ = stop_tx.send(true);
     };
-    serve(listener, sidecar, shutdown, args.drain).await?;
+    let limits = args.connections.limits().with_drain(args.drain);
+    serve_with_limits(listener, sidecar, shutdown, limits).await?;
     reload.abort();
     admin_task.await??;
     Ok(())

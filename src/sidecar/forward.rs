@@ -4,11 +4,16 @@
 //! Authentication and authorization happen before this module is called; here we only
 //! make the request safe to hand to the workload:
 //!
-//! - hop-by-hop headers are removed in both directions (RFC 9110 §7.6.1), except that an
-//!   HTTP/1.1 `Upgrade` handshake (WebSocket and friends) is passed through and, on a
-//!   `101 Switching Protocols`, both connections are spliced together;
-//! - every incoming `X-Keygate-*` header is dropped, because the workload trusts those
-//!   headers as the sidecar's verdict, and then the verified identity is written;
+//! - hop-by-hop headers are removed in both directions (RFC 9110 §7.6.1), `Upgrade` and
+//!   `HTTP2-Settings` included. The one exception is a WebSocket opening handshake
+//!   (RFC 6455) that comes with a verified identity: it is passed through and, on a
+//!   `101 Switching Protocols` to `websocket`, both connections are spliced together. Any
+//!   other `101` is answered with a 502 and never spliced;
+//! - every incoming header whose name folds to `x-keygate-*` is dropped (folding: ASCII
+//!   lower case, every character but a letter or digit read as `-`, as CGI/WSGI servers map
+//!   `X_Keygate_Client_Id` and `X-Keygate-Client-Id` to one variable), because the workload
+//!   trusts those headers as the sidecar's verdict, and then the verified identity is
+//!   written; look-alikes of the `X-Forwarded-*` headers and of `X-API-Key` are dropped too;
 //! - credentials (`Authorization`, `X-API-Key`) are removed unless the route asks to keep
 //!   them, so a workload cannot leak or replay a caller's token by accident;
 //! - `X-Forwarded-For`/`-Proto`/`-Host` describe the original request.
@@ -46,19 +51,31 @@ type UpstreamClient = Client<HttpConnector, UpstreamBody>;
 /// Headers that only describe one hop and never travel end to end (RFC 9110 §7.6.1, plus
 /// the non-standard `Keep-Alive` and `Proxy-Connection` that old clients still send).
 /// `TE` is handled separately because `TE: trailers` must survive.
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    // Only meaningful next to `Upgrade: h2c` (RFC 7540 §3.2.1), which is never forwarded.
+    HeaderName::from_static("http2-settings"),
     header::PROXY_AUTHORIZATION,
     header::PROXY_AUTHENTICATE,
 ];
 
-/// Prefix reserved for the sidecar's own identity headers.
+/// Prefix reserved for the sidecar's own identity headers, in folded form (see
+/// [`folded_header_name`]).
 const KEYGATE_HEADER_PREFIX: &str = "x-keygate-";
+
+/// Headers the sidecar writes or vouches for besides `X-Keygate-*`: a look-alike of one of
+/// them (a name that differs but folds to it) is dropped.
+const GUARDED_HEADERS: [&str; 4] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-api-key",
+];
 
 /// Header carrying the authenticated client id.
 pub const CLIENT_ID_HEADER: HeaderName = HeaderName::from_static("x-keygate-client-id");
@@ -101,6 +118,61 @@ impl ForwardConfig {
             response_header_timeout: Duration::from_secs(60),
             pool_idle_timeout: Duration::from_secs(90),
             pool_max_idle: 64,
+        }
+    }
+}
+
+/// What a request asks for with `Upgrade`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpgradeRequest {
+    /// No protocol upgrade: no `Upgrade` header, one without `Connection: upgrade`, not
+    /// HTTP/1.1, or one naming only `h2c`/`h2`. RFC 9113 deprecates the `h2c` upgrade and lets
+    /// a server ignore it (RFC 9110 §7.8), so the request is served over HTTP/1.1 with the
+    /// upgrade headers removed.
+    None,
+    /// A WebSocket opening handshake (RFC 6455 §4.1): HTTP/1.1 `GET` with
+    /// `Connection: upgrade`, `Upgrade: websocket` and the `Sec-WebSocket-Key` and
+    /// `Sec-WebSocket-Version` headers.
+    WebSocket,
+    /// An upgrade to another protocol, or a malformed WebSocket handshake: refused with 400.
+    /// The text says why and is safe to return.
+    Unsupported(&'static str),
+}
+
+impl UpgradeRequest {
+    /// Classifies a request head.
+    pub fn of(method: &http::Method, version: Version, headers: &HeaderMap) -> Self {
+        if version != Version::HTTP_11
+            || !headers.contains_key(header::UPGRADE)
+            || !connection_has_token(headers, "upgrade")
+        {
+            // Not an upgrade handshake: `Upgrade` is then only a hop-by-hop header, removed.
+            return Self::None;
+        }
+        let mut protocols = Vec::new();
+        for value in headers.get_all(header::UPGRADE) {
+            let Ok(value) = value.to_str() else {
+                return Self::Unsupported("malformed Upgrade header");
+            };
+            protocols.extend(value.split(',').map(str::trim).filter(|p| !p.is_empty()));
+        }
+        protocols.retain(|p| !p.eq_ignore_ascii_case("h2c") && !p.eq_ignore_ascii_case("h2"));
+        match protocols.as_slice() {
+            [] => Self::None,
+            [protocol] if protocol.eq_ignore_ascii_case("websocket") => {
+                if method != http::Method::GET {
+                    Self::Unsupported("a WebSocket handshake must be a GET request")
+                } else if !headers.contains_key("sec-websocket-key")
+                    || !headers.contains_key("sec-websocket-version")
+                {
+                    Self::Unsupported(
+                        "a WebSocket handshake needs Sec-WebSocket-Key and Sec-WebSocket-Version",
+                    )
+                } else {
+                    Self::WebSocket
+                }
+            }
+            _ => Self::Unsupported("only WebSocket upgrades are supported"),
         }
     }
 }
@@ -262,9 +334,17 @@ impl Forwarder {
     /// - `client_addr`: the TCP peer, appended to `X-Forwarded-For`.
     /// - `forward_authorization`: keep `Authorization` and `X-API-Key`.
     ///
-    /// For WebSocket-style upgrades the inbound connection must be served with upgrades
-    /// enabled (`serve_connection_with_upgrades` / `.with_upgrades()`), otherwise the
-    /// tunnel is torn down right after the `101`.
+    /// Upgrades: only a WebSocket handshake ([`UpgradeRequest::WebSocket`]) that comes with
+    /// an `identity` is forwarded as one. The sidecar passes an identity only for requests
+    /// a non-public rule authorised, so a public route never opens a tunnel, and the tunnel
+    /// belongs to the caller and route that were checked. Every other request loses its
+    /// `Upgrade` and `HTTP2-Settings` headers, and a `101` answer to it, or a `101` to
+    /// anything but `websocket`, is [`ForwardError::Protocol`] and never spliced. After the
+    /// splice, bytes pass unchecked in both directions until either side closes.
+    ///
+    /// For WebSocket upgrades the inbound connection must be served with upgrades enabled
+    /// (`serve_connection_with_upgrades` / `.with_upgrades()`), otherwise the tunnel is torn
+    /// down right after the `101`.
     pub async fn try_forward<B>(
         &self,
         req: Request<B>,
@@ -285,7 +365,9 @@ impl Forwarder {
             .map_err(|_| ForwardError::InvalidTarget)?;
 
         let (mut parts, body) = req.into_parts();
-        let upgrade = is_upgrade_request(parts.version, &parts.headers);
+        let upgrade = identity.is_some()
+            && UpgradeRequest::of(&parts.method, parts.version, &parts.headers)
+                == UpgradeRequest::WebSocket;
         let inbound_upgrade: Option<OnUpgrade> = if upgrade {
             parts.extensions.remove::<OnUpgrade>()
         } else {
@@ -344,8 +426,15 @@ impl Forwarder {
             };
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let Some(inbound_upgrade) = inbound_upgrade else {
-                // A 101 we did not ask for cannot be relayed meaningfully.
+            // Splice only the WebSocket upgrade we forwarded, switched to WebSocket. A 101 we
+            // did not ask for would otherwise turn the caller's connection into a tunnel
+            // into the workload that no rule checks.
+            let switched_to_websocket = upgrade_protocol_is_websocket(response.headers());
+            let Some(inbound_upgrade) = inbound_upgrade.filter(|_| switched_to_websocket) else {
+                tracing::warn!(
+                    websocket_requested = upgrade,
+                    "the upstream switched protocols unasked; answering 502, nothing spliced"
+                );
                 return Err(ForwardError::Protocol);
             };
             let upstream_upgrade = hyper::upgrade::on(&mut response);
@@ -454,25 +543,55 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
         .filter(|token| !token.is_empty())
 }
 
-/// An HTTP/1.1 protocol upgrade handshake (RFC 9110 §7.8). HTTP/2 has no `Upgrade`.
-fn is_upgrade_request(version: Version, headers: &HeaderMap) -> bool {
-    version == Version::HTTP_11
-        && headers.contains_key(header::UPGRADE)
-        && connection_has_token(headers, "upgrade")
+/// Whether a `101` response switches to exactly `websocket`.
+fn upgrade_protocol_is_websocket(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(header::UPGRADE).iter();
+    match (values.next(), values.next()) {
+        (Some(value), None) => value
+            .to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("websocket")),
+        _ => false,
+    }
 }
 
-/// Removes hop-by-hop headers. With `keep_upgrade`, `Upgrade` and `Connection: upgrade`
-/// survive so that an upgrade handshake can pass through.
-fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Read what survives before removing anything: compliant senders list `TE` and
-    // `Upgrade` in `Connection`, which would otherwise delete them first.
-    let upgrade_values: Vec<HeaderValue> = if keep_upgrade {
-        headers.get_all(header::UPGRADE).iter().cloned().collect()
-    } else {
-        Vec::new()
-    };
-    // `TE: trailers` announces that the caller accepts trailers (gRPC needs this); any
-    // transfer coding it lists only applies to this hop.
+/// A header name folded the way CGI, WSGI and Apache's environment mapping see it: ASCII
+/// lower case, every character other than a letter or digit read as `-`.
+/// `X_Keygate_Client_Id` and `x.keygate.client.id` both fold to `x-keygate-client-id`.
+fn folded_header_name(name: &str) -> String {
+    name.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                char::from(b.to_ascii_lowercase())
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+/// Whether an incoming header must never reach the workload: any name folding to
+/// `x-keygate-*`, and a look-alike (not the canonical spelling) of a guarded header.
+fn is_spoofable_header(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    if name.starts_with(KEYGATE_HEADER_PREFIX) {
+        return true;
+    }
+    // Only names with a separator other than `-` can be look-alikes.
+    if name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return false;
+    }
+    let folded = folded_header_name(name);
+    folded.starts_with(KEYGATE_HEADER_PREFIX) || GUARDED_HEADERS.contains(&folded.as_str())
+}
+
+/// Removes hop-by-hop headers. With `websocket`, `Connection: upgrade` and
+/// `Upgrade: websocket` are written back so that a WebSocket handshake (already checked to be
+/// one) can pass through.
+fn remove_hop_by_hop(headers: &mut HeaderMap, websocket: bool) {
+    // Read what survives before removing anything: compliant senders list `TE` in
+    // `Connection`, which would otherwise delete it first. `TE: trailers` announces that the
+    // caller accepts trailers (gRPC needs this); any transfer coding it lists only applies to
+    // this hop.
     let accepts_trailers = headers
         .get_all(header::TE)
         .iter()
@@ -501,11 +620,9 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 
-    if !upgrade_values.is_empty() {
+    if websocket {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        for value in upgrade_values {
-            headers.append(header::UPGRADE, value);
-        }
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     }
 }
 
@@ -519,11 +636,11 @@ fn prepare_request_headers(
 ) -> Result<(), ForwardError> {
     remove_hop_by_hop(headers, upgrade);
 
-    // Spoofed identity headers are dropped on every route, public ones included, so a
-    // workload can rely on their presence meaning "verified by keygate".
+    // Spoofed identity headers, and their look-alikes, are dropped on every route, public
+    // ones included, so a workload can rely on their presence meaning "verified by keygate".
     let spoofed: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| name.as_str().starts_with(KEYGATE_HEADER_PREFIX))
+        .filter(|name| is_spoofable_header(name))
         .cloned()
         .collect();
     for name in &spoofed {
@@ -1237,12 +1354,164 @@ mod tests {
             header::CONNECTION,
             HeaderValue::from_static("keep-alive, Upgrade"),
         );
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        assert!(is_upgrade_request(Version::HTTP_11, &h));
-        assert!(!is_upgrade_request(Version::HTTP_10, &h));
+        h.insert(header::UPGRADE, HeaderValue::from_static("WebSocket"));
+        h.insert(
+            "http2-settings",
+            HeaderValue::from_static("AAMAAABkAAQAAP__"),
+        );
         remove_hop_by_hop(&mut h, true);
         assert_eq!(get(&h, "connection").as_deref(), Some("upgrade"));
         assert_eq!(get(&h, "upgrade").as_deref(), Some("websocket"));
+        assert!(!h.contains_key("http2-settings"));
+
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, HTTP2-Settings"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert(
+            "http2-settings",
+            HeaderValue::from_static("AAMAAABkAAQAAP__"),
+        );
+        remove_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
+    }
+
+    #[test]
+    fn upgrade_requests_are_classified() {
+        let websocket = [
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-version", "13"),
+        ];
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (name, value) in pairs {
+                h.append(*name, HeaderValue::from_static(value));
+            }
+            h
+        };
+        let with_upgrade = |value: &'static str| {
+            let mut h = headers(&websocket);
+            h.insert(header::UPGRADE, HeaderValue::from_static(value));
+            h
+        };
+        let get_11 = |h: &HeaderMap| UpgradeRequest::of(&Method::GET, Version::HTTP_11, h);
+        assert_eq!(get_11(&headers(&websocket)), UpgradeRequest::WebSocket);
+        assert_eq!(
+            get_11(&with_upgrade("WebSocket")),
+            UpgradeRequest::WebSocket
+        );
+        assert_eq!(
+            get_11(&with_upgrade("h2c, websocket")),
+            UpgradeRequest::WebSocket
+        );
+        for ignored in ["h2c", "H2C", "h2", "h2c, h2"] {
+            assert_eq!(
+                get_11(&with_upgrade(ignored)),
+                UpgradeRequest::None,
+                "{ignored}"
+            );
+        }
+        for refused in [
+            "x-raw",
+            "websocket, x-raw",
+            "websocket/13",
+            "TLS/1.2",
+            "websocket, websocket",
+        ] {
+            assert!(
+                matches!(
+                    get_11(&with_upgrade(refused)),
+                    UpgradeRequest::Unsupported(_)
+                ),
+                "{refused}"
+            );
+        }
+        // Two header lines are one list.
+        let mut two_lines = headers(&websocket);
+        two_lines.append(header::UPGRADE, HeaderValue::from_static("x-raw"));
+        assert!(matches!(get_11(&two_lines), UpgradeRequest::Unsupported(_)));
+        // Not a handshake at all: the header is only hop-by-hop.
+        let mut no_connection = headers(&websocket);
+        no_connection.remove(header::CONNECTION);
+        assert_eq!(get_11(&no_connection), UpgradeRequest::None);
+        for version in [Version::HTTP_10, Version::HTTP_2] {
+            assert_eq!(
+                UpgradeRequest::of(&Method::GET, version, &headers(&websocket)),
+                UpgradeRequest::None
+            );
+        }
+        // A WebSocket handshake must be a complete GET.
+        assert!(matches!(
+            UpgradeRequest::of(&Method::POST, Version::HTTP_11, &headers(&websocket)),
+            UpgradeRequest::Unsupported(_)
+        ));
+        let mut no_key = headers(&websocket);
+        no_key.remove("sec-websocket-key");
+        assert!(matches!(get_11(&no_key), UpgradeRequest::Unsupported(_)));
+    }
+
+    #[test]
+    fn look_alikes_of_guarded_headers_are_spoofable() {
+        for name in [
+            "x-keygate-client-id",
+            "x-keygate-anything",
+            "x_keygate_client_id",
+            "x_keygate-scopes",
+            "x.keygate.auth.method",
+            "x~keygate~",
+            "x_forwarded_for",
+            "x.forwarded.host",
+            "x_forwarded_proto",
+            "x_api_key",
+        ] {
+            let header = HeaderName::from_bytes(name.as_bytes()).expect("name");
+            assert!(is_spoofable_header(&header), "{name}");
+        }
+        for name in [
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "x-api-key",
+            "x-keygate",
+            "x_keygate",
+            "x_request_id",
+            "authorization",
+            "x-keygateway-id",
+        ] {
+            let header = HeaderName::from_bytes(name.as_bytes()).expect("name");
+            assert!(!is_spoofable_header(&header), "{name}");
+        }
+    }
+
+    /// Without an identity (a public route) a WebSocket handshake is a plain request, and
+    /// the upstream's 101 is refused.
+    #[tokio::test]
+    async fn websocket_upgrade_without_identity_is_not_forwarded() {
+        let upstream = spawn_upstream(false).await;
+        let front = spawn_front(Forwarder::new(config(upstream.addr)), None, false).await;
+        let stream = tokio::net::TcpStream::connect(front)
+            .await
+            .expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn.with_upgrades());
+        let req = Request::get("/ws")
+            .header(header::CONNECTION, "Upgrade")
+            .header(header::UPGRADE, "websocket")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("sec-websocket-version", "13")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let response = bounded(sender.send_request(req)).await.expect("response");
+        // The test upstream answers any request with an `Upgrade` header with a 101; this one
+        // had none, so it echoed an empty body.
+        assert_eq!(response.status(), StatusCode::OK);
+        let seen = upstream.last().headers;
+        assert!(!seen.contains_key(header::UPGRADE), "{seen:?}");
     }
 
     #[test]

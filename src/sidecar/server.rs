@@ -12,8 +12,7 @@ use arc_swap::ArcSwapOption;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -22,8 +21,9 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::watch;
 
 use super::auth::{AuthFailure, LoadedPolicy, header_safe};
-use super::forward::{Forwarder, Identity, ProxyBody};
+use super::forward::{Forwarder, Identity, ProxyBody, UpgradeRequest};
 use super::jwks::JwksCache;
+use crate::connections::{ConnectionLimits, http_builder, serve_connections};
 use crate::credentials::unix_now;
 use crate::policy::{Access, PolicyDocument, normalize};
 
@@ -182,6 +182,16 @@ impl Sidecar {
                 );
             }
         };
+        // Only WebSocket upgrades are ever forwarded; `h2c` is ignored (UpgradeRequest::None,
+        // its headers are removed on the way), anything else is refused here.
+        let upgrade = UpgradeRequest::of(req.method(), req.version(), req.headers());
+        if let UpgradeRequest::Unsupported(reason) = upgrade {
+            return self.finish(
+                "bad_request",
+                "",
+                plain(StatusCode::BAD_REQUEST, "invalid_request", reason, None),
+            );
+        }
         let target = match req.uri().query() {
             Some(query) => format!("{path}?{query}"),
             None => path.clone(),
@@ -193,6 +203,19 @@ impl Sidecar {
             .unwrap_or("(default)")
             .to_owned();
         let requirement = match decision.access {
+            // A tunnel is bound to a verified caller: public rules never open one.
+            Access::Public if upgrade == UpgradeRequest::WebSocket => {
+                return self.finish(
+                    "denied",
+                    &rule,
+                    plain(
+                        StatusCode::FORBIDDEN,
+                        "access_denied",
+                        "WebSocket upgrades need a rule that authenticates the caller",
+                        None,
+                    ),
+                );
+            }
             Access::Public => {
                 return self
                     .forward(req, &target, None, peer, &policy, "public", rule)
@@ -378,15 +401,26 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
     drain: Duration,
 ) -> std::io::Result<()> {
-    let builder = auto::Builder::new(TokioExecutor::new());
-    crate::connections::serve_connections(listener, shutdown, drain, |stream, peer, watcher| {
+    let limits = ConnectionLimits::default().with_drain(drain);
+    serve_with_limits(listener, sidecar, shutdown, limits).await
+}
+
+/// [`serve`] within `limits`: connection cap, header-read and idle timeouts, drain time.
+pub async fn serve_with_limits(
+    listener: tokio::net::TcpListener,
+    sidecar: Arc<Sidecar>,
+    shutdown: impl std::future::Future<Output = ()>,
+    limits: ConnectionLimits,
+) -> std::io::Result<()> {
+    let builder = http_builder(&limits);
+    serve_connections(listener, shutdown, limits, |stream, peer, watcher| {
         let sidecar = sidecar.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let sidecar = sidecar.clone();
             async move { Ok::<_, std::convert::Infallible>(sidecar.handle(req, peer).await) }
         });
         let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .serve_connection_with_upgrades(TokioIo::new(stream), watcher.track(service))
             .into_owned();
         async move {
             if let Err(error) = watcher.watch(connection).await {

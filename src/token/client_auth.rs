@@ -13,7 +13,7 @@ use jsonwebtoken::Validation;
 use serde::Deserialize;
 
 use super::error::{ErrorCode, OAuthError};
-use crate::credentials::{jws_algorithm, jwt_error_reason};
+use crate::credentials::{check_jwt_times, jws_algorithm, jwt_error_reason};
 use crate::registry::{ClientView, Snapshot};
 
 /// The assertion type of RFC 7523 client authentication.
@@ -21,8 +21,17 @@ pub const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-t
 /// The longest lifetime a client assertion may have.
 const MAX_ASSERTION_LIFETIME_SECS: u64 = 3600;
 /// Most assertion ids remembered at once; beyond this, assertions are refused (fail closed)
-/// until old ones expire.
+/// until old ones expire. An entry is a fixed 24 bytes (digests and `exp`), so the cache
+/// stays under 4 MiB whatever the assertions carry.
 const MAX_REMEMBERED_ASSERTIONS: usize = 100_000;
+/// Most assertion ids remembered for one client: one client cannot fill the whole cache and
+/// so lock every other client out of `private_key_jwt`.
+const MAX_REMEMBERED_ASSERTIONS_PER_CLIENT: usize = 10_000;
+/// The longest client id accepted, in bytes. keygate's own are 36 (`kgc_` and 32 hex
+/// digits); longer ones are refused before anything is looked up or remembered.
+pub const MAX_CLIENT_ID_BYTES: usize = 256;
+/// Most (client id, address) pairs the throttle tracks; about 1 MiB at most.
+const MAX_THROTTLE_ENTRIES: usize = 10_000;
 
 /// How the client authenticated, for logs, metrics and introspection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,8 +99,12 @@ pub fn presented(authorization: Option<&str>, params: &Params) -> Result<Present
             "use exactly one client authentication method (RFC 6749 section 2.3)",
         ));
     }
+    if let Some(id) = form_id {
+        bounded_client_id(id)?;
+    }
     if let Some(header) = authorization {
         let (client_id, secret) = parse_basic(header)?;
+        bounded_client_id(&client_id)?;
         if form_id.is_some_and(|id| *id != client_id) {
             return Err(invalid_request(
                 "client_id does not match the Authorization header",
@@ -120,6 +133,7 @@ pub fn presented(authorization: Option<&str>, params: &Params) -> Result<Present
         }
         let assertion = assertion.ok_or_else(|| invalid_request("client_assertion is missing"))?;
         let claimed = assertion_subject(assertion)?;
+        bounded_client_id(&claimed)?;
         if form_id.is_some_and(|id| *id != claimed) {
             return Err(invalid_request(
                 "client_id does not match the client assertion",
@@ -131,6 +145,31 @@ pub fn presented(authorization: Option<&str>, params: &Params) -> Result<Present
         });
     }
     Err(invalid_client("client authentication is required"))
+}
+
+/// Refuses a client id longer than [`MAX_CLIENT_ID_BYTES`]: no client has one, and nothing
+/// that size is ever looked up, logged or remembered.
+fn bounded_client_id(client_id: &str) -> Result<(), OAuthError> {
+    if client_id.len() > MAX_CLIENT_ID_BYTES {
+        return Err(invalid_client("client_id is too long"));
+    }
+    Ok(())
+}
+
+/// A fixed-size digest of variable-length request input, for table keys: what a client
+/// sends is never stored, whatever its length.
+type Digest = [u8; 16];
+
+fn digest_of(parts: &[&[u8]]) -> Digest {
+    let mut context = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for part in parts {
+        // Length-prefixed, so that ("ab", "c") and ("a", "bc") differ.
+        context.update(&(part.len() as u64).to_be_bytes());
+        context.update(part);
+    }
+    let mut digest = Digest::default();
+    digest.copy_from_slice(&context.finish().as_ref()[..16]);
+    digest
 }
 
 /// Parses `Authorization: Basic base64(urlencode(id) ":" urlencode(secret))` (RFC 6749
@@ -170,31 +209,73 @@ fn assertion_subject(assertion: &str) -> Result<String, OAuthError> {
         .map_err(|_| invalid_client("malformed client assertion"))
 }
 
-/// Remembers assertion ids until they expire, so none is accepted twice.
+/// Remembers assertion ids until they expire, so none is accepted twice. Keyed by digests
+/// of client id and `jti`; at most [`MAX_REMEMBERED_ASSERTIONS`] entries, and at most
+/// [`MAX_REMEMBERED_ASSERTIONS_PER_CLIENT`] of one client.
 #[derive(Debug, Default)]
 pub struct ReplayCache {
-    seen: Mutex<HashMap<String, u64>>,
+    inner: Mutex<ReplayEntries>,
+}
+
+#[derive(Debug, Default)]
+struct ReplayEntries {
+    /// Client digest → `jti` digest → remembered until.
+    by_client: HashMap<Digest, HashMap<Digest, u64>>,
+    len: usize,
+}
+
+impl ReplayEntries {
+    fn forget_expired(&mut self, now: u64) {
+        self.by_client.retain(|_, seen| {
+            seen.retain(|_, until| *until > now);
+            !seen.is_empty()
+        });
+        self.len = self.by_client.values().map(HashMap::len).sum();
+    }
 }
 
 impl ReplayCache {
     /// Records `jti` of `client_id` until `exp`; false when it was already used (or the cache
-    /// is full of unexpired ids).
+    /// is full of unexpired ids, overall or for this client).
     fn first_use(&self, client_id: &str, jti: &str, exp: u64, now: u64) -> bool {
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.len() >= MAX_REMEMBERED_ASSERTIONS {
-            seen.retain(|_, until| *until > now);
-            if seen.len() >= MAX_REMEMBERED_ASSERTIONS {
+        let mut entries = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len >= MAX_REMEMBERED_ASSERTIONS {
+            entries.forget_expired(now);
+            if entries.len >= MAX_REMEMBERED_ASSERTIONS {
                 return false;
             }
         }
-        let key = format!("{client_id}\u{0}{jti}");
-        match seen.get(&key) {
-            Some(until) if *until > now => false,
-            _ => {
-                seen.insert(key, exp);
-                true
+        let client = digest_of(&[client_id.as_bytes()]);
+        let jti = digest_of(&[jti.as_bytes()]);
+        let ReplayEntries { by_client, len } = &mut *entries;
+        let seen = by_client.entry(client).or_default();
+        if let Some(until) = seen.get(&jti) {
+            if *until > now {
+                return false;
             }
+            seen.insert(jti, exp);
+            return true;
         }
+        let before = seen.len();
+        if before >= MAX_REMEMBERED_ASSERTIONS_PER_CLIENT {
+            seen.retain(|_, until| *until > now);
+        }
+        let fits = seen.len() < MAX_REMEMBERED_ASSERTIONS_PER_CLIENT;
+        if fits {
+            seen.insert(jti, exp);
+        }
+        *len = *len + seen.len() - before;
+        fits
+    }
+
+    /// Ids remembered now.
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).len
+    }
+
+    /// Whether no id is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -235,6 +316,8 @@ struct AssertionClaims {
     #[serde(default)]
     iat: Option<u64>,
     #[serde(default)]
+    nbf: Option<u64>,
+    #[serde(default)]
     jti: Option<String>,
 }
 
@@ -258,6 +341,7 @@ fn verify_assertion(
         }
         let mut validation = Validation::new(header.alg);
         validation.leeway = leeway.as_secs();
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
         validation.set_issuer(&[client_id]);
         validation.sub = Some(client_id.to_owned());
@@ -273,9 +357,11 @@ fn verify_assertion(
                     continue;
                 }
             };
-        if claims.exp + leeway.as_secs() <= now {
-            return Err(invalid_client("client assertion rejected: expired"));
-        }
+        // jsonwebtoken checks `exp` and `nbf` against its own clock; check every time claim
+        // against ours as well (the same rules as key-pair JWTs), so that callers (and tests)
+        // control time.
+        check_jwt_times(claims.iat, claims.nbf, claims.exp, leeway, now)
+            .map_err(|reason| invalid_client(&format!("client assertion rejected: {reason}")))?;
         let issued = claims.iat.unwrap_or(now);
         if claims.exp.saturating_sub(issued.min(now))
             > MAX_ASSERTION_LIFETIME_SECS + leeway.as_secs()
@@ -295,9 +381,14 @@ fn verify_assertion(
 
 /// Limits failed authentications per client *and source address*, so an attacker hammering
 /// one client id slows only itself, never the real client calling from elsewhere.
+///
+/// Keyed by a 16-byte digest of the client id (known or not: the answers must not tell which
+/// ids exist) and the address; at most `max_entries` pairs. When full, pairs whose window has
+/// passed go first, then pairs not blocked; if every pair is blocked, a new pair is not
+/// tracked (the blocks in force stay).
 #[derive(Debug)]
 pub struct Throttle {
-    failures: Mutex<HashMap<(String, IpAddr), (u64, u32)>>,
+    failures: Mutex<HashMap<(Digest, IpAddr), (u64, u32)>>,
     window_secs: u64,
     max_failures: u32,
     max_entries: usize,
@@ -305,7 +396,7 @@ pub struct Throttle {
 
 impl Default for Throttle {
     fn default() -> Self {
-        Self::new(60, 20, 100_000)
+        Self::new(60, 20, MAX_THROTTLE_ENTRIES)
     }
 }
 
@@ -315,15 +406,19 @@ impl Throttle {
             failures: Mutex::new(HashMap::new()),
             window_secs,
             max_failures,
-            max_entries,
+            max_entries: max_entries.max(1),
         }
+    }
+
+    fn key(client_id: &str, ip: IpAddr) -> (Digest, IpAddr) {
+        (digest_of(&[client_id.as_bytes()]), ip)
     }
 
     /// Whether `client_id` from `ip` must wait at `now`.
     pub fn is_blocked(&self, client_id: &str, ip: IpAddr, now: u64) -> bool {
         let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         failures
-            .get(&(client_id.to_owned(), ip))
+            .get(&Self::key(client_id, ip))
             .is_some_and(|(start, count)| {
                 now < start + self.window_secs && *count >= self.max_failures
             })
@@ -331,18 +426,19 @@ impl Throttle {
 
     /// Records a failure.
     pub fn record_failure(&self, client_id: &str, ip: IpAddr, now: u64) {
+        let key = Self::key(client_id, ip);
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if failures.len() >= self.max_entries {
-            let window = self.window_secs;
+        if !failures.contains_key(&key) && failures.len() >= self.max_entries {
+            let (window, max_failures) = (self.window_secs, self.max_failures);
             failures.retain(|_, (start, _)| now < *start + window);
             if failures.len() >= self.max_entries {
-                // Still full of live entries: forget the lot rather than grow without bound.
-                failures.clear();
+                failures.retain(|_, (_, count)| *count >= max_failures);
+            }
+            if failures.len() >= self.max_entries {
+                return;
             }
         }
-        let entry = failures
-            .entry((client_id.to_owned(), ip))
-            .or_insert((now, 0));
+        let entry = failures.entry(key).or_insert((now, 0));
         if now >= entry.0 + self.window_secs {
             *entry = (now, 0);
         }
@@ -352,7 +448,29 @@ impl Throttle {
     /// Forgets failures after a success.
     pub fn record_success(&self, client_id: &str, ip: IpAddr) {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        failures.remove(&(client_id.to_owned(), ip));
+        failures.remove(&Self::key(client_id, ip));
+    }
+
+    /// Pairs tracked now.
+    pub fn len(&self) -> usize {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// Whether no pair is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes the table's allocation takes now (entries and control bytes).
+    #[cfg(test)]
+    fn table_bytes(&self) -> usize {
+        let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        // hashbrown keeps capacity at 7/8 of its buckets, each an entry and a control byte.
+        let buckets = (failures.capacity() * 8).div_ceil(7).next_power_of_two();
+        buckets * (std::mem::size_of::<((Digest, IpAddr), (u64, u32))>() + 1)
     }
 }
 
@@ -440,6 +558,103 @@ mod tests {
         assert!(!cache.first_use("c", "j", 100, 50));
         assert!(cache.first_use("other", "j", 100, 50));
         assert!(cache.first_use("c", "j", 200, 100));
+    }
+
+    #[test]
+    fn over_long_client_ids_are_refused_before_anything_is_looked_up() {
+        let long = "k".repeat(64 * 1024);
+        let too_long = |result: Result<Presented, OAuthError>| {
+            let error = result.unwrap_err();
+            assert_eq!(
+                (error.code, error.description.as_str()),
+                (ErrorCode::InvalidClient, "client_id is too long")
+            );
+        };
+        too_long(presented(Some(&basic(&long, "s")), &Params::new()));
+        let just_over = "k".repeat(MAX_CLIENT_ID_BYTES + 1);
+        too_long(presented(
+            None,
+            &mk_params(&[("client_id", &just_over), ("client_secret", "s")]),
+        ));
+        // The claimed subject of an (unverified) assertion counts as well.
+        let assertion = format!(
+            "{}.{}.sig",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"alg":"ES256"}"#),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(format!(r#"{{"sub":"{just_over}"}}"#))
+        );
+        too_long(presented(
+            None,
+            &mk_params(&[
+                ("client_assertion_type", JWT_BEARER_ASSERTION),
+                ("client_assertion", &assertion),
+            ]),
+        ));
+        let longest = "k".repeat(MAX_CLIENT_ID_BYTES);
+        assert!(presented(Some(&basic(&longest, "s")), &Params::new()).is_ok());
+    }
+
+    #[test]
+    fn the_throttle_table_stays_small_whatever_is_sent() {
+        let throttle = Throttle::default();
+        let attacker: IpAddr = "10.0.0.66".parse().unwrap();
+        let owner: IpAddr = "10.0.0.7".parse().unwrap();
+        for _ in 0..20 {
+            throttle.record_failure("kgc_1", attacker, 0);
+        }
+        assert!(throttle.is_blocked("kgc_1", attacker, 1));
+        // Five times the cap of distinct pairs, each id as long as allowed and new addresses.
+        let id = "k".repeat(MAX_CLIENT_ID_BYTES - 8);
+        for i in 0..5 * MAX_THROTTLE_ENTRIES as u32 {
+            let ip = IpAddr::from(std::net::Ipv6Addr::from(u128::from(i)));
+            throttle.record_failure(&format!("{id}{i:08}"), ip, 1);
+            assert!(throttle.len() <= MAX_THROTTLE_ENTRIES);
+        }
+        assert!(
+            throttle.table_bytes() <= 1024 * 1024,
+            "{} bytes",
+            throttle.table_bytes()
+        );
+        // A block in force survives the flood; the owner elsewhere is still free.
+        assert!(throttle.is_blocked("kgc_1", attacker, 2));
+        assert!(!throttle.is_blocked("kgc_1", owner, 2));
+        // Once the window has passed, new pairs are tracked again.
+        throttle.record_failure("kgc_2", attacker, 120);
+        assert!(throttle.len() <= MAX_THROTTLE_ENTRIES);
+        for _ in 1..20 {
+            throttle.record_failure("kgc_2", attacker, 120);
+        }
+        assert!(throttle.is_blocked("kgc_2", attacker, 121));
+    }
+
+    #[test]
+    fn the_replay_cache_is_bounded_per_client_and_overall() {
+        let cache = ReplayCache::default();
+        let long_jti = "j".repeat(16 * 1024);
+        assert!(cache.first_use("greedy", &long_jti, 100, 0));
+        assert!(!cache.first_use("greedy", &long_jti, 100, 1));
+        for i in 1..MAX_REMEMBERED_ASSERTIONS_PER_CLIENT {
+            assert!(cache.first_use("greedy", &format!("{long_jti}{i}"), 100, 1));
+        }
+        assert_eq!(cache.len(), MAX_REMEMBERED_ASSERTIONS_PER_CLIENT);
+        // One client's quota is used up; others are not affected.
+        assert!(!cache.first_use("greedy", "one-more", 100, 1));
+        assert!(cache.first_use("modest", "j", 100, 1));
+        // Once its assertions expire, the client may go on.
+        assert!(cache.first_use("greedy", "one-more", 200, 100));
+        assert!(cache.len() <= 2);
+        // Overall: at most the global cap, then fail closed until ids expire.
+        let cache = ReplayCache::default();
+        let clients = MAX_REMEMBERED_ASSERTIONS / MAX_REMEMBERED_ASSERTIONS_PER_CLIENT;
+        for c in 0..clients {
+            for i in 0..MAX_REMEMBERED_ASSERTIONS_PER_CLIENT {
+                assert!(cache.first_use(&format!("c{c}"), &i.to_string(), 100, 0));
+            }
+        }
+        assert_eq!(cache.len(), MAX_REMEMBERED_ASSERTIONS);
+        assert!(!cache.first_use("late", "j", 100, 0));
+        assert!(cache.first_use("late", "j", 200, 100));
+        assert_eq!(cache.len(), 1);
     }
 
     #[test]

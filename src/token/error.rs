@@ -18,6 +18,8 @@ pub enum ErrorCode {
     /// Too many failed authentications from this address for this client.
     SlowDown,
     PayloadTooLarge,
+    /// The request body did not arrive in time.
+    RequestTimeout,
     ServerError,
 }
 
@@ -25,7 +27,9 @@ impl ErrorCode {
     /// The `error` value; also the metrics label.
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::InvalidRequest | Self::PayloadTooLarge => "invalid_request",
+            Self::InvalidRequest | Self::PayloadTooLarge | Self::RequestTimeout => {
+                "invalid_request"
+            }
             Self::InvalidClient => "invalid_client",
             Self::InvalidGrant => "invalid_grant",
             Self::UnauthorizedClient => "unauthorized_client",
@@ -42,6 +46,7 @@ impl ErrorCode {
             Self::InvalidClient => StatusCode::UNAUTHORIZED,
             Self::SlowDown => StatusCode::TOO_MANY_REQUESTS,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::ServerError => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,
         }

@@ -7,12 +7,12 @@ mod client_auth;
 mod error;
 pub mod keys;
 
-pub use client_auth::{AuthMethod, ReplayCache, Throttle};
+pub use client_auth::{AuthMethod, MAX_CLIENT_ID_BYTES, ReplayCache, Throttle};
 pub use error::{ErrorCode, OAuthError};
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -48,10 +48,20 @@ pub struct TokenConfig {
     pub leeway: Duration,
     /// Largest accepted request body.
     pub max_body_bytes: usize,
+    /// Time a client has to send its request body (after the head).
+    pub body_read_timeout: Duration,
+    /// Most tokens of one client revoked one by one and not yet expired; revoking one more
+    /// revokes every token of the client issued up to that token instead (a per-client "not
+    /// before"), so the revocation list every sidecar receives stays bounded.
+    pub max_revoked_tokens_per_client: usize,
+    /// Most tokens revoked one by one and not yet expired, over all clients; beyond it, as
+    /// beyond the per-client bound.
+    pub max_revoked_tokens: usize,
 }
 
 impl TokenConfig {
-    /// Defaults for `issuer`: 1 h tokens, 24 h at most, 30 s leeway, 16 KiB bodies.
+    /// Defaults for `issuer`: 1 h tokens, 24 h at most, 30 s leeway, 16 KiB bodies read
+    /// within 10 s, 1,000 revoked tokens per client and 10,000 in all.
     pub fn new(issuer: impl Into<String>) -> Self {
         Self {
             issuer: issuer.into().trim_end_matches('/').to_owned(),
@@ -59,6 +69,9 @@ impl TokenConfig {
             max_lifetime: Duration::from_secs(24 * 3600),
             leeway: Duration::from_secs(30),
             max_body_bytes: 16 * 1024,
+            body_read_timeout: crate::connections::DEFAULT_HEADER_READ_TIMEOUT,
+            max_revoked_tokens_per_client: 1_000,
+            max_revoked_tokens: 10_000,
         }
     }
 
@@ -121,6 +134,8 @@ pub struct TokenServer {
     revocations: Arc<Revocations>,
     replay: ReplayCache,
     throttle: Throttle,
+    /// Per client, the `exp` of each token this server revoked one by one.
+    revoked: Mutex<HashMap<Arc<str>, Vec<u64>>>,
     metrics: Metrics,
 }
 
@@ -139,12 +154,50 @@ impl TokenServer {
             revocations,
             replay: ReplayCache::default(),
             throttle: Throttle::default(),
+            revoked: Mutex::default(),
             metrics: Metrics::register(metrics),
         })
     }
 
     pub fn config(&self) -> &TokenConfig {
         &self.config
+    }
+
+    /// Revokes the token with `claims` of `client`, one by one while the client and the
+    /// list are within their bounds, else with a per-client "not before" just after the
+    /// token's `iat` (which refuses it and every earlier token of the client).
+    fn revoke(&self, client: &ClientView, claims: &AccessClaims, now: u64) {
+        // Expired entries count for nothing; drop them before counting.
+        self.revocations.prune(now);
+        let one_by_one = {
+            let mut revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner());
+            revoked.retain(|_, exps| {
+                exps.retain(|exp| *exp > now);
+                !exps.is_empty()
+            });
+            let listed = self.revocations.current().tokens.len();
+            let exps = revoked.entry(client.client_id.clone()).or_default();
+            let within = exps.len() < self.config.max_revoked_tokens_per_client
+                && listed < self.config.max_revoked_tokens;
+            if within {
+                exps.push(claims.exp);
+            }
+            within
+        };
+        if one_by_one {
+            self.revocations.revoke_token(&claims.jti, claims.exp);
+            tracing::info!(client = %client.key, jti = %claims.jti, "token revoked");
+        } else {
+            let not_before = claims.iat.saturating_add(1);
+            self.revocations
+                .revoke_client(&client.client_id, not_before);
+            tracing::warn!(
+                client = %client.key,
+                jti = %claims.jti,
+                not_before,
+                "too many tokens revoked one by one: revoked every token of the client issued up to this one"
+            );
+        }
     }
 
     fn audiences(&self) -> [String; 2] {
@@ -209,7 +262,12 @@ pub fn router(server: Arc<TokenServer>) -> Router {
 
 /// Reads a form body: the right content type, within the size limit, no repeated parameter
 /// (RFC 6749 §3.2).
-async fn read_form(headers: &HeaderMap, body: Body, limit: usize) -> Result<Params, OAuthError> {
+async fn read_form(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Params, OAuthError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -221,9 +279,17 @@ async fn read_form(headers: &HeaderMap, body: Body, limit: usize) -> Result<Para
             "the request body must be application/x-www-form-urlencoded",
         ));
     }
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        OAuthError::new(ErrorCode::PayloadTooLarge, "the request body is too large")
-    })?;
+    let bytes = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| {
+            OAuthError::new(
+                ErrorCode::RequestTimeout,
+                "the request body did not arrive in time",
+            )
+        })?
+        .map_err(|_| {
+            OAuthError::new(ErrorCode::PayloadTooLarge, "the request body is too large")
+        })?;
     let mut params = Params::new();
     for (key, value) in form_urlencoded::parse(&bytes) {
         if params
@@ -309,7 +375,13 @@ async fn issue_token(
     body: Body,
     peer: IpAddr,
 ) -> Result<(Response, Arc<ClientView>, &'static str), OAuthError> {
-    let params = read_form(headers, body, server.config.max_body_bytes).await?;
+    let params = read_form(
+        headers,
+        body,
+        server.config.max_body_bytes,
+        server.config.body_read_timeout,
+    )
+    .await?;
     match params.get("grant_type").map(String::as_str) {
         None => {
             return Err(OAuthError::new(
@@ -413,7 +485,13 @@ async fn token_request(
     body: Body,
     now: u64,
 ) -> Result<(Arc<ClientView>, String), OAuthError> {
-    let mut params = read_form(headers, body, server.config.max_body_bytes).await?;
+    let mut params = read_form(
+        headers,
+        body,
+        server.config.max_body_bytes,
+        server.config.body_read_timeout,
+    )
+    .await?;
     let (client, _) = server.authenticate(headers, &params, peer.ip(), now)?;
     let token = params
         .remove("token")
@@ -434,8 +512,7 @@ async fn revoke(
         if let Some(claims) = active_claims(&server, &token, now)
             && *claims.client_id == *client.client_id
         {
-            server.revocations.revoke_token(&claims.jti, claims.exp);
-            tracing::info!(client = %client.key, jti = %claims.jti, "token revoked");
+            server.revoke(&client, &claims, now);
         }
         Ok::<_, OAuthError>(())
     }

@@ -18,8 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use axum::Router;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use k8s_openapi::ByteString;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -32,6 +31,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tower::ServiceExt;
+
+use crate::connections::ConnectionLimits;
 
 /// Secret key of the CA certificate (also the webhook configurations' `caBundle`).
 pub const CA_CRT: &str = "ca.crt";
@@ -420,20 +421,34 @@ impl ResolvesServerCert for CertResolver {
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long in-flight requests may take to finish after `shutdown`.
-const DRAIN: Duration = Duration::from_secs(10);
+pub const DRAIN: Duration = Duration::from_secs(10);
 
 /// Serves `router` over TLS (HTTP/1.1 and HTTP/2) on `listener` with the certificate
 /// `resolver` holds at each handshake, until `shutdown` resolves; then waits a few seconds
-/// for in-flight requests.
+/// for in-flight requests. Default limits: 1024 connections, 10 s header read, 60 s idle.
 pub async fn serve_tls(
     listener: tokio::net::TcpListener,
     router: Router,
     resolver: Arc<CertResolver>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TlsError> {
+    let limits = ConnectionLimits::default()
+        .with_max_connections(crate::connections::DEFAULT_WEBHOOK_MAX_CONNECTIONS)
+        .with_drain(DRAIN);
+    serve_tls_with_limits(listener, router, resolver, limits, shutdown).await
+}
+
+/// [`serve_tls`] within `limits` (connection cap, header-read and idle timeouts, drain).
+pub async fn serve_tls_with_limits(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    resolver: Arc<CertResolver>,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), TlsError> {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(resolver.server_config()?));
-    let builder = auto::Builder::new(TokioExecutor::new());
-    crate::connections::serve_connections(listener, shutdown, DRAIN, |stream, peer, watcher| {
+    let builder = crate::connections::http_builder(&limits);
+    crate::connections::serve_connections(listener, shutdown, limits, |stream, peer, watcher| {
         let acceptor = acceptor.clone();
         let builder = builder.clone();
         let router = router.clone();
@@ -452,7 +467,7 @@ pub async fn serve_tls(
             let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
                 router.clone().oneshot(req)
             });
-            let connection = builder.serve_connection(TokioIo::new(tls), service);
+            let connection = builder.serve_connection(TokioIo::new(tls), watcher.track(service));
             if let Err(error) = watcher.watch(connection.into_owned()).await {
                 tracing::debug!(%error, %peer, "webhook connection ended with an error");
             }
