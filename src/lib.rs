@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod capture;
 pub mod cli;
 pub mod connections;
 pub mod controller;

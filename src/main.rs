@@ -54,6 +54,10 @@ enum Command {
     /// Run the operator: controllers (leader only), token server and admission webhook.
     Operator(Box<OperatorArgs>),
 
+    /// Redirect inbound traffic to the workload's ports to the sidecar (netfilter rules in
+    /// this network namespace; the injected init container). Needs NET_ADMIN.
+    Capture(keygate::capture::CaptureArgs),
+
     /// Run the verifying proxy in front of a workload.
     Sidecar(keygate::sidecar::command::SidecarArgs),
 
@@ -326,6 +330,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Operator(args) => run_operator(*args).await?,
         Command::Sidecar(args) => keygate::sidecar::command::run(args).await?,
+        Command::Capture(args) => keygate::capture::run(&args)?,
         Command::Dev(args) => run_dev(args).await?,
         Command::Token(args) => fetch_token(args).await?,
         Command::Inject(args) => {
