@@ -195,6 +195,12 @@ struct SidecarTemplateArgs {
     /// Memory limit of injected sidecars.
     #[arg(long, env = "KEYGATE_SIDECAR_MEMORY_LIMIT")]
     sidecar_memory_limit: Option<String>,
+    /// How an injected Pod's app port is closed to everything but the sidecar, unless the
+    /// Pod's annotation keygate.dev/capture says otherwise: redirect (an init container with
+    /// NET_ADMIN), network-policy (keygate's NetworkPolicy) or loopback (the app listens on
+    /// 127.0.0.1 only).
+    #[arg(long, env = "KEYGATE_DEFAULT_CAPTURE", value_enum, default_value_t = keygate::webhook::CaptureMode::Redirect)]
+    default_capture: keygate::webhook::CaptureMode,
 }
 
 impl SidecarTemplateArgs {
@@ -219,6 +225,7 @@ impl SidecarTemplateArgs {
         set("requests", "memory", &self.sidecar_memory_request);
         set("limits", "cpu", &self.sidecar_cpu_limit);
         set("limits", "memory", &self.sidecar_memory_limit);
+        config.capture = self.default_capture;
         config
     }
 }

@@ -1,4 +1,5 @@
-//! ScopePolicy → policy ConfigMap (`<name>-keygate-policy`, key `policy.json`) and status.
+//! ScopePolicy → policy ConfigMap (`<name>-keygate-policy`, key `policy.json`), the
+//! NetworkPolicy of capture mode `network-policy` (`<name>-keygate-sidecar-only`) and status.
 //! The ConfigMap holds exactly the sidecar's policy file, built by the same function
 //! `keygate dev` uses, from the registry snapshot, the signing keys and the revocations.
 
@@ -7,7 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPort, NetworkPolicySpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, Time};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
@@ -28,6 +33,71 @@ pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
 /// The ConfigMap name of a ScopePolicy.
 pub fn config_map_name(policy: &str) -> String {
     format!("{policy}-keygate-policy")
+}
+
+/// The NetworkPolicy name of a ScopePolicy.
+pub fn network_policy_name(policy: &str) -> String {
+    format!("{policy}-keygate-sidecar-only")
+}
+
+/// The NetworkPolicy of capture mode `network-policy`: Pods the webhook labelled
+/// `keygate.dev/capture: network-policy` take inbound traffic only on the sidecar's named
+/// ports (`keygate`, `keygate-admin`), so the app's port answers nobody outside the Pod.
+/// Pods of every ScopePolicy of the namespace match it; each ScopePolicy owns an identical
+/// copy, so the namespace keeps one for as long as it has a ScopePolicy.
+pub fn network_policy(policy: &ScopePolicy) -> NetworkPolicy {
+    use crate::webhook::inject::{ADMIN_PORT_NAME, CAPTURE_LABEL, CaptureMode, LISTEN_PORT_NAME};
+    let port = |name: &str| NetworkPolicyPort {
+        port: Some(IntOrString::String(name.to_owned())),
+        protocol: Some("TCP".to_owned()),
+        ..NetworkPolicyPort::default()
+    };
+    NetworkPolicy {
+        metadata: ObjectMeta {
+            name: Some(network_policy_name(&policy.name_any())),
+            namespace: policy.namespace(),
+            labels: Some(BTreeMap::from([
+                (MANAGED_BY.0.to_owned(), MANAGED_BY.1.to_owned()),
+                (POLICY_LABEL.to_owned(), policy.name_any()),
+            ])),
+            owner_references: policy.controller_owner_ref(&()).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([(
+                    CAPTURE_LABEL.to_owned(),
+                    CaptureMode::NetworkPolicy.as_str().to_owned(),
+                )])),
+                ..LabelSelector::default()
+            }),
+            policy_types: Some(vec!["Ingress".to_owned()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                ports: Some(vec![port(LISTEN_PORT_NAME), port(ADMIN_PORT_NAME)]),
+                ..NetworkPolicyIngressRule::default()
+            }]),
+            ..NetworkPolicySpec::default()
+        }),
+    }
+}
+
+/// Writes the ScopePolicy's NetworkPolicy when it is missing or differs.
+async fn apply_network_policy(ctx: &Context, policy: &ScopePolicy, namespace: &str) -> Result<()> {
+    let desired = network_policy(policy);
+    let name = network_policy_name(&policy.name_any());
+    let api: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), namespace);
+    let existing = timed(api.get_opt(&name)).await?;
+    if existing.is_some_and(|e| e.spec == desired.spec) {
+        return Ok(());
+    }
+    timed(api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&desired),
+    ))
+    .await?;
+    ctx.wrote("scopepolicy");
+    Ok(())
 }
 
 /// Reconciles one ScopePolicy.
@@ -193,6 +263,7 @@ async fn reconcile_policy(policy: &ScopePolicy, ctx: &Context) -> Result<Action>
         .await?;
         ctx.wrote("scopepolicy");
     }
+    apply_network_policy(ctx, policy, &namespace).await?;
     let message = format!("policy ConfigMap {name} is up to date");
     let status = status(
         policy,

@@ -8,7 +8,19 @@
 //!   regular container;
 //! - the volume `keygate-policy` from the ConfigMap `<policy>-keygate-policy`, mounted
 //!   read-only at `/etc/keygate` (no `subPath`, so ConfigMap updates reach the sidecar);
-//! - the annotation `keygate.dev/injected: <version>`.
+//! - the annotation `keygate.dev/injected: <version>` and the label `keygate.dev/capture:
+//!   <mode>`;
+//! - with capture mode `redirect` (the default), the init container `keygate-capture`, which
+//!   runs first and redirects inbound TCP for the app's port to the sidecar
+//!   ([`crate::capture`]), so the app's port answers only through the sidecar.
+//!
+//! An injection that would leave the app reachable around the sidecar is refused: every port
+//! a container of the Pod declares, other than the sidecar's and the captured one, must be
+//! listed in `keygate.dev/open-ports`. Clusters that forbid `NET_ADMIN` use capture mode
+//! `network-policy` (the operator's NetworkPolicy admits only the sidecar's ports) or
+//! `loopback` (the app listens on 127.0.0.1 only): both are explicit choices, per Pod with
+//! the annotation `keygate.dev/capture` or for the cluster with the operator's
+//! `--default-capture`.
 //!
 //! Injection is idempotent: a Pod that already has the container or the annotation gets no
 //! patch, so `reinvocationPolicy: IfNeeded` and re-running `keygate inject` are no-ops.
@@ -45,6 +57,16 @@ pub const UPSTREAM_PORT_ANNOTATION: &str = "keygate.dev/upstream-port";
 pub const SIDECAR_CPU_ANNOTATION: &str = "keygate.dev/sidecar-cpu";
 /// Optional: the sidecar's memory (a Kubernetes quantity such as `64Mi`).
 pub const SIDECAR_MEMORY_ANNOTATION: &str = "keygate.dev/sidecar-memory";
+/// Optional: how the app's port is closed to all but the sidecar ([`CaptureMode`]).
+pub const CAPTURE_ANNOTATION: &str = "keygate.dev/capture";
+/// Set by injection to the capture mode in effect; the operator's NetworkPolicy selects
+/// Pods whose value is `network-policy`.
+pub const CAPTURE_LABEL: &str = "keygate.dev/capture";
+/// Optional: ports the Pod's containers declare that stay reachable without the sidecar on
+/// purpose (comma-separated), e.g. a metrics port.
+pub const OPEN_PORTS_ANNOTATION: &str = "keygate.dev/open-ports";
+/// The injected traffic-capture init container's name.
+pub const CAPTURE_NAME: &str = "keygate-capture";
 /// Set by injection to the sidecar version.
 pub const INJECTED_ANNOTATION: &str = "keygate.dev/injected";
 /// The annotation `kubectl logs`/`exec` read to pick a container when none is named.
@@ -64,6 +86,38 @@ pub const LISTEN_PORT_NAME: &str = "keygate";
 pub const ADMIN_PORT_NAME: &str = "keygate-admin";
 /// The user and group the sidecar runs as (distroless `nonroot`).
 pub const SIDECAR_UID: i64 = 65532;
+
+/// How an injected Pod's app port is closed to everything but the sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CaptureMode {
+    /// The init container `keygate-capture` redirects inbound TCP for the app's port to the
+    /// sidecar with netfilter rules in the Pod's network namespace; needs `NET_ADMIN` there.
+    #[default]
+    Redirect,
+    /// The operator's NetworkPolicy admits inbound traffic to the Pod only on the sidecar's
+    /// ports; needs a CNI that enforces NetworkPolicies.
+    NetworkPolicy,
+    /// The app listens on 127.0.0.1 only, so nothing outside the Pod reaches it; keygate
+    /// takes the Pod's word for it.
+    Loopback,
+}
+
+impl CaptureMode {
+    /// The annotation and label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaptureMode::Redirect => "redirect",
+            CaptureMode::NetworkPolicy => "network-policy",
+            CaptureMode::Loopback => "loopback",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        [Self::Redirect, Self::NetworkPolicy, Self::Loopback]
+            .into_iter()
+            .find(|mode| mode.as_str() == text)
+    }
+}
 
 /// What the injected sidecar looks like and where it can be injected, from the operator's
 /// configuration.
@@ -86,18 +140,14 @@ pub struct InjectConfig {
     /// where it reads ScopePolicies and writes policy ConfigMaps. Opted-in Pods elsewhere
     /// are refused. Empty: every namespace.
     pub watch_namespaces: Vec<String>,
+    /// The capture mode of Pods without the annotation `keygate.dev/capture`.
+    pub capture: CaptureMode,
 }
 
 impl InjectConfig {
     /// The defaults: ports 8100 and 8101, requests 10m CPU and 32Mi memory, a 128Mi memory
-    /// limit and no CPU limit, every namespace.
+    /// limit and no CPU limit, every namespace, capture mode `redirect`.
     pub fn new(image: impl Into<String>, version: impl Into<String>) -> Self {
-        let quantities = |pairs: &[(&str, &str)]| {
-            pairs
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), Quantity((*v).to_owned())))
-                .collect::<BTreeMap<_, _>>()
-        };
         Self {
             image: image.into(),
             image_pull_policy: Some("IfNotPresent".to_owned()),
@@ -110,6 +160,7 @@ impl InjectConfig {
             },
             version: version.into(),
             watch_namespaces: Vec::new(),
+            capture: CaptureMode::Redirect,
         }
     }
 
@@ -201,6 +252,10 @@ pub fn inject(
     let upstream_port =
         port_annotation(&annotations, UPSTREAM_PORT_ANNOTATION)?.unwrap_or(policy_port);
     check_ports(spec, listen_port, config.admin_port, upstream_port)?;
+    let capture = capture_mode(&annotations, config.capture)?;
+    if capture != CaptureMode::NetworkPolicy {
+        check_open_ports(spec, &annotations, capture, upstream_port)?;
+    }
     if spec
         .volumes
         .iter()
@@ -209,6 +264,17 @@ pub fn inject(
     {
         return Err(Deny(format!(
             "keygate: the pod already has a volume named {POLICY_VOLUME}, which the sidecar needs; rename that volume"
+        )));
+    }
+    if spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .any(|c| c.name == CAPTURE_NAME)
+    {
+        return Err(Deny(format!(
+            "keygate: the pod already has a container named {CAPTURE_NAME}, which keygate adds; rename that container"
         )));
     }
     let resources = resources(&config.resources, &annotations)?;
@@ -221,18 +287,32 @@ pub fn inject(
         resources,
     );
     let container = to_value(&container)?;
+    // Init containers run in order: capture first, then (native) the sidecar, then the Pod's
+    // own, so nothing reaches the app's port before the rules are in place.
+    let mut first_init = Vec::new();
+    if capture == CaptureMode::Redirect {
+        first_init.push(to_value(&capture_container(
+            config,
+            listen_port,
+            upstream_port,
+        ))?);
+    }
     let mut ops = Vec::new();
-
     if native_sidecars {
-        match &spec.init_containers {
-            Some(_) => ops.push(add(&["spec", "initContainers", "0"], container)),
-            None => ops.push(add(
-                &["spec", "initContainers"],
-                Value::Array(vec![container]),
-            )),
-        }
+        first_init.push(container);
     } else {
         ops.push(add(&["spec", "containers", "0"], container));
+    }
+    match &spec.init_containers {
+        Some(_) => {
+            for value in first_init.into_iter().rev() {
+                ops.push(add(&["spec", "initContainers", "0"], value));
+            }
+        }
+        None if !first_init.is_empty() => {
+            ops.push(add(&["spec", "initContainers"], Value::Array(first_init)));
+        }
+        None => {}
     }
 
     let volume = to_value(&Volume {
@@ -270,7 +350,76 @@ pub fn inject(
             ops.push(add(&["metadata", "annotations"], Value::Object(map)));
         }
     }
+    // The inject label is there (it is how the Pod opted in), so `labels` exists.
+    ops.push(add(
+        &["metadata", "labels", CAPTURE_LABEL],
+        Value::String(capture.as_str().to_owned()),
+    ));
     Ok(Some(Patch(ops)))
+}
+
+fn capture_mode(
+    annotations: &BTreeMap<String, String>,
+    default: CaptureMode,
+) -> Result<CaptureMode, Deny> {
+    let Some(text) = annotations.get(CAPTURE_ANNOTATION) else {
+        return Ok(default);
+    };
+    CaptureMode::parse(text.trim()).ok_or_else(|| {
+        Deny(format!(
+            "keygate: the annotation {CAPTURE_ANNOTATION}: {text:?} is not a capture mode; use \"redirect\" (the default: an init container with NET_ADMIN sends the app's port through the sidecar), \"network-policy\" (keygate's NetworkPolicy admits only the sidecar's ports) or \"loopback\" (the app listens on 127.0.0.1 only)"
+        ))
+    })
+}
+
+/// Refuses a Pod that declares a port the sidecar does not cover, unless the Pod lists it in
+/// `keygate.dev/open-ports`: it would answer around the sidecar.
+fn check_open_ports(
+    spec: &PodSpec,
+    annotations: &BTreeMap<String, String>,
+    capture: CaptureMode,
+    upstream: u16,
+) -> Result<(), Deny> {
+    let mut open = Vec::new();
+    if let Some(text) = annotations.get(OPEN_PORTS_ANNOTATION) {
+        for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            match item.parse::<u16>() {
+                Ok(port) if port > 0 => open.push(i32::from(port)),
+                _ => {
+                    return Err(Deny(format!(
+                        "keygate: the annotation {OPEN_PORTS_ANNOTATION}: {text:?} is not a list of ports; use comma-separated numbers from 1 to 65535, e.g. \"9100,9200\""
+                    )));
+                }
+            }
+        }
+    }
+    let containers = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter());
+    for container in containers {
+        for port in container.ports.iter().flatten() {
+            let number = port.container_port;
+            let covered = number == i32::from(upstream) && capture == CaptureMode::Redirect;
+            let loopback_app = number == i32::from(upstream) && capture == CaptureMode::Loopback;
+            if covered || open.contains(&number) {
+                continue;
+            }
+            if loopback_app {
+                return Err(Deny(format!(
+                    "keygate: container {:?} publishes port {number}, the app's port, but the capture mode is \"loopback\", which needs the app to listen on 127.0.0.1 only; remove the port from the container, or use capture mode \"redirect\" or \"network-policy\" (annotation {CAPTURE_ANNOTATION})",
+                    container.name
+                )));
+            }
+            return Err(Deny(format!(
+                "keygate: container {:?} declares port {number}, which would answer without the sidecar (capture mode {:?} covers only the app's port {upstream}); if it is meant to be reachable without keygate (e.g. metrics), list it in the annotation {OPEN_PORTS_ANNOTATION}: \"{number}\"; otherwise send it through the sidecar or remove it",
+                container.name,
+                capture.as_str()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// An `add` operation; `tokens` are unescaped (`/` and `~` in a key are escaped per RFC 6901).
@@ -484,6 +633,62 @@ fn sidecar_container(
             read_only: Some(true),
             ..Default::default()
         }]),
+        ..Default::default()
+    }
+}
+
+/// Resource quantities by name, e.g. `[("cpu", "10m")]`.
+fn quantities(pairs: &[(&str, &str)]) -> BTreeMap<String, Quantity> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), Quantity((*v).to_owned())))
+        .collect()
+}
+
+/// The init container that installs the capture rules ([`crate::capture`]). It runs as root
+/// with `NET_ADMIN` only (every other capability dropped), which is what writing netfilter
+/// rules in the Pod's own network namespace takes, and exits before the app starts.
+fn capture_container(config: &InjectConfig, listen_port: u16, upstream_port: u16) -> Container {
+    Container {
+        name: CAPTURE_NAME.to_owned(),
+        image: Some(config.image.clone()),
+        image_pull_policy: config.image_pull_policy.clone(),
+        command: Some(vec![SIDECAR_COMMAND.to_owned()]),
+        args: Some(vec![
+            "capture".to_owned(),
+            "--ports".to_owned(),
+            upstream_port.to_string(),
+            "--to".to_owned(),
+            listen_port.to_string(),
+        ]),
+        env: Some(vec![EnvVar {
+            name: "KEYGATE_LOG_FORMAT".to_owned(),
+            value: Some("json".to_owned()),
+            ..Default::default()
+        }]),
+        resources: Some(ResourceRequirements {
+            requests: Some(quantities(&[("cpu", "10m"), ("memory", "16Mi")])),
+            limits: Some(quantities(&[("memory", "64Mi")])),
+            ..Default::default()
+        }),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(false),
+            run_as_user: Some(0),
+            run_as_group: Some(0),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".to_owned()]),
+                drop: Some(vec!["ALL".to_owned()]),
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
         ..Default::default()
     }
 }

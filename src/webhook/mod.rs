@@ -15,7 +15,7 @@ pub mod server;
 pub mod tls;
 pub mod validate;
 
-pub use inject::{Deny, InjectConfig, inject};
+pub use inject::{CaptureMode, Deny, InjectConfig, inject};
 pub use manifest::inject_manifest;
 pub use server::{WebhookState, mutate_review, router, validate_review};
 pub use tls::{CertResolver, WebhookCerts, serve_tls};

@@ -99,6 +99,28 @@ fn assert_hardened(sidecar: &Value) {
     assert_eq!(sidecar["resources"]["limits"]["memory"], "128Mi");
 }
 
+/// The capture init container: `keygate-sidecar capture` for `ports` to `to`, as root with
+/// NET_ADMIN and nothing else.
+fn assert_capture(container: &Value, ports: &str, to: &str) {
+    assert_eq!(container["name"], CAPTURE_NAME);
+    assert_eq!(container["command"], json!(["/keygate-sidecar"]));
+    assert_eq!(
+        container["args"],
+        json!(["capture", "--ports", ports, "--to", to])
+    );
+    assert!(
+        container.get("restartPolicy").is_none(),
+        "runs to completion"
+    );
+    let sc = &container["securityContext"];
+    assert_eq!(sc["runAsUser"], 0);
+    assert_eq!(sc["capabilities"]["add"], json!(["NET_ADMIN"]));
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["privileged"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+}
+
 fn assert_policy_volume(pod: &Value) {
     let volumes = pod["spec"]["volumes"].as_array().expect("volumes");
     assert_eq!(
@@ -124,7 +146,8 @@ fn labelled_pod_gets_a_native_sidecar() {
     let found = sidecars(&pod);
     assert_eq!(found.len(), 1, "exactly one sidecar");
     let (list, index, sidecar) = &found[0];
-    assert_eq!((*list, *index), ("initContainers", 0));
+    assert_eq!((*list, *index), ("initContainers", 1));
+    assert_capture(&pod["spec"]["initContainers"][0], "8080", "8100");
     assert_eq!(sidecar["restartPolicy"], "Always");
     assert_eq!(sidecar["command"], json!(["/keygate-sidecar"]));
     assert_eq!(
@@ -149,6 +172,7 @@ fn labelled_pod_gets_a_native_sidecar() {
     assert_eq!(annotations[INJECTED_ANNOTATION], "0.1.0");
     assert_eq!(annotations[POLICY_ANNOTATION], "orders");
     assert!(annotations.get(DEFAULT_CONTAINER_ANNOTATION).is_none());
+    assert_eq!(pod["metadata"]["labels"][CAPTURE_LABEL], "redirect");
 
     // Reinvocation (reinvocationPolicy: IfNeeded) on the injected Pod changes nothing.
     let again = mutate(&with_object(&body, &pod), true);
@@ -169,7 +193,10 @@ fn labelled_pod_gets_a_first_container_without_native_sidecars() {
     assert_hardened(sidecar);
     assert_policy_volume(&pod);
     assert_eq!(pod["spec"]["containers"][1]["name"], "app");
-    assert!(pod["spec"].get("initContainers").is_none());
+    // Only the capture init container: it runs before every container.
+    let init = pod["spec"]["initContainers"].as_array().expect("init");
+    assert_eq!(init.len(), 1);
+    assert_capture(&init[0], "8080", "8100");
     assert_eq!(
         pod["metadata"]["annotations"][DEFAULT_CONTAINER_ANNOTATION],
         "app"
@@ -188,10 +215,19 @@ fn existing_native_sidecar_stays_after_ours() {
         .iter()
         .map(|c| c["name"].as_str().unwrap_or_default().to_owned())
         .collect();
-    assert_eq!(names, ["keygate-sidecar", "log-shipper", "migrate"]);
+    assert_eq!(
+        names,
+        [
+            "keygate-capture",
+            "keygate-sidecar",
+            "log-shipper",
+            "migrate"
+        ]
+    );
     // The upstream port annotation wins over the ScopePolicy's port.
-    let args = pod["spec"]["initContainers"][0]["args"].to_string();
+    let args = pod["spec"]["initContainers"][1]["args"].to_string();
     assert!(args.contains("127.0.0.1:9090"), "{args}");
+    assert_capture(&pod["spec"]["initContainers"][0], "9090", "8100");
 }
 
 #[test]
@@ -327,9 +363,10 @@ fn port_and_resource_annotations() {
     let pod = pod_with(ann(json!({})), json!([{"containerPort": 8100}]));
     let deny = inject(&pod, "shop", &config(), true, lookup).expect_err("denied");
     assert!(deny.0.contains("keygate.dev/listen-port"), "{deny}");
-    // Moved away with the annotation.
+    // Moved away with the annotation; the app's own 8100 is then a port around the sidecar,
+    // so it must be declared open on purpose.
     let pod = pod_with(
-        ann(json!({"keygate.dev/listen-port": "8200"})),
+        ann(json!({"keygate.dev/listen-port": "8200", "keygate.dev/open-ports": "8100"})),
         json!([{"containerPort": 8100}]),
     );
     assert!(
@@ -352,7 +389,8 @@ fn port_and_resource_annotations() {
         .expect("ok")
         .expect("patch");
     let patch = serde_json::to_value(&patch).expect("json");
-    let resources = &patch[0]["value"][0]["resources"];
+    // The first op adds the init containers: capture, then the sidecar.
+    let resources = &patch[0]["value"][1]["resources"];
     assert_eq!(
         resources["requests"],
         json!({"cpu": "50m", "memory": "64Mi"})
@@ -363,6 +401,113 @@ fn port_and_resource_annotations() {
         json!([]),
     );
     assert!(inject(&pod, "shop", &config(), true, lookup).is_err());
+}
+
+#[test]
+fn capture_modes_and_ports_left_open() {
+    let pod = |annotations: Value, ports: Value| {
+        let mut a = json!({"keygate.dev/policy": "orders"});
+        if let (Some(a), Some(e)) = (a.as_object_mut(), annotations.as_object()) {
+            a.extend(e.clone());
+        }
+        pod_with(a, ports)
+    };
+    let injected = |pod: &Pod, config: &InjectConfig| -> Result<Value, Deny> {
+        let patch = inject(pod, "shop", config, true, lookup)?.expect("patch");
+        let mut value = serde_json::to_value(pod).expect("json");
+        json_patch::patch(&mut value, &patch.0).expect("applies");
+        Ok(value)
+    };
+    let init_names = |pod: &Value| -> Vec<String> {
+        pod["spec"]["initContainers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| c["name"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+
+    // Default (redirect): the app's port is captured; a second declared port is refused
+    // unless the Pod says it is open on purpose.
+    let app_and_metrics = json!([{"containerPort": 8080}, {"containerPort": 9100}]);
+    let deny = injected(&pod(json!({}), app_and_metrics.clone()), &config()).expect_err("denied");
+    assert!(deny.0.contains("port 9100"), "{deny}");
+    assert!(
+        deny.0.contains("keygate.dev/open-ports: \"9100\""),
+        "{deny}"
+    );
+    let open = injected(
+        &pod(json!({"keygate.dev/open-ports": "9100"}), app_and_metrics),
+        &config(),
+    )
+    .expect("allowed");
+    assert_eq!(init_names(&open), [CAPTURE_NAME, SIDECAR_NAME]);
+    for bad in ["metrics", "0", "9100,x", "70000"] {
+        let deny = injected(
+            &pod(json!({"keygate.dev/open-ports": bad}), json!([])),
+            &config(),
+        )
+        .expect_err(bad);
+        assert!(deny.0.contains(OPEN_PORTS_ANNOTATION), "{deny}");
+    }
+
+    // network-policy: no init container with NET_ADMIN; the label the operator's
+    // NetworkPolicy selects; other declared ports are blocked by that policy.
+    let np = injected(
+        &pod(
+            json!({"keygate.dev/capture": "network-policy"}),
+            json!([{"containerPort": 8080}, {"containerPort": 9100}]),
+        ),
+        &config(),
+    )
+    .expect("allowed");
+    assert_eq!(init_names(&np), [SIDECAR_NAME]);
+    assert_eq!(np["metadata"]["labels"][CAPTURE_LABEL], "network-policy");
+
+    // loopback: nothing added, but an app that publishes its port contradicts it.
+    let lo = injected(
+        &pod(json!({"keygate.dev/capture": "loopback"}), json!([])),
+        &config(),
+    )
+    .expect("allowed");
+    assert_eq!(init_names(&lo), [SIDECAR_NAME]);
+    assert_eq!(lo["metadata"]["labels"][CAPTURE_LABEL], "loopback");
+    let deny = injected(
+        &pod(
+            json!({"keygate.dev/capture": "loopback"}),
+            json!([{"containerPort": 8080}]),
+        ),
+        &config(),
+    )
+    .expect_err("published app port");
+    assert!(deny.0.contains("127.0.0.1"), "{deny}");
+
+    // The cluster default applies to Pods without the annotation; a Pod cannot get a
+    // mode keygate does not know, and a Pod's own label does not survive injection.
+    let mut cluster = config();
+    cluster.capture = CaptureMode::NetworkPolicy;
+    let mut labelled = pod(json!({}), json!([]));
+    labelled
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert(CAPTURE_LABEL.to_owned(), "loopback".to_owned());
+    let defaulted = injected(&labelled, &cluster).expect("allowed");
+    assert_eq!(
+        defaulted["metadata"]["labels"][CAPTURE_LABEL],
+        "network-policy"
+    );
+    let deny = injected(
+        &pod(json!({"keygate.dev/capture": "none"}), json!([])),
+        &config(),
+    )
+    .expect_err("unknown mode");
+    assert!(deny.0.contains("redirect"), "{deny}");
+
+    // A container of the Pod's own named keygate-capture would be mistaken for ours.
+    let mut clash = pod(json!({}), json!([]));
+    clash.spec.as_mut().expect("spec").containers[0].name = CAPTURE_NAME.to_owned();
+    assert!(injected(&clash, &config()).is_err());
 }
 
 #[test]
@@ -383,7 +528,8 @@ fn pod_without_init_containers_or_volumes_gets_whole_arrays() {
         [
             "/spec/initContainers",
             "/spec/volumes",
-            "/metadata/annotations/keygate.dev~1injected"
+            "/metadata/annotations/keygate.dev~1injected",
+            "/metadata/labels/keygate.dev~1capture"
         ]
     );
     let mut value = serde_json::to_value(&pod).expect("json");
@@ -510,12 +656,12 @@ fn manifest_workloads_get_the_sidecar_once() {
     assert_eq!(docs[0]["kind"], "ScopePolicy");
     let deployment = &docs[1]["spec"]["template"];
     assert_eq!(
-        deployment["spec"]["initContainers"][0]["name"],
+        deployment["spec"]["initContainers"][1]["name"],
         SIDECAR_NAME
     );
     // The ScopePolicy of the same stream gives the upstream port.
     assert!(
-        deployment["spec"]["initContainers"][0]["args"]
+        deployment["spec"]["initContainers"][1]["args"]
             .to_string()
             .contains("127.0.0.1:3000")
     );
@@ -525,7 +671,8 @@ fn manifest_workloads_get_the_sidecar_once() {
     );
     assert_eq!(docs[1]["spec"]["replicas"], 2);
     let cron = &docs[2]["spec"]["jobTemplate"]["spec"]["template"];
-    assert_eq!(cron["spec"]["initContainers"][0]["name"], SIDECAR_NAME);
+    assert_eq!(cron["spec"]["initContainers"][0]["name"], CAPTURE_NAME);
+    assert_eq!(cron["spec"]["initContainers"][1]["name"], SIDECAR_NAME);
     assert_eq!(
         cron["spec"]["volumes"][0]["configMap"]["name"],
         "orders-keygate-policy"

@@ -375,6 +375,7 @@ def test_rbac_grants_exactly_the_documented_verbs():
         ("", "secrets"): rw,
         ("", "configmaps"): rw,
         ("events.k8s.io", "events"): {"create", "patch"},
+        ("networking.k8s.io", "networkpolicies"): {"get", "create", "patch", "update", "delete"},
     }
 
 

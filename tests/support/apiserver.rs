@@ -113,6 +113,13 @@ fn builtin_resources() -> Vec<ResourceType> {
         )),
         ResourceType::new("", "v1", "Secret", "secrets", true),
         ResourceType::new("", "v1", "ConfigMap", "configmaps", true),
+        ResourceType::new(
+            "networking.k8s.io",
+            "v1",
+            "NetworkPolicy",
+            "networkpolicies",
+            true,
+        ),
         ResourceType::new("", "v1", "Event", "events", true),
         status_only(ResourceType::new("", "v1", "Pod", "pods", true)),
         status_only(ResourceType::new("", "v1", "Service", "services", true)),

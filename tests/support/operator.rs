@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use keygate::api::{ApiClient, M2MRole, ScopePolicy};
 use keygate::controller::OperatorConfig;
 use keygate::operator::{OperatorOptions, run};
@@ -290,6 +291,33 @@ pub async fn scenario_lifecycle_as(client: Client, operator_client: Client, ns: 
     assert!(
         !document.to_string().contains(&data["client_secret"]),
         "no secret in the policy"
+    );
+
+    // Capture mode network-policy: the ScopePolicy's NetworkPolicy admits only the
+    // sidecar's named ports on Pods the webhook labelled for it, and the ScopePolicy owns it.
+    let network_policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
+    let network_policy = eventually("the ScopePolicy's NetworkPolicy", WAIT, || async {
+        network_policies
+            .get_opt("orders-keygate-sidecar-only")
+            .await
+            .ok()?
+    })
+    .await;
+    let spec = serde_json::to_value(network_policy.spec).expect("spec");
+    assert_eq!(
+        spec["podSelector"],
+        json!({"matchLabels": {"keygate.dev/capture": "network-policy"}})
+    );
+    assert_eq!(
+        spec["ingress"],
+        json!([{"ports": [{"port": "keygate", "protocol": "TCP"}, {"port": "keygate-admin", "protocol": "TCP"}]}])
+    );
+    assert_eq!(spec["policyTypes"], json!(["Ingress"]));
+    assert!(
+        network_policy
+            .metadata
+            .owner_references
+            .is_some_and(|o| o.iter().any(|r| r.kind == "ScopePolicy"))
     );
 
     // Restart: nothing is regenerated.

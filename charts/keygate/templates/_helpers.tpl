@@ -143,6 +143,10 @@ is empty, in a Role per watched namespace otherwise.
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+# A NetworkPolicy per ScopePolicy: capture mode network-policy.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create", "patch", "update", "delete"]
 {{- end }}
 
 {{/*
@@ -169,6 +173,7 @@ sidecar-cpu-request: use the value sidecar.resources.requests.cpu instead
 sidecar-memory-request: use the value sidecar.resources.requests.memory instead
 sidecar-cpu-limit: use the value sidecar.resources.limits.cpu instead
 sidecar-memory-limit: use the value sidecar.resources.limits.memory instead
+default-capture: use the value sidecar.capture instead
 concurrency: use the value concurrency instead
 default-token-lifetime: use the value token.defaultLifetime instead
 max-token-lifetime: use the value token.maxLifetime instead
