@@ -23,6 +23,7 @@
 
 ARG RUST_IMAGE=rust:1.95-bookworm
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+ARG NFT_IMAGE=debian:bookworm-slim
 
 FROM ${RUST_IMAGE} AS build
 WORKDIR /src
@@ -39,11 +40,28 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && install -D -m 0755 target/release/keygate /out/keygate \
  && install -D -m 0755 target/release/keygate-sidecar /out/keygate-sidecar
 
+# nft, for `keygate-sidecar capture` (the traffic-capture init container, docs/capture.md).
+# distroless has no package manager, so nft and the shared libraries it needs beyond glibc
+# are copied from the same Debian release as the runtime image (Debian 12). The capture
+# container runs `nft -j -f -` and nothing else from here.
+FROM ${NFT_IMAGE} AS nft
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nftables \
+ && mkdir /out \
+ && cp --parents /usr/sbin/nft /out/ \
+ && ldd /usr/sbin/nft | awk '$3 ~ /^\// {print $3}' \
+    | grep -v -e '/libc\.so' -e '/ld-linux' \
+    | while read -r lib; do \
+        dir="/out$(dirname "$(readlink -f "$lib")")"; mkdir -p "$dir"; cp -L "$lib" "$dir/"; \
+      done \
+ && find /out -type f
+
 FROM ${RUNTIME_IMAGE}
 LABEL org.opencontainers.image.title="keygate" \
       org.opencontainers.image.description="Machine-to-machine API authentication for Kubernetes: operator, token server, admission webhook and sidecar" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /out/keygate /out/keygate-sidecar /
+COPY --from=nft /out/ /
 # distroless "nonroot": uid/gid 65532, matching the chart's runAsUser.
 USER 65532:65532
 # token server, operator admin, webhook, sidecar, sidecar admin
