@@ -83,6 +83,7 @@ fn mk_rules(count: usize) -> ScopePolicySpec {
             methods: vec!["GET".into()],
             paths: vec![format!("/api/v1/resource{i}/*/items/**")],
             public: false,
+            authenticated: false,
             require_scopes: Some(RequireScopes {
                 any_of: Some(vec!["orders.read".into()]),
                 all_of: None,

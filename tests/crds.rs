@@ -179,7 +179,7 @@ fn cel_rules_cover_static_checks() {
     assert!(client.contains("duration(self.overlap) < duration(self.every)"));
     let policy = rules(&schema_of::<ScopePolicy>()).join("\n");
     assert!(policy.contains("has(self.anyOf) != has(self.allOf)"));
-    assert!(policy.contains("!(self.public && has(self.requireScopes))"));
+    assert!(policy.contains("(has(self.authenticated) && self.authenticated ? 1 : 0)"));
 }
 
 /// The API server refuses a CRD whose CEL rules it estimates too costly (v1.28: 10^7 per rule,
@@ -381,7 +381,7 @@ mod validation {
         assert!(
             policy(public_with_scopes)
                 .unwrap_err()
-                .contains("public rule cannot require scopes")
+                .contains("a rule states exactly one requirement")
         );
         for bad in [
             "orders.shop.svc",

@@ -321,6 +321,72 @@ async fn webhook_scenario(client: Client, ns: String, host: String) {
             .as_ref()
             .is_some_and(|a| a.contains_key("keygate.dev/injected"))
     );
+    // Capture mode redirect (the default): the API server takes the init container that
+    // closes the app's port, with NET_ADMIN and nothing else.
+    let init = injected
+        .spec
+        .as_ref()
+        .and_then(|s| s.init_containers.clone())
+        .unwrap_or_default();
+    assert_eq!(
+        init.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        ["keygate-capture"]
+    );
+    let capabilities = init[0]
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.clone())
+        .expect("capabilities");
+    assert_eq!(capabilities.add, Some(vec!["NET_ADMIN".to_owned()]));
+    assert_eq!(capabilities.drop, Some(vec!["ALL".to_owned()]));
+    let capture_label = |pod: &Pod| {
+        pod.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("keygate.dev/capture").cloned())
+    };
+    assert_eq!(capture_label(&injected).as_deref(), Some("redirect"));
+
+    // Capture mode network-policy: no NET_ADMIN, the label the operator's NetworkPolicy
+    // selects.
+    let by_policy = pods
+        .create(
+            &dry_run,
+            &pod(
+                "by-network-policy",
+                json!({"keygate.dev/inject": "true"}),
+                json!({"keygate.dev/policy": "orders", "keygate.dev/capture": "network-policy"}),
+            ),
+        )
+        .await
+        .expect("network-policy pod admitted");
+    assert!(
+        by_policy
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.init_containers.as_ref().is_none_or(Vec::is_empty))
+    );
+    assert_eq!(capture_label(&by_policy).as_deref(), Some("network-policy"));
+
+    // A declared port the sidecar does not cover is refused unless listed as open.
+    let mut metrics = pod(
+        "metrics-port",
+        json!({"keygate.dev/inject": "true"}),
+        json!({"keygate.dev/policy": "orders"}),
+    );
+    metrics.spec.as_mut().expect("spec").containers[0].ports =
+        Some(vec![k8s_openapi::api::core::v1::ContainerPort {
+            container_port: 9100,
+            ..Default::default()
+        }]);
+    let open = pods
+        .create(&dry_run, &metrics)
+        .await
+        .expect_err("an undeclared open port is denied");
+    assert!(
+        open.to_string().contains("keygate.dev/open-ports"),
+        "{open}"
+    );
 
     let plain = pods
         .create(&dry_run, &pod("plain", json!({}), json!({})))
@@ -369,7 +435,7 @@ async fn webhook_scenario(client: Client, ns: String, host: String) {
     let policies: Api<keygate::api::ScopePolicy> = Api::namespaced(client.clone(), &ns);
     let invalid: keygate::api::ScopePolicy = serde_json::from_value(json!({
         "apiVersion": "keygate.dev/v1alpha1", "kind": "ScopePolicy", "metadata": {"name": "bad", "namespace": ns},
-        "spec": {"resource": "https://bad.shop.svc", "rules": [{"name": "r", "paths": ["/a/**/b"]}]}
+        "spec": {"resource": "https://bad.shop.svc", "rules": [{"name": "r", "paths": ["/a/**/b"], "authenticated": true}]}
     }))
     .expect("policy");
     let denied = policies

@@ -139,21 +139,26 @@ impl Fixture {
 // Policy document builder
 // ---------------------------------------------------------------------------------------
 
+/// A rule for any authenticated client with a grant (`authenticated: true`); [`public`],
+/// [`any_of`] and [`all_of`] turn it into the other kinds.
 fn mk_rule(name: &str, methods: &[&str], paths: &[&str]) -> RouteRule {
     RouteRule {
         name: name.into(),
         methods: methods.iter().map(|m| (*m).to_owned()).collect(),
         paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+        authenticated: true,
         ..RouteRule::default()
     }
 }
 
 fn public(mut rule: RouteRule) -> RouteRule {
     rule.public = true;
+    rule.authenticated = false;
     rule
 }
 
 fn any_of(mut rule: RouteRule, scopes: &[&str]) -> RouteRule {
+    rule.authenticated = false;
     rule.require_scopes = Some(RequireScopes {
         any_of: Some(scopes.iter().map(|s| (*s).to_owned()).collect()),
         all_of: None,
@@ -162,6 +167,7 @@ fn any_of(mut rule: RouteRule, scopes: &[&str]) -> RouteRule {
 }
 
 fn all_of(mut rule: RouteRule, scopes: &[&str]) -> RouteRule {
+    rule.authenticated = false;
     rule.require_scopes = Some(RequireScopes {
         any_of: None,
         all_of: Some(scopes.iter().map(|s| (*s).to_owned()).collect()),
@@ -1545,6 +1551,26 @@ async fn hot_reload_under_load_keeps_the_last_good_policy() {
     write_atomically(&path, &serde_json::to_vec_pretty(&future).unwrap());
     eventually("the unknown version being refused", || async {
         h.metric("keygate_sidecar_policy_reload_errors_total") >= 3.0
+    })
+    .await;
+
+    // So is an unknown field (issue #15, finding 8): with `requiredScopes` skipped, this rule
+    // would let any client with a grant write.
+    let mut typo = serde_json::to_value(&v2).unwrap();
+    let rule = typo["spec"]["rules"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|r| r.get("requireScopes").is_some())
+        .unwrap()
+        .as_object_mut()
+        .unwrap();
+    let require = rule.remove("requireScopes").unwrap();
+    rule.insert("requiredScopes".into(), require);
+    rule.insert("authenticated".into(), Value::Bool(true));
+    write_atomically(&path, &serde_json::to_vec_pretty(&typo).unwrap());
+    eventually("the misspelt field being refused", || async {
+        h.metric("keygate_sidecar_policy_reload_errors_total") >= 4.0
     })
     .await;
 

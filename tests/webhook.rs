@@ -152,8 +152,9 @@ async fn injects_and_validates_over_https_trusting_only_the_generated_ca() {
     let request: Value = serde_json::from_str(&body).unwrap();
     let mut pod = request["request"]["object"].clone();
     json_patch::patch(&mut pod, &patch.0).unwrap();
-    assert_eq!(pod["spec"]["initContainers"][0]["name"], "keygate-sidecar");
-    assert_eq!(pod["spec"]["initContainers"][0]["restartPolicy"], "Always");
+    assert_eq!(pod["spec"]["initContainers"][0]["name"], "keygate-capture");
+    assert_eq!(pod["spec"]["initContainers"][1]["name"], "keygate-sidecar");
+    assert_eq!(pod["spec"]["initContainers"][1]["restartPolicy"], "Always");
     assert_eq!(
         pod["metadata"]["annotations"]["keygate.dev/injected"],
         "0.1.0"

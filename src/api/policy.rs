@@ -146,7 +146,7 @@ fn default_upstream_port() -> u16 {
 
 /// One route rule.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, Default, PartialEq)]
-#[x_kube(validation = kube::core::Rule::new("!(self.public && has(self.requireScopes))").message("a public rule cannot require scopes"))]
+#[x_kube(validation = kube::core::Rule::new("(has(self.public) && self.public ? 1 : 0) + (has(self.authenticated) && self.authenticated ? 1 : 0) + (has(self.requireScopes) ? 1 : 0) == 1").message("a rule states exactly one requirement: public: true, authenticated: true or requireScopes"))]
 #[serde(rename_all = "camelCase")]
 pub struct RouteRule {
     /// The rule's name, unique in the policy; it labels metrics and logs.
@@ -169,11 +169,16 @@ pub struct RouteRule {
         inner(length(min = 1, max = 1024), pattern("^/"))
     )]
     pub paths: Vec<String>,
-    /// Let requests through without any credential.
+    /// Let requests through without any credential. A rule sets exactly one of `public`,
+    /// `authenticated` and `requireScopes`.
     #[serde(default)]
     pub public: bool,
-    /// Scopes a request must hold. Absent on a non-public rule: any valid credential for this
-    /// API is enough.
+    /// Let through any client with a valid credential and a grant on this API, whatever its
+    /// scopes. A rule sets exactly one of `public`, `authenticated` and `requireScopes`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub authenticated: bool,
+    /// Scopes a request must hold. A rule sets exactly one of `public`, `authenticated` and
+    /// `requireScopes`: a rule with none of them is refused, never read as "any client".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub require_scopes: Option<RequireScopes>,
 }

@@ -154,10 +154,28 @@ impl PolicyDocument {
         })
     }
 
-    /// Parses and checks a policy file: known version, compiling rules.
+    /// Parses and checks a policy file: no unknown field, known version, compiling rules.
+    ///
+    /// An unknown field is an error, as the API server's strict field validation makes it for
+    /// `kubectl apply`: a misspelt or newer field this sidecar would skip could be a
+    /// requirement it then does not enforce. The sidecar keeps its last good policy instead.
     pub fn parse(json: &[u8]) -> Result<Self, BuildError> {
-        let document: Self =
-            serde_json::from_slice(json).map_err(|e| BuildError::Malformed(e.to_string()))?;
+        let mut unknown = Vec::new();
+        let mut deserializer = serde_json::Deserializer::from_slice(json);
+        let document: Self = serde_ignored::deserialize(&mut deserializer, |path| {
+            unknown.push(path.to_string());
+        })
+        .and_then(|document| deserializer.end().map(|()| document))
+        .map_err(|e| BuildError::Malformed(e.to_string()))?;
+        if !unknown.is_empty() {
+            return Err(BuildError::Malformed(format!(
+                "unknown field{} {}: this sidecar does not know {}, so it would not enforce {}; correct the spelling, or run a sidecar as new as the operator that wrote the file",
+                if unknown.len() == 1 { "" } else { "s" },
+                unknown.join(", "),
+                if unknown.len() == 1 { "it" } else { "them" },
+                if unknown.len() == 1 { "it" } else { "them" },
+            )));
+        }
         if document.api_version != POLICY_FILE_VERSION {
             return Err(BuildError::Malformed(format!(
                 "apiVersion {:?} is not {POLICY_FILE_VERSION}",
@@ -178,4 +196,33 @@ pub enum BuildError {
     Rules(Vec<RuleError>),
     #[error("malformed policy file: {0}")]
     Malformed(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURE: &str = include_str!("../../tests/fixtures/policy.json");
+
+    #[test]
+    fn unknown_fields_are_refused_naming_each() {
+        assert!(PolicyDocument::parse(FIXTURE.as_bytes()).is_ok());
+        let mut value: serde_json::Value = serde_json::from_str(FIXTURE).unwrap();
+        let rule = &mut value["spec"]["rules"][0];
+        let require = rule
+            .as_object_mut()
+            .unwrap()
+            .remove("requireScopes")
+            .unwrap();
+        rule["requiredScopes"] = require;
+        rule["authenticated"] = true.into();
+        value["clients"][0]["apiKey"] = "x".into();
+        let error = PolicyDocument::parse(value.to_string().as_bytes()).unwrap_err();
+        let text = error.to_string();
+        assert!(text.contains("spec.rules.0.requiredScopes"), "{text}");
+        assert!(text.contains("clients.0.apiKey"), "{text}");
+        // Trailing data is not a policy either.
+        let trailing = format!("{FIXTURE} {{}}");
+        assert!(PolicyDocument::parse(trailing.as_bytes()).is_err());
+    }
 }

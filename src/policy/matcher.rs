@@ -254,17 +254,27 @@ fn compile_rule(
         }
     }
 
-    let access = match (rule.public, &rule.require_scopes) {
-        (true, Some(_)) => {
-            messages.push("a public rule cannot require scopes".to_owned());
-            None
-        }
-        (true, None) => Some(RuleAccess::Public),
-        (false, None) => Some(RuleAccess::Authenticated),
-        (false, Some(require)) => compile_requirement(require, defined, matching)
+    let access = match (rule.public, rule.authenticated, &rule.require_scopes) {
+        (true, false, None) => Some(RuleAccess::Public),
+        (false, true, None) => Some(RuleAccess::Authenticated),
+        (false, false, Some(require)) => compile_requirement(require, defined, matching)
             .map_err(|mut e| messages.append(&mut e))
             .ok()
             .map(RuleAccess::Scopes),
+        (false, false, None) => {
+            messages.push(
+                "the rule states no requirement; set requireScopes, or authenticated: true for any client with a grant on this API, or public: true"
+                    .to_owned(),
+            );
+            None
+        }
+        _ => {
+            messages.push(
+                "a rule states exactly one requirement: public: true, authenticated: true or requireScopes"
+                    .to_owned(),
+            );
+            None
+        }
     };
 
     match access {
@@ -353,6 +363,7 @@ mod tests {
             methods: methods.iter().map(|m| (*m).to_owned()).collect(),
             paths: paths.iter().map(|p| (*p).to_owned()).collect(),
             public: false,
+            authenticated: true,
             require_scopes: None,
         }
     }
@@ -360,6 +371,7 @@ mod tests {
     fn mk_public(name: &str, methods: &[&str], paths: &[&str]) -> RouteRule {
         RouteRule {
             public: true,
+            authenticated: false,
             ..mk_rule(name, methods, paths)
         }
     }
@@ -374,6 +386,7 @@ mod tests {
                 any_of: Some(strings(scopes)),
                 all_of: None,
             }),
+            authenticated: false,
             ..mk_rule(name, methods, paths)
         }
     }
@@ -384,6 +397,7 @@ mod tests {
                 any_of: None,
                 all_of: Some(strings(scopes)),
             }),
+            authenticated: false,
             ..mk_rule(name, methods, paths)
         }
     }
@@ -657,22 +671,33 @@ mod tests {
             },
             RouteRule {
                 require_scopes: Some(both),
+                authenticated: false,
                 ..mk_rule("both", &[], &["/e"])
             },
             mk_any_of("empty", &[], &["/f"], &[]),
             mk_all_of("quote", &[], &["/g"], &["a\"b"]),
             mk_rule("lower", &[], &["/h"]),
+            RouteRule {
+                authenticated: false,
+                ..mk_rule("nothing", &[], &["/i"])
+            },
+            RouteRule {
+                public: true,
+                ..mk_rule("public-and-authenticated", &[], &["/j"])
+            },
         ]));
         let expected = [
             r#"rules[0] "lower": method "get" is not one of"#,
             r#"rules[1] "unknown": method "PROPFIND" is not one of"#,
             r#"rules[2] "twice": method "GET" is listed twice"#,
             r#"rules[3] "no-paths": a rule needs at least one path"#,
-            r#"rules[4] "public-scoped": a public rule cannot require scopes"#,
+            r#"rules[4] "public-scoped": a rule states exactly one requirement: public: true, authenticated: true or requireScopes"#,
             r#"rules[5] "both": set exactly one of requireScopes.anyOf and requireScopes.allOf"#,
             r#"rules[6] "empty": requireScopes.anyOf must not be empty"#,
             r#"rules[7] "quote": requireScopes.allOf: "a\"b" is not a scope token"#,
             r#"rules[8] "lower": the name is already used by rules[0]"#,
+            r#"rules[9] "nothing": the rule states no requirement; set requireScopes, or authenticated: true"#,
+            r#"rules[10] "public-and-authenticated": a rule states exactly one requirement"#,
         ];
         assert_eq!(errors.len(), expected.len(), "{errors:#?}");
         for (error, expected) in errors.iter().zip(expected) {

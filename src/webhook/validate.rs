@@ -212,7 +212,7 @@ mod tests {
         let object = policy(json!([
             {"name": "all", "paths": ["/**"], "requireScopes": {"anyOf": ["orders.read"]}},
             {"name": "shadowed", "methods": ["GET"], "paths": ["/orders"], "requireScopes": {"anyOf": ["orders.read"]}},
-            {"name": "bad-path", "paths": ["/a/**/b"]},
+            {"name": "bad-path", "paths": ["/a/**/b"], "authenticated": true},
             {"name": "undefined", "paths": ["/x"], "requireScopes": {"allOf": ["orders.delete"]}},
         ]));
         let findings = validate_object("ScopePolicy", &object);
