@@ -23,11 +23,10 @@ fn keygate() -> &'static str {
 }
 
 fn run(program: &str, args: &[&str]) -> Output {
-    let output = Command::new(program)
+    Command::new(program)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("running {program}: {e}"));
-    output
+        .unwrap_or_else(|e| panic!("running {program}: {e}"))
 }
 
 fn must(program: &str, args: &[&str]) -> String {
