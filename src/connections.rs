@@ -170,15 +170,29 @@ pub fn positive_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// The most a request head (request line and headers) may take, over HTTP/1.1 and HTTP/2:
+/// 64 KiB, twice nginx's default (`large_client_header_buffers 4 8k`) and far above any
+/// keygate credential. A larger head gets 431. It bounds what an unauthenticated caller can
+/// make each connection buffer (hyper's own default is about 400 KiB).
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// The most header fields an HTTP/1.1 request may carry (hyper's default, made explicit).
+pub const MAX_HEADERS: usize = 100;
+
 /// An HTTP/1.1 + HTTP/2 (h2c or ALPN) connection builder with the header-read timeout of
-/// `limits`, for connections accepted by [`serve_connections`].
+/// `limits` and the head limits [`MAX_HEAD_BYTES`] and [`MAX_HEADERS`], for connections
+/// accepted by [`serve_connections`].
 pub fn http_builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(HeaderTimer)
-        .header_read_timeout(limits.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD_BYTES as u32);
     builder
 }
 
