@@ -10,6 +10,8 @@
 //!   errors; a client that gives up waiting sees a connect timeout. The cap is also held below
 //!   three quarters of the process's open-file limit, so the listener cannot use up the
 //!   descriptors that outgoing connections (the workload, JWKS, the Kubernetes API) need.
+//!   The slot goes with the socket, so an upgraded connection (a WebSocket tunnel) keeps it
+//!   until the tunnel closes.
 //! - **Header-read timeout** ([`ConnectionLimits::header_read_timeout`]): an HTTP/1 request
 //!   head must be complete within it, counted from its first byte, else the connection is
 //!   closed (hyper's `header_read_timeout`, with a timer that starts at that byte); a
@@ -42,7 +44,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 
 /// Default time a client has to send a complete HTTP/1 request head.
@@ -285,6 +287,10 @@ async fn idle(requests: &mut watch::Receiver<usize>, timeout: Duration) {
 /// flight, responses ended) and the header-read timer.
 #[derive(Debug)]
 struct Shared {
+    /// The connection's slot under the cap. It lives as long as the connection's socket: an
+    /// upgraded connection (a WebSocket tunnel) moves the socket, and with it this slot, out
+    /// of hyper into the tunnel, so tunnels count against the cap until they close.
+    _slot: OwnedSemaphorePermit,
     /// Requests in flight.
     in_flight: watch::Sender<usize>,
     /// Bytes read from the client so far.
@@ -294,8 +300,9 @@ struct Shared {
 }
 
 impl Shared {
-    fn new() -> Arc<Self> {
+    fn new(slot: OwnedSemaphorePermit) -> Arc<Self> {
         Arc::new(Self {
+            _slot: slot,
             in_flight: watch::Sender::new(0),
             bytes_read: AtomicU64::new(0),
             response_ended_at: AtomicU64::new(0),
@@ -651,7 +658,7 @@ pub async fn serve_connections<F, Fut>(
         };
         while tasks.try_join_next().is_some() {}
         let _ = stream.set_nodelay(true);
-        let shared = Shared::new();
+        let shared = Shared::new(permit);
         let stream = ClientStream {
             inner: stream,
             shared: shared.clone(),
@@ -663,10 +670,7 @@ pub async fn serve_connections<F, Fut>(
             idle_timeout: limits.idle_timeout,
         };
         let connection = serve(stream, peer, watcher);
-        tasks.spawn(CONNECTION.scope(shared, async move {
-            let _permit = permit;
-            connection.await;
-        }));
+        tasks.spawn(CONNECTION.scope(shared, connection));
     }
     drop(listener);
     let _ = stop_tx.send(true);
@@ -909,6 +913,103 @@ mod tests {
         // The second is still served on its kept-alive connection.
         second.write_all(GET).await.unwrap();
         assert!(read_response(&mut second, PATIENCE).await.is_some());
+    }
+
+    /// A connection upgraded to a tunnel keeps its slot: at a cap of one, a second
+    /// connection waits until the tunnel closes.
+    #[tokio::test]
+    async fn an_upgraded_connection_keeps_its_slot_until_the_tunnel_closes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = limits(LONG, LONG, 1);
+        tokio::spawn(async move {
+            let builder = http_builder(&limits);
+            serve_connections(
+                listener,
+                std::future::pending(),
+                limits,
+                move |stream, _peer, watcher| {
+                    let service = hyper::service::service_fn(
+                        |mut request: http::Request<Incoming>| async move {
+                            if request.uri().path() != "/tunnel" {
+                                return Ok::<_, Infallible>(http::Response::new(Full::new(
+                                    Bytes::from_static(b"ok"),
+                                )));
+                            }
+                            let upgrade = hyper::upgrade::on(&mut request);
+                            tokio::spawn(async move {
+                                let mut io = TokioIo::new(upgrade.await.unwrap());
+                                let mut buf = [0u8; 64];
+                                // Echo until the client closes.
+                                while let Ok(n) = io.read(&mut buf).await {
+                                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            });
+                            let mut response = http::Response::new(Full::new(Bytes::new()));
+                            *response.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                            response
+                                .headers_mut()
+                                .insert(http::header::UPGRADE, "echo".parse().unwrap());
+                            response
+                                .headers_mut()
+                                .insert(http::header::CONNECTION, "upgrade".parse().unwrap());
+                            Ok(response)
+                        },
+                    );
+                    let connection = builder
+                        .serve_connection_with_upgrades(
+                            TokioIo::new(stream),
+                            watcher.track(service),
+                        )
+                        .into_owned();
+                    async move {
+                        let _ = watcher.watch(connection).await;
+                    }
+                },
+            )
+            .await;
+        });
+
+        let mut tunnel = TcpStream::connect(addr).await.unwrap();
+        tunnel
+            .write_all(b"GET /tunnel HTTP/1.1\r\nHost: test\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(
+                tunnel.read(&mut byte).await.unwrap(),
+                1,
+                "closed before the 101"
+            );
+            head.push(byte[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        tunnel.write_all(b"ping").await.unwrap();
+        let mut echoed = [0u8; 4];
+        tunnel.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(&echoed, b"ping");
+
+        let mut waiting = TcpStream::connect(addr).await.unwrap();
+        waiting.write_all(GET).await.unwrap();
+        assert!(
+            read_response(&mut waiting, Duration::from_millis(300))
+                .await
+                .is_none(),
+            "served beyond the cap while a tunnel was open"
+        );
+        drop(tunnel);
+        assert!(
+            read_response(&mut waiting, PATIENCE).await.is_some(),
+            "not served after the tunnel closed"
+        );
     }
 
     #[tokio::test]
