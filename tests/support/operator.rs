@@ -673,12 +673,19 @@ use kube::ResourceExt;
 /// from the https issuer; a client that does not trust it, and plain HTTP on the same port,
 /// get none; a certificate renewed in the Secret is served without a restart.
 pub async fn scenario_token_server_https(client: Client, ns: &str) {
+    scenario_token_server_https_as(client.clone(), client, ns).await;
+}
+
+/// [`scenario_token_server_https`] with the operator using `operator_client` (e.g.
+/// impersonating the Helm chart's ServiceAccount, to check that its RBAC lets the operator
+/// keep keygate-token-tls and publish keygate-ca) while the test uses `client`.
+pub async fn scenario_token_server_https_as(client: Client, operator_client: Client, ns: &str) {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
 
     apply_basics(&client, ns).await;
     apply_client(&client, ns, "billing", json!({"roles": ["reader"]})).await;
-    let operator = start_operator_https(client.clone(), ns).await;
+    let operator = start_operator_https(operator_client, ns).await;
     let data = secret_data(&ready_secret(&client, ns, "billing").await);
     assert!(operator.token_url.starts_with("https://127.0.0.1:"));
     assert_eq!(
