@@ -1937,3 +1937,46 @@ async fn the_https_listener_keeps_the_connection_cap() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
 }
+
+#[tokio::test]
+async fn keygate_token_trusts_the_ca_file_it_is_given() {
+    let fx = Fixture::start_https(ConnectionLimits::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, fx.ca.as_deref().unwrap()).unwrap();
+    let c = fx.client("reporting");
+    let run = |ca: Option<&std::path::Path>| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate"));
+        command
+            .args([
+                "token",
+                "--token-url",
+                &fx.token_endpoint(),
+                "--client-id",
+                c.id(),
+            ])
+            .args(["--resource", ORDERS])
+            .env("KEYGATE_CLIENT_SECRET", c.secret())
+            .env_remove("KEYGATE_CA_FILE");
+        if let Some(ca) = ca {
+            command.env("KEYGATE_CA_FILE", ca);
+        }
+        command.output()
+    };
+    let output = run(Some(&ca_file)).await.unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let token = String::from_utf8(output.stdout).unwrap();
+    fx.verify(token.trim(), ORDERS).await;
+    // Without it, the system's roots do not know the CA: no request is sent.
+    let output = run(None).await.unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("calling https://127.0.0.1:"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
