@@ -147,3 +147,41 @@ async fn missing_token_certificate_files_fail_closed() {
         "nothing listens on the token port"
     );
 }
+
+/// Two replicas that start together (as after an install) both create the token server's
+/// certificate if none exists: one wins, and both serve certificates of the one CA published
+/// in keygate-ca.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_together_share_one_token_server_ca() {
+    let server = FakeApiServer::start().await;
+    let ports = [operator::free_port(), operator::free_port()];
+    let mut replicas = Vec::new();
+    for (i, port) in ports.into_iter().enumerate() {
+        let service = "keygate".to_owned();
+        let mut options = operator::operator_options(
+            NS,
+            &[NS],
+            port,
+            keygate::operator::TokenTls::SelfManaged { service },
+        );
+        options.identity = format!("replica-{i}");
+        replicas.push(tokio::spawn(keygate::operator::run(
+            server.client(),
+            options,
+            std::future::pending(),
+        )));
+    }
+    let ca = operator::published_ca(&server.client(), NS).await;
+    let https = operator::client_trusting(&ca);
+    for port in ports {
+        let url = format!("https://127.0.0.1:{port}/.well-known/jwks.json");
+        operator::eventually(&format!("{url} over HTTPS"), operator::WAIT, || async {
+            let response = https.get(&url).send().await.ok()?;
+            (response.status() == 200).then_some(())
+        })
+        .await;
+    }
+    for replica in replicas {
+        replica.abort();
+    }
+}

@@ -51,13 +51,13 @@ fn secret_object(namespace: &str, cert: &SelfManagedCert, certs: &ServingCerts) 
     }
 }
 
-/// Creates the Secret; `None` when another replica created it first.
+/// Creates the Secret; `false` when another replica created it first.
 async fn create(
     secrets: &Api<Secret>,
     namespace: &str,
     cert: &SelfManagedCert,
     certs: &ServingCerts,
-) -> Result<Option<()>> {
+) -> Result<bool> {
     let created = timed(secrets.create(
         &PostParams::default(),
         &secret_object(namespace, cert, certs),
@@ -66,9 +66,9 @@ async fn create(
     match created {
         Ok(_) => {
             tracing::info!(secret = cert.secret, "{} certificate created", cert.what);
-            Ok(Some(()))
+            Ok(true)
         }
-        Err(Error::Kube(kube::Error::Api(status))) if status.code == 409 => Ok(None),
+        Err(Error::Kube(kube::Error::Api(status))) if status.code == 409 => Ok(false),
         Err(error) => Err(error),
     }
 }
@@ -103,7 +103,7 @@ pub async fn maintain_secret(
         return Ok(certs);
     }
     if existing.is_none() {
-        if create(&secrets, namespace, cert, &certs).await?.is_none() {
+        if !create(&secrets, namespace, cert, &certs).await? {
             // Another replica created it since: keep theirs, the next pass renews it if due.
             let theirs = timed(secrets.get(cert.secret)).await?;
             return parse(&theirs)
@@ -138,9 +138,8 @@ pub async fn create_secret_if_absent(
         return Ok(None);
     }
     let (certs, _) = generate(cert, None)?;
-    Ok(create(&secrets, namespace, cert, &certs)
-        .await?
-        .map(|()| certs))
+    let created = create(&secrets, namespace, cert, &certs).await?;
+    Ok(created.then_some(certs))
 }
 
 /// Watches the certificate Secret: resolves with a resolver once the first valid pair
