@@ -1,6 +1,7 @@
 //! The admin endpoints every keygate server exposes: `/healthz`, `/readyz` and Prometheus
 //! `/metrics`, plus the shutdown signal and the serve loop they share.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 use axum::Router;
@@ -9,7 +10,8 @@ use axum::http::{Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tower::ServiceExt;
@@ -97,19 +99,32 @@ pub async fn serve(
     let builder = crate::connections::http_builder(&limits);
     crate::connections::serve_connections(listener, shutdown, limits, |stream, peer, watcher| {
         let router = router.clone();
-        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-            request.extensions_mut().insert(ConnectInfo(peer));
-            router.clone().oneshot(request)
-        });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), watcher.track(service))
-            .into_owned();
-        async move {
-            if let Err(error) = watcher.watch(connection).await {
-                tracing::debug!(%error, %peer, "connection ended with an error");
-            }
-        }
+        let builder = builder.clone();
+        async move { serve_connection(stream, peer, router, &builder, watcher).await }
     })
     .await;
     Ok(())
+}
+
+/// Serves one accepted connection, plain or TLS, with `router` until it ends (see
+/// [`crate::connections::Watcher::watch`]); handlers see `peer` as `ConnectInfo<SocketAddr>`.
+pub(crate) async fn serve_connection<I>(
+    io: I,
+    peer: SocketAddr,
+    router: Router,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: crate::connections::Watcher,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        router.clone().oneshot(request)
+    });
+    let connection = builder
+        .serve_connection(TokioIo::new(io), watcher.track(service))
+        .into_owned();
+    if let Err(error) = watcher.watch(connection).await {
+        tracing::debug!(%error, %peer, "connection ended with an error");
+    }
 }

@@ -14,5 +14,6 @@ pub mod operator;
 pub mod policy;
 pub mod registry;
 pub mod sidecar;
+pub mod tls;
 pub mod token;
 pub mod webhook;

@@ -96,16 +96,34 @@ struct OperatorArgs {
     /// This replica's name, its identity in the leader lease.
     #[arg(long, env = "POD_NAME", default_value = "keygate-operator")]
     pod_name: String,
-    /// The issuer URL of the token server, as clients reach it.
+    /// The issuer URL of the token server, as clients reach it (https:// unless
+    /// --token-tls=disabled).
     #[arg(
         long,
         env = "KEYGATE_ISSUER",
-        default_value = "http://keygate.keygate-system.svc"
+        default_value = "https://keygate.keygate-system.svc"
     )]
     issuer: String,
     /// Address of the token server.
     #[arg(long, env = "KEYGATE_TOKEN_LISTEN", default_value = "0.0.0.0:8080")]
     token_listen: SocketAddr,
+    /// Where the token server's certificate comes from: `self` (keygate keeps a CA and
+    /// certificate in the Secret keygate-token-tls and publishes the CA in the ConfigMap
+    /// keygate-ca), `cert-manager` (tls.crt, tls.key and ca.crt in --token-cert-dir), or
+    /// `disabled` (plain HTTP, only behind a mesh or an ingress that terminates TLS).
+    #[arg(long, env = "KEYGATE_TOKEN_TLS", value_enum, default_value_t = TokenTlsMode::SelfManaged)]
+    token_tls: TokenTlsMode,
+    /// Directory with tls.crt, tls.key and ca.crt (cert-manager mode).
+    #[arg(
+        long,
+        env = "KEYGATE_TOKEN_CERT_DIR",
+        default_value = "/var/run/keygate/token-tls"
+    )]
+    token_cert_dir: PathBuf,
+    /// The token server's Service, named in its certificate with the issuer's host (self
+    /// mode).
+    #[arg(long, env = "KEYGATE_TOKEN_SERVICE", default_value = "keygate")]
+    token_service: String,
     /// Address for /healthz, /readyz and /metrics.
     #[arg(long, env = "KEYGATE_ADMIN", default_value = "0.0.0.0:8081")]
     admin: SocketAddr,
@@ -167,6 +185,15 @@ struct OperatorArgs {
     connections: keygate::connections::ConnectionArgs,
     #[command(flatten)]
     sidecar: SidecarTemplateArgs,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum TokenTlsMode {
+    #[value(name = "self")]
+    SelfManaged,
+    #[value(alias = "files")]
+    CertManager,
+    Disabled,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -302,6 +329,11 @@ struct TokenArgs {
     /// Print the whole JSON response instead of only the access token.
     #[arg(long, default_value_t = false)]
     json: bool,
+    /// Trust only the CA certificates in this PEM file for an https:// token URL, as
+    /// curl's --cacert does (in a cluster: `ca.crt` of the ConfigMap keygate-ca). Without it,
+    /// the system's trusted roots.
+    #[arg(long, env = "KEYGATE_CA_FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -396,6 +428,17 @@ fn webhook_options(args: &OperatorArgs) -> Option<keygate::operator::WebhookOpti
     })
 }
 
+fn token_tls(args: &OperatorArgs) -> keygate::operator::TokenTls {
+    use keygate::operator::TokenTls;
+    match args.token_tls {
+        TokenTlsMode::SelfManaged => TokenTls::SelfManaged {
+            service: args.token_service.clone(),
+        },
+        TokenTlsMode::CertManager => TokenTls::Files(args.token_cert_dir.clone()),
+        TokenTlsMode::Disabled => TokenTls::Disabled,
+    }
+}
+
 fn listener_limits(args: &OperatorArgs) -> keygate::operator::ListenerLimits {
     keygate::operator::ListenerLimits {
         token: args.connections.limits(),
@@ -414,6 +457,7 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
         .context("no Kubernetes configuration (in-cluster service account or KUBECONFIG)")?;
     let webhook = webhook_options(&args);
     let limits = listener_limits(&args);
+    let token_tls = token_tls(&args);
     let options = keygate::operator::OperatorOptions {
         config: keygate::controller::OperatorConfig {
             namespace: args.namespace,
@@ -432,6 +476,7 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
         lease_name: args.lease_name,
         identity: args.pod_name,
         default_token_lifetime: args.default_token_lifetime,
+        token_tls,
         webhook,
     };
     keygate::operator::run_with_limits(client, options, limits, keygate::admin::shutdown_signal())
@@ -503,7 +548,16 @@ async fn fetch_token(args: TokenArgs) -> anyhow::Result<()> {
     if let Some(resource) = &args.resource {
         form.push(("resource", resource.clone()));
     }
-    let http = reqwest::Client::new();
+    let mut http = reqwest::Client::builder();
+    if let Some(path) = &args.ca_file {
+        let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let roots = reqwest::Certificate::from_pem_bundle(&pem)
+            .ok()
+            .filter(|roots| !roots.is_empty())
+            .with_context(|| format!("{}: no PEM certificate", path.display()))?;
+        http = http.tls_certs_only(roots);
+    }
+    let http = http.build().context("building the HTTP client")?;
     let mut request = http.post(&args.token_url).timeout(Duration::from_secs(10));
     match (&args.client_secret, &args.private_key) {
         (Some(secret), None) => {
@@ -572,8 +626,10 @@ mod tests {
         let cli = Cli::try_parse_from([
             "keygate",
             "operator",
-            "--issuer=http://keygate.keygate-system.svc",
+            "--issuer=https://keygate.keygate-system.svc",
             "--token-listen=0.0.0.0:8080",
+            "--token-tls=self",
+            "--token-service=keygate",
             "--webhook-listen=0.0.0.0:9443",
             "--admin=0.0.0.0:8081",
             "--watch-namespaces=a,b",
@@ -606,12 +662,54 @@ mod tests {
         let webhook = webhook_options(&args).expect("webhook enabled");
         let limits = webhook.inject.resources.limits.expect("limits");
         assert_eq!(limits["memory"].0, "128Mi");
+        assert_eq!(
+            token_tls(&args),
+            keygate::operator::TokenTls::SelfManaged {
+                service: "keygate".into()
+            }
+        );
         let cert_manager = Cli::try_parse_from([
             "keygate",
             "operator",
             "--webhook-tls=cert-manager",
             "--webhook-cert-dir=/tls",
+            "--token-tls=cert-manager",
+            "--token-cert-dir=/token-tls",
         ]);
-        assert!(cert_manager.is_ok());
+        let Command::Operator(args) = cert_manager.expect("cert-manager mode").command else {
+            panic!("not the operator")
+        };
+        assert_eq!(
+            token_tls(&args),
+            keygate::operator::TokenTls::Files("/token-tls".into())
+        );
+    }
+
+    #[test]
+    fn the_operator_serves_https_unless_told_otherwise() {
+        let parse = |extra: &[&str]| {
+            let cli = Cli::try_parse_from([&["keygate", "operator"], extra].concat())
+                .expect("arguments parse");
+            let Command::Operator(args) = cli.command else {
+                panic!("not the operator")
+            };
+            args
+        };
+        let defaults = parse(&[]);
+        assert_eq!(defaults.issuer, "https://keygate.keygate-system.svc");
+        assert_eq!(defaults.token_tls, TokenTlsMode::SelfManaged);
+        keygate::operator::check_token_tls(&defaults.issuer, &token_tls(&defaults))
+            .expect("the defaults agree");
+        let disabled = parse(&["--token-tls=disabled", "--issuer=http://keygate.x.svc"]);
+        assert_eq!(token_tls(&disabled), keygate::operator::TokenTls::Disabled);
+        keygate::operator::check_token_tls(&disabled.issuer, &token_tls(&disabled))
+            .expect("plain HTTP when asked for");
+        let mismatch = parse(&["--issuer=http://keygate.x.svc"]);
+        let error = keygate::operator::check_token_tls(&mismatch.issuer, &token_tls(&mismatch))
+            .expect_err("an http issuer for an HTTPS token server");
+        assert!(
+            error.to_string().contains("--token-tls=disabled"),
+            "{error}"
+        );
     }
 }

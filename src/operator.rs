@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use crate::api::{ApiClient, M2MRole, ScopePolicy};
 use crate::connections::ConnectionLimits;
+use crate::controller::token_tls;
 use crate::controller::webhook_tls::{self, WebhookConfigurations};
 use crate::controller::{self, Context, MANAGED_BY, OperatorConfig, apis, error_policy};
 use crate::registry::{Registry, Revocations, Snapshot};
@@ -35,8 +36,24 @@ pub struct OperatorOptions {
     /// This replica's identity in the lease (the pod name).
     pub identity: String,
     pub default_token_lifetime: Duration,
+    /// Where the token server's certificate comes from, or plain HTTP.
+    pub token_tls: TokenTls,
     /// The admission webhook; `None` runs without one.
     pub webhook: Option<WebhookOptions>,
+}
+
+/// How the token server is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenTls {
+    /// HTTPS with a CA and serving certificate keygate keeps in the Secret
+    /// `keygate-token-tls`, for the Service `service`'s names and the issuer's host; the CA is
+    /// published in the ConfigMap `keygate-ca`.
+    SelfManaged { service: String },
+    /// HTTPS with `tls.crt`/`tls.key` in this directory (cert-manager), reloaded when they
+    /// change; its `ca.crt`, if any, is published in `keygate-ca`.
+    Files(PathBuf),
+    /// Plain HTTP: only where something in front (a mesh, an ingress) does TLS.
+    Disabled,
 }
 
 /// Where the webhook's certificate comes from.
@@ -96,6 +113,25 @@ pub enum OperatorError {
     Controller(#[from] controller::Error),
     #[error("listening: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Refuses settings under which clients could not reach the token server as told: an
+/// `http://` issuer while the token server serves HTTPS (the reverse, an `https://` issuer with
+/// TLS disabled, is what a mesh or an ingress that terminates TLS needs).
+pub fn check_token_tls(issuer: &str, tls: &TokenTls) -> Result<(), OperatorError> {
+    let https = issuer
+        .get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"));
+    if !https && *tls != TokenTls::Disabled {
+        return Err(OperatorError::Config(format!(
+            "the issuer {issuer} is not an https:// URL, but the token server serves HTTPS: \
+             give an https:// issuer, or disable the token server's TLS (--token-tls=disabled) \
+             where a mesh or an ingress terminates TLS in front of it"
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses to start without the CRDs, with a message that says what to do.
@@ -160,6 +196,7 @@ pub async fn run_with_limits(
     limits: ListenerLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), OperatorError> {
+    check_token_tls(&options.config.issuer, &options.token_tls)?;
     check_crds(&client, &options.config).await?;
     let config = options.config.clone();
     let metrics = Arc::new(RwLock::new(prometheus_client::registry::Registry::default()));
@@ -237,14 +274,16 @@ pub async fn run_with_limits(
             &mut m,
         )
     };
-    let token_listener = tokio::net::TcpListener::bind(options.token_listen).await?;
-    let token_task = tokio::spawn(crate::admin::serve(
-        token_listener,
+    let token_task = start_token_server(
+        &client,
+        &config,
+        &options,
         crate::token::router(token_server),
+        leading.clone(),
         limits.token,
         stopped(),
-    ));
-    tracing::info!(token = %options.token_listen, "token server listening");
+    )
+    .await?;
 
     let webhook_task = match &options.webhook {
         Some(webhook) => Some(
@@ -299,6 +338,73 @@ pub async fn run_with_limits(
     outcome
 }
 
+/// Starts the token server: over HTTPS once its certificate is there (nothing is served
+/// before, never plain HTTP instead), or over plain HTTP when TLS is disabled.
+async fn start_token_server(
+    client: &Client,
+    config: &OperatorConfig,
+    options: &OperatorOptions,
+    router: axum::Router,
+    leading: watch::Receiver<bool>,
+    limits: ConnectionLimits,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<tokio::task::JoinHandle<()>, OperatorError> {
+    let resolver = match &options.token_tls {
+        TokenTls::Disabled => None,
+        TokenTls::SelfManaged { service } => {
+            let cert = token_tls::self_managed_cert(service, &config.namespace, &config.issuer);
+            if let Err(error) = token_tls::bootstrap(client, &config.namespace, &cert).await {
+                tracing::warn!(%error, "cannot create the token server certificate; waiting for the leader's");
+            }
+            tokio::spawn(token_tls::maintain_while_leading(
+                client.clone(),
+                config.namespace.clone(),
+                cert,
+                leading,
+            ));
+            tracing::info!("waiting for the token server certificate");
+            Some(
+                controller::certs::watch_secret(
+                    client.clone(),
+                    config.namespace.clone(),
+                    token_tls::TOKEN_TLS_SECRET,
+                    "token server",
+                )
+                .await,
+            )
+        }
+        TokenTls::Files(dir) => {
+            let resolver = controller::certs::watch_files(dir.clone(), "token server")
+                .map_err(OperatorError::Config)?;
+            tokio::spawn(token_tls::publish_ca_file_while_leading(
+                client.clone(),
+                config.namespace.clone(),
+                dir.clone(),
+                leading,
+            ));
+            Some(resolver)
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(options.token_listen).await?;
+    let https = resolver.is_some();
+    tracing::info!(token = %options.token_listen, https, "token server listening");
+    Ok(tokio::spawn(async move {
+        let served = match resolver {
+            Some(resolver) => {
+                crate::tls::serve_tls_with_limits(listener, router, resolver, limits, stop)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            None => crate::admin::serve(listener, router, limits, stop)
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        if let Err(error) = served {
+            tracing::error!(%error, "the token server stopped");
+        }
+    }))
+}
+
 /// Starts the HTTPS admission webhook with its certificate source.
 async fn start_webhook(
     client: &Client,
@@ -324,8 +430,9 @@ async fn start_webhook(
             tracing::info!("waiting for the webhook certificate");
             webhook_tls::watch_secret(client.clone(), config.namespace.clone()).await
         }
-        WebhookTls::Files(dir) => webhook_tls::watch_files(dir.clone())
-            .map_err(|e| OperatorError::Io(std::io::Error::other(e)))?,
+        WebhookTls::Files(dir) => {
+            webhook_tls::watch_files(dir.clone()).map_err(OperatorError::Config)?
+        }
     };
     let native_sidecars = match client.apiserver_version().await {
         Ok(info) => supports_native_sidecars(&info.major, &info.minor),
@@ -350,8 +457,7 @@ async fn start_webhook(
     tracing::info!(listen = %options.listen, native_sidecars, "admission webhook listening");
     Ok(tokio::spawn(async move {
         if let Err(error) =
-            crate::webhook::tls::serve_tls_with_limits(listener, router, resolver, limits, stop)
-                .await
+            crate::tls::serve_tls_with_limits(listener, router, resolver, limits, stop).await
         {
             tracing::error!(%error, "the admission webhook stopped");
         }

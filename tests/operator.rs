@@ -111,3 +111,77 @@ async fn a_lost_api_connection_is_survived() {
     assert_eq!(again, first, "credentials survived the outage unchanged");
     operator.kill();
 }
+
+/// The token server on HTTPS with the operator's own CA (issue #15, finding 9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_server_over_https_with_the_published_ca() {
+    let server = FakeApiServer::start().await;
+    operator::scenario_token_server_https(server.client(), NS).await;
+}
+
+/// cert-manager mode without its files: the operator stops at start and nothing ever listens
+/// on the token port, rather than serving plain HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_token_certificate_files_fail_closed() {
+    let server = FakeApiServer::start().await;
+    let empty = tempfile::tempdir().expect("tempdir");
+    let token_port = operator::free_port();
+    let options = operator::operator_options(
+        NS,
+        &[NS],
+        token_port,
+        keygate::operator::TokenTls::Files(empty.path().to_owned()),
+    );
+    let error = tokio::time::timeout(
+        operator::WAIT,
+        keygate::operator::run(server.client(), options, std::future::pending()),
+    )
+    .await
+    .expect("the operator stops")
+    .expect_err("no certificate, no token server");
+    assert!(error.to_string().contains("tls.crt"), "{error}");
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", token_port))
+            .await
+            .is_err(),
+        "nothing listens on the token port"
+    );
+}
+
+/// Two replicas that start together (as after an install) both create the token server's
+/// certificate if none exists: one wins, and both serve certificates of the one CA published
+/// in keygate-ca.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_together_share_one_token_server_ca() {
+    let server = FakeApiServer::start().await;
+    let ports = [operator::free_port(), operator::free_port()];
+    let mut replicas = Vec::new();
+    for (i, port) in ports.into_iter().enumerate() {
+        let service = "keygate".to_owned();
+        let mut options = operator::operator_options(
+            NS,
+            &[NS],
+            port,
+            keygate::operator::TokenTls::SelfManaged { service },
+        );
+        options.identity = format!("replica-{i}");
+        replicas.push(tokio::spawn(keygate::operator::run(
+            server.client(),
+            options,
+            std::future::pending(),
+        )));
+    }
+    let ca = operator::published_ca(&server.client(), NS).await;
+    let https = operator::client_trusting(&ca);
+    for port in ports {
+        let url = format!("https://127.0.0.1:{port}/.well-known/jwks.json");
+        operator::eventually(&format!("{url} over HTTPS"), operator::WAIT, || async {
+            let response = https.get(&url).send().await.ok()?;
+            (response.status() == 200).then_some(())
+        })
+        .await;
+    }
+    for replica in replicas {
+        replica.abort();
+    }
+}

@@ -5,31 +5,39 @@
 //! - M2MRole → status ([`roles`]);
 //! - the issuer's signing keys Secret ([`signing`]) and the revocation ConfigMap
 //!   ([`revocations`]);
+//! - the serving certificates of the webhook ([`webhook_tls`]) and the token server
+//!   ([`token_tls`], which also publishes its CA in the ConfigMap `keygate-ca`), kept with
+//!   [`certs`];
 //! - the registry fed from watches ([`watch`]), and leader election ([`leader`]).
 //!
 //! Decisions are pure functions (credential material, grants, policy documents); the
 //! reconcilers read the registry snapshot and the existing child, and write only when the
 //! desired object differs, with server-side apply under one field manager.
 
+pub mod certs;
 pub mod clients;
 pub mod leader;
 pub mod policies;
 pub mod revocations;
 pub mod roles;
 pub mod signing;
+pub mod token_tls;
 pub mod watch;
 pub mod webhook_tls;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::ObjectReference;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use k8s_openapi::api::events;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use kube::Client;
 use kube::api::PostParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -115,6 +123,35 @@ pub async fn timed<T>(call: impl std::future::Future<Output = kube::Result<T>>) 
         Ok(result) => Ok(result?),
         Err(_) => Err(Error::Timeout),
     }
+}
+
+/// The metadata of an object the operator keeps in its own namespace: its name and the
+/// managed-by label.
+pub fn own_object_meta(name: &str, namespace: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(namespace.into()),
+        labels: Some(std::collections::BTreeMap::from([(
+            MANAGED_BY.0.into(),
+            MANAGED_BY.1.into(),
+        )])),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The changes of one Secret of `namespace`, by name (applied and re-listed objects), with
+/// the default back-off on watch errors.
+pub fn watch_secret_named(
+    client: Client,
+    namespace: &str,
+    name: &str,
+) -> BoxStream<'static, Result<Secret, watcher::Error>> {
+    let secrets: Api<Secret> = Api::namespaced(client, namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    watcher(secrets, config)
+        .default_backoff()
+        .applied_objects()
+        .boxed()
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -10,12 +10,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 
-use super::{MANAGED_BY, Result, timed};
+use super::{Result, timed};
 use crate::credentials::unix_now;
 use crate::registry::{RevocationList, Revocations};
 
@@ -49,12 +48,7 @@ async fn write(api: &Api<ConfigMap>, namespace: &str, local: &RevocationList) ->
             return Ok(());
         }
         let mut cm = existing.unwrap_or_else(|| ConfigMap {
-            metadata: ObjectMeta {
-                name: Some(REVOCATIONS_CONFIGMAP.into()),
-                namespace: Some(namespace.into()),
-                labels: Some(BTreeMap::from([(MANAGED_BY.0.into(), MANAGED_BY.1.into())])),
-                ..ObjectMeta::default()
-            },
+            metadata: super::own_object_meta(REVOCATIONS_CONFIGMAP, namespace),
             ..ConfigMap::default()
         });
         cm.data = Some(BTreeMap::from([(

@@ -9,13 +9,11 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::watch;
 
-use super::{MANAGED_BY, MANAGER, Result, timed};
+use super::{MANAGER, Result, timed};
 use crate::credentials::unix_now;
 use crate::token::keys::{IssuerKeys, RotationPolicy, StoredKeySet};
 
@@ -39,12 +37,7 @@ pub async fn maintain(client: &Client, namespace: &str, policy: RotationPolicy) 
         return Ok(());
     }
     let desired = Secret {
-        metadata: ObjectMeta {
-            name: Some(SIGNING_SECRET.into()),
-            namespace: Some(namespace.into()),
-            labels: Some(BTreeMap::from([(MANAGED_BY.0.into(), MANAGED_BY.1.into())])),
-            ..ObjectMeta::default()
-        },
+        metadata: super::own_object_meta(SIGNING_SECRET, namespace),
         type_: Some("Opaque".into()),
         data: Some(BTreeMap::from([(
             KEYS_KEY.into(),
@@ -67,31 +60,18 @@ pub async fn maintain_while_leading(
     client: Client,
     namespace: String,
     policy: RotationPolicy,
-    mut leading: watch::Receiver<bool>,
+    leading: watch::Receiver<bool>,
 ) {
-    let mut ticker = tokio::time::interval(Duration::from_secs(60));
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            changed = leading.changed() => if changed.is_err() { return },
-        }
-        if *leading.borrow()
-            && let Err(error) = maintain(&client, &namespace, policy).await
-        {
-            tracing::warn!(%error, "cannot maintain the signing keys; retrying");
-        }
-    }
+    super::certs::every_while_leading(Duration::from_secs(60), leading, "signing keys", || {
+        maintain(&client, &namespace, policy)
+    })
+    .await;
 }
 
 /// Watches the signing keys Secret; resolves with a receiver once the first valid key set
 /// arrives, and keeps it current afterwards.
 pub async fn watch_keys(client: Client, namespace: String) -> watch::Receiver<Arc<IssuerKeys>> {
-    let secrets: Api<Secret> = Api::namespaced(client, &namespace);
-    let config = watcher::Config::default().fields(&format!("metadata.name={SIGNING_SECRET}"));
-    let mut events = watcher(secrets, config)
-        .default_backoff()
-        .applied_objects()
-        .boxed();
+    let mut events = super::watch_secret_named(client, &namespace, SIGNING_SECRET);
     let first = loop {
         match events.next().await {
             Some(Ok(secret)) => match stored(&secret).map(|s| IssuerKeys::from_stored(&s)) {

@@ -6,8 +6,9 @@
 //! - [`validate`]: the pure checks of ScopePolicy, ApiClient and M2MRole.
 //! - [`server`]: `POST /mutate-pods` and `POST /validate`, always HTTP 200 with an
 //!   `AdmissionReview`.
-//! - [`tls`]: CA and serving certificate generation and renewal, and a rustls certificate
-//!   resolver that rotates without a restart.
+//! - [`tls`]: the webhook's use of the operator's self-managed TLS ([`crate::tls`]: CA and
+//!   serving certificate generation and renewal, a rustls certificate resolver that rotates
+//!   without a restart).
 
 pub mod inject;
 pub mod manifest;

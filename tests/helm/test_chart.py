@@ -77,7 +77,22 @@ VARIANTS: dict[str, dict] = {
         "nodeSelector": {"kubernetes.io/os": "linux"},
     },
     "webhooks-disabled": {"webhook": {"mutating": {"enabled": False}, "validating": {"enabled": False}}},
+    "token-tls-disabled": {"tokenService": {"tls": {"enabled": False}, "port": 80}},
+    "token-tls-disabled-cert-manager": {
+        "certManager": {"enabled": True},
+        "tokenService": {"tls": {"enabled": False}},
+        "issuerUrl": "https://auth.example.com",
+        "watchNamespaces": ["shop"],
+    },
+    "token-port-8443": {"tokenService": {"port": 8443}, "watchNamespaces": ["shop"]},
 }
+
+
+def token_tls(values: dict) -> str:
+    """How the chart serves the token server for `values`: self, cert-manager or disabled."""
+    if values.get("tokenService", {}).get("tls", {}).get("enabled") is False:
+        return "disabled"
+    return "cert-manager" if values.get("certManager", {}).get("enabled") else "self"
 
 
 def render(values: dict | None = None) -> list[dict]:
@@ -148,7 +163,7 @@ def test_every_variant_renders_and_validates_strictly(variant):
                 pytest.fail(f"{name}: {obj['kind']}/{obj['metadata'].get('name')} invalid on "
                             f"Kubernetes {version} at {path}: {e.message}")
     # Skipped kinds appear only where they should.
-    if name.startswith("cert-manager") or name in ("everything", "watch-namespaces-cert-manager"):
+    if "cert-manager" in name or name == "everything":
         assert ("cert-manager.io/v1", "Certificate") in skipped
     else:
         assert ("cert-manager.io/v1", "Certificate") not in skipped
@@ -475,27 +490,116 @@ def test_cert_manager_wiring(variant):
         for c in configs:
             assert "cert-manager.io/inject-ca-from" not in (c["metadata"].get("annotations") or {})
         assert flag(args, "webhook-cert-dir") is None
+        assert flag(args, "token-cert-dir") is None
         return
-    cert = one(objects, "Certificate")
+    certs = {c["metadata"]["name"]: c for c in of_kind(objects, "Certificate")}
+    cert = certs["keygate-webhook"]
     for c in configs:
         assert c["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == \
             f"{NAMESPACE}/{cert['metadata']['name']}"
     svc = flag(args, "webhook-service")
     assert f"{svc}.{NAMESPACE}.svc" in cert["spec"]["dnsNames"]
+    serving = [c for c in certs.values() if not c["spec"].get("isCA")]
     if cm.get("issuerRef", {}).get("name"):
         assert not of_kind(objects, "Issuer")
-        assert cert["spec"]["issuerRef"]["name"] == cm["issuerRef"]["name"]
-        assert cert["spec"]["issuerRef"]["kind"] == cm["issuerRef"].get("kind", "Issuer")
+        assert [c for c in certs.values() if c["spec"].get("isCA")] == []
+        for c in serving:
+            assert c["spec"]["issuerRef"]["name"] == cm["issuerRef"]["name"]
+            assert c["spec"]["issuerRef"]["kind"] == cm["issuerRef"].get("kind", "Issuer")
     else:
-        issuer = one(objects, "Issuer")
-        assert issuer["spec"] == {"selfSigned": {}}
-        assert cert["spec"]["issuerRef"]["name"] == issuer["metadata"]["name"]
+        # A self-signed Issuer signs only the chart's CA; a CA Issuer on it signs the
+        # serving certificates, so their ca.crt (the caBundle, keygate-ca) survives renewals.
+        issuers = {i["metadata"]["name"]: i for i in of_kind(objects, "Issuer")}
+        [self_signed] = [i for i in issuers.values() if i["spec"] == {"selfSigned": {}}]
+        [ca_cert] = [c for c in certs.values() if c["spec"].get("isCA")]
+        assert ca_cert["spec"]["issuerRef"]["name"] == self_signed["metadata"]["name"]
+        assert ca_cert["spec"]["privateKey"]["rotationPolicy"] == "Never"
+        [ca_issuer] = [i for i in issuers.values() if "ca" in i["spec"]]
+        assert ca_issuer["spec"]["ca"]["secretName"] == ca_cert["spec"]["secretName"]
+        assert len(issuers) == 2
+        for c in serving:
+            assert c["spec"]["issuerRef"] == {"name": ca_issuer["metadata"]["name"], "kind": "Issuer",
+                                              "group": "cert-manager.io"}
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+
+    def mounted(directory, certificate):
+        mount = mounts[directory]
+        assert mount["readOnly"] is True
+        assert volumes[mount["name"]]["secret"]["secretName"] == certificate["spec"]["secretName"]
+
     cert_dir = flag(args, "webhook-cert-dir")
     assert cert_dir == "/var/run/keygate/tls"
-    volume = next(v for v in pod["volumes"] if "secret" in v)
-    assert volume["secret"]["secretName"] == cert["spec"]["secretName"]
-    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
-    assert mount["mountPath"] == cert_dir and mount["readOnly"] is True
+    mounted(cert_dir, cert)
+    if token_tls(values) == "disabled":
+        assert sorted(c["metadata"]["name"] for c in serving) == ["keygate-webhook"]
+        assert flag(args, "token-cert-dir") is None
+        return
+    token_cert = certs["keygate-token"]
+    assert sorted(c["metadata"]["name"] for c in serving) == ["keygate-token", "keygate-webhook"]
+    token_dir = flag(args, "token-cert-dir")
+    assert token_dir == "/var/run/keygate/token-tls"
+    mounted(token_dir, token_cert)
+    assert token_cert["spec"]["secretName"] != cert["spec"]["secretName"]
+    assert token_cert["spec"]["usages"] == ["server auth", "digital signature"]
+
+
+def test_token_server_serves_https_unless_disabled(variant):
+    # Client secrets travel to the token endpoint: TLS by default (RFC 6749 sections 2.3.1
+    # and 3.2), plain HTTP only as an explicit choice.
+    name, values, objects = variant
+    mode = token_tls(values)
+    args = deployment_args(objects)
+    assert flag(args, "token-tls") == mode, name
+    token_svc = next(s for s in of_kind(objects, "Service") if s["spec"]["ports"][0]["targetPort"] == "token")
+    [port] = token_svc["spec"]["ports"]
+    assert port["name"] == ("http" if mode == "disabled" else "https"), name
+    issuer = flag(args, "issuer")
+    assert issuer.startswith("http://" if mode == "disabled" and not values.get("issuerUrl") else "https://"), name
+    assert flag(args, "token-service") == (token_svc["metadata"]["name"] if mode == "self" else None), name
+    # The operator keeps keygate-token-tls (self) and publishes keygate-ca (whenever TLS is
+    # on); with watchNamespaces its Role names them.
+    if values.get("watchNamespaces"):
+        own = next(o for o in of_kind(objects, "Role") if o["metadata"]["name"].endswith("-operator"))
+        named = {(res, n) for r in own["rules"] for res in r["resources"] for n in r.get("resourceNames", [])
+                 if {"patch", "update"} <= set(r["verbs"])}
+        assert (("secrets", "keygate-token-tls") in named) == (mode == "self"), name
+        assert (("configmaps", "keygate-ca") in named) == (mode != "disabled"), name
+
+
+def test_the_default_issuer_is_https_on_443():
+    args = deployment_args(render())
+    assert flag(args, "issuer") == f"https://keygate.{NAMESPACE}.svc"
+    assert flag(args, "token-tls") == "self"
+    assert one(render(), "Deployment")["spec"]["template"]["spec"]["containers"][0]["readinessProbe"][
+        "httpGet"]["port"] == "admin", "no probe talks plain HTTP to the token port"
+
+
+def test_an_http_issuer_with_tls_on_fails_the_render():
+    message = render_error({"issuerUrl": "http://auth.example.com"})
+    assert "issuerUrl" in message and "tokenService.tls.enabled" in message, message
+    # An explicit choice: TLS done in front of the Service.
+    args = deployment_args(render({"issuerUrl": "http://keygate.internal",
+                                   "tokenService": {"tls": {"enabled": False}}}))
+    assert flag(args, "issuer") == "http://keygate.internal"
+    assert flag(args, "token-tls") == "disabled"
+
+
+@pytest.mark.parametrize("issuer, dns, ips", [
+    ("", [], []),
+    ("https://keygate.keygate-system.svc", [], []),
+    ("https://Auth.Example.com:8443/tenant", ["auth.example.com"], []),
+    ("https://10.1.2.3", [], ["10.1.2.3"]),
+])
+def test_the_token_certificate_names_the_service_and_the_issuer_host(issuer, dns, ips):
+    values = {"certManager": {"enabled": True}}
+    if issuer:
+        values["issuerUrl"] = issuer
+    cert = next(c for c in of_kind(render(values), "Certificate") if c["metadata"]["name"] == "keygate-token")
+    service = ["keygate", f"keygate.{NAMESPACE}", f"keygate.{NAMESPACE}.svc",
+               f"keygate.{NAMESPACE}.svc.cluster.local"]
+    assert cert["spec"]["dnsNames"] == service + dns
+    assert cert["spec"].get("ipAddresses", []) == ips
 
 
 # --------------------------------------------------------------------------- workload
@@ -529,7 +633,8 @@ def test_deployment_runs_the_operator_with_the_contract_flags(variant):
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     args = container["args"]
     assert args[0] == "operator"
-    for required in ("issuer", "token-listen", "webhook-listen", "admin", "lease-name", "webhook-tls",
+    for required in ("issuer", "token-listen", "token-tls", "webhook-listen", "admin", "lease-name",
+                     "webhook-tls",
                      "webhook-service", "sidecar-image", "default-token-lifetime",
                      "max-token-lifetime", "signing-key-rotation", "log-format", "log"):
         assert flag(args, required) is not None, f"{name}: --{required} missing"
@@ -540,7 +645,7 @@ def test_deployment_runs_the_operator_with_the_contract_flags(variant):
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert flag(args, "namespace") is None  # from POD_NAMESPACE
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": 8080, "webhook": 9443, "admin": 8081}
+    assert ports == {"token": 8080, "webhook": 9443, "admin": 8081}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
     # image: tag defaults to appVersion; the sidecar is the same image unless overridden
@@ -548,9 +653,13 @@ def test_deployment_runs_the_operator_with_the_contract_flags(variant):
     assert container["image"] == f"ghcr.io/keygate/keygate:{tag}"
     sidecar_repo = values.get("sidecar", {}).get("image", {}).get("repository") or "ghcr.io/keygate/keygate"
     assert flag(args, "sidecar-image") == f"{sidecar_repo}:{tag}"
-    # issuer: given, or the token Service's in-cluster name
-    token_svc = next(s for s in of_kind(objects, "Service") if s["spec"]["ports"][0]["targetPort"] == "http")
-    expected_issuer = values.get("issuerUrl") or f"http://{token_svc['metadata']['name']}.{NAMESPACE}.svc"
+    # issuer: given, or the token Service's in-cluster name (https unless TLS is disabled;
+    # the port only when it is not the scheme's)
+    token_svc = next(s for s in of_kind(objects, "Service") if s["spec"]["ports"][0]["targetPort"] == "token")
+    scheme = "http" if token_tls(values) == "disabled" else "https"
+    port = token_svc["spec"]["ports"][0]["port"]
+    suffix = "" if port == {"http": 80, "https": 443}[scheme] else f":{port}"
+    expected_issuer = values.get("issuerUrl") or f"{scheme}://{token_svc['metadata']['name']}.{NAMESPACE}.svc{suffix}"
     assert flag(args, "issuer") == expected_issuer
 
 
@@ -559,6 +668,7 @@ def test_deployment_runs_the_operator_with_the_contract_flags(variant):
 ENV_FLAGS = {"POD_NAMESPACE": "namespace", "POD_NAME": "pod-name"}
 FLAG_VALUES = {
     "issuer": "issuerUrl",
+    "token-tls": "tokenService.tls.enabled",
     "log": "log.level",
     "log-format": "log.format",
     "watch-namespaces": "watchNamespaces",
@@ -597,7 +707,8 @@ def test_extra_args_may_not_repeat_a_flag_the_chart_sets():
     # to set instead, whether or not the current values render that flag.
     flags = chart_flags()
     assert {"issuer", "log", "log-format", "watch-namespaces", "webhook-cert-dir",
-            "mutating-webhook-name", "sidecar-cpu-limit", "namespace", "pod-name"} <= flags
+            "mutating-webhook-name", "sidecar-cpu-limit", "namespace", "pod-name",
+            "token-tls", "token-service", "token-cert-dir"} <= flags
     for name in sorted(flags):
         for extra in ([f"--{name}=x"], [f"--{name}", "x"], ["--example-flag=value", f"--{name}"]):
             message = render_error({"extraArgs": extra})
@@ -650,7 +761,7 @@ def test_services_select_the_operator_pods(variant):
     for svc in of_kind(objects, "Service"):
         assert svc["spec"]["selector"] == selector, svc["metadata"]["name"]
         for port in svc["spec"]["ports"]:
-            assert port["targetPort"] in ("http", "webhook", "admin")
+            assert port["targetPort"] in ("token", "webhook", "admin")
 
 
 def test_service_monitor(variant):
@@ -681,9 +792,9 @@ def test_network_policy(variant):
     selector = one(objects, "Deployment")["spec"]["selector"]["matchLabels"]
     assert policy["spec"]["podSelector"]["matchLabels"] == selector
     ports = {r["ports"][0]["port"]: r for r in policy["spec"]["ingress"]}
-    assert set(ports) == {"http", "webhook", "admin"}
+    assert set(ports) == {"token", "webhook", "admin"}
     if np.get("tokenFrom"):
-        assert ports["http"]["from"] == np["tokenFrom"]
+        assert ports["token"]["from"] == np["tokenFrom"]
     if np.get("egress"):
         assert "Egress" in policy["spec"]["policyTypes"]
         assert policy["spec"]["egress"] == np["egress"]
@@ -733,6 +844,24 @@ def test_notes_tell_how_to_apply_the_example_and_get_a_token():
     assert "kubectl apply -f examples/quickstart/" in notes
     assert "/oauth2/token" in notes and "grant_type=client_credentials" in notes
     assert "kubectl apply --server-side -f charts/keygate/crds/" in notes
+
+
+def test_notes_give_the_https_issuer_and_how_to_trust_its_ca():
+    fetch_ca = f"kubectl -n {NAMESPACE} get configmap keygate-ca -o jsonpath='{{.data.ca\\.crt}}'"
+    for values in ({}, {"certManager": {"enabled": True}}):
+        text = notes(values)
+        assert f"Token server: https://keygate.{NAMESPACE}.svc " in text
+        assert fetch_ca + " > keygate-ca.crt" in text
+        assert (f"curl -s --cacert keygate-ca.crt --connect-to keygate.{NAMESPACE}.svc:443:127.0.0.1:8443"
+                in text)
+        assert f"https://keygate.{NAMESPACE}.svc/oauth2/token" in text
+        assert "http://" not in text.replace("http://127.0.0.1", "!"), "no plain-HTTP token URL"
+        assert "verify=" in text and "--ca-file" in text
+    # Disabled: plain HTTP, said so.
+    text = notes({"tokenService": {"tls": {"enabled": False}, "port": 80}})
+    assert f"Token server: http://keygate.{NAMESPACE}.svc " in text
+    assert "disabled: plain HTTP" in text
+    assert "keygate-ca" not in text
 
 
 def notes(values: dict) -> str:

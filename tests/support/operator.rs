@@ -13,7 +13,7 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use keygate::api::{ApiClient, M2MRole, ScopePolicy};
 use keygate::controller::OperatorConfig;
-use keygate::operator::{OperatorOptions, run};
+use keygate::operator::{OperatorOptions, TokenTls, run};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
@@ -26,6 +26,7 @@ pub struct Operator {
     task: JoinHandle<()>,
     pub token_url: String,
     token_port: u16,
+    https: bool,
 }
 
 impl Operator {
@@ -36,14 +37,14 @@ impl Operator {
 
     /// Kills it and starts a new one with the same issuer, as a rollout would.
     pub async fn restart(self, client: Client, namespace: &str) -> Operator {
-        let port = self.token_port;
+        let (port, https) = (self.token_port, self.https);
         self.task.abort();
         let _ = self.task.await;
-        start_operator_on(client, namespace, &[namespace], port).await
+        start_operator_on(client, namespace, &[namespace], port, https).await
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
@@ -53,25 +54,38 @@ fn free_port() -> u16 {
 
 /// Starts the operator watching `namespace` (which also holds its keys and lease).
 pub async fn start_operator(client: Client, namespace: &str) -> Operator {
-    start_operator_on(client, namespace, &[namespace], free_port()).await
+    start_operator_on(client, namespace, &[namespace], free_port(), false).await
+}
+
+/// Starts the operator watching `namespace`, its token server on HTTPS with the certificate
+/// it keeps itself (issuer `https://127.0.0.1:PORT`, so the certificate names 127.0.0.1).
+pub async fn start_operator_https(client: Client, namespace: &str) -> Operator {
+    start_operator_on(client, namespace, &[namespace], free_port(), true).await
 }
 
 /// Starts the operator with its keys and lease in `namespace`, watching `watch`.
 pub async fn start_operator_watching(client: Client, namespace: &str, watch: &[&str]) -> Operator {
-    start_operator_on(client, namespace, watch, free_port()).await
+    start_operator_on(client, namespace, watch, free_port(), false).await
 }
 
-async fn start_operator_on(
-    client: Client,
+/// The options of an operator with its keys and lease in `namespace`, watching `watch`, its
+/// token server on 127.0.0.1:`token_port` with the issuer `https://127.0.0.1:PORT` (or
+/// `http://` when `token_tls` is disabled).
+pub fn operator_options(
     namespace: &str,
     watch: &[&str],
     token_port: u16,
-) -> Operator {
-    let issuer = format!("http://127.0.0.1:{token_port}");
-    let options = OperatorOptions {
+    token_tls: TokenTls,
+) -> OperatorOptions {
+    let scheme = if token_tls == TokenTls::Disabled {
+        "http"
+    } else {
+        "https"
+    };
+    OperatorOptions {
         config: OperatorConfig {
             namespace: namespace.to_owned(),
-            issuer: issuer.clone(),
+            issuer: format!("{scheme}://127.0.0.1:{token_port}"),
             watch_namespaces: watch.iter().map(|n| (*n).to_owned()).collect(),
             signing_key_rotation: Duration::from_secs(720 * 3600),
             max_token_lifetime: Duration::from_secs(24 * 3600),
@@ -82,8 +96,27 @@ async fn start_operator_on(
         lease_name: format!("keygate-test-{namespace}"),
         identity: format!("test-{}", std::process::id()),
         default_token_lifetime: Duration::from_secs(3600),
+        token_tls,
         webhook: None,
+    }
+}
+
+async fn start_operator_on(
+    client: Client,
+    namespace: &str,
+    watch: &[&str],
+    token_port: u16,
+    https: bool,
+) -> Operator {
+    let token_tls = if https {
+        TokenTls::SelfManaged {
+            service: "keygate".to_owned(),
+        }
+    } else {
+        TokenTls::Disabled
     };
+    let options = operator_options(namespace, watch, token_port, token_tls);
+    let token_url = format!("{}/oauth2/token", options.config.issuer);
     let task = tokio::spawn(async move {
         if let Err(error) = run(client, options, std::future::pending()).await {
             eprintln!("operator stopped: {error}");
@@ -91,9 +124,36 @@ async fn start_operator_on(
     });
     Operator {
         task,
-        token_url: format!("{issuer}/oauth2/token"),
+        token_url,
         token_port,
+        https,
     }
+}
+
+/// The token server's CA as the operator publishes it: `ca.crt` of the ConfigMap
+/// `keygate-ca` in `namespace`.
+pub async fn published_ca(client: &Client, namespace: &str) -> String {
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    eventually("the CA published in keygate-ca", WAIT, || async {
+        cms.get_opt("keygate-ca")
+            .await
+            .ok()??
+            .data?
+            .get("ca.crt")
+            .cloned()
+    })
+    .await
+}
+
+/// An HTTP client that trusts only `ca_pem`, as `curl --cacert` or requests' `verify=` do,
+/// and records the server's certificate (`reqwest::tls::TlsInfo`).
+pub fn client_trusting(ca_pem: &str) -> reqwest::Client {
+    let roots = reqwest::Certificate::from_pem_bundle(ca_pem.as_bytes()).expect("PEM CA");
+    reqwest::Client::builder()
+        .tls_certs_only(roots)
+        .tls_info(true)
+        .build()
+        .expect("client")
 }
 
 /// Polls `check` until it yields a value, or panics with `what` after `limit`.
@@ -606,3 +666,169 @@ pub async fn create_namespace(client: &Client, ns: &str) {
 }
 
 use kube::ResourceExt;
+
+/// The token server over HTTPS with the certificate the operator keeps: the Secret
+/// keygate-token-tls holds the CA and the serving certificate, the ConfigMap keygate-ca
+/// publishes the CA (the public part only); a client that trusts only that CA gets a token
+/// from the https issuer; a client that does not trust it, and plain HTTP on the same port,
+/// get none; a certificate renewed in the Secret is served without a restart.
+pub async fn scenario_token_server_https(client: Client, ns: &str) {
+    scenario_token_server_https_as(client.clone(), client, ns).await;
+}
+
+/// [`scenario_token_server_https`] with the operator using `operator_client` (e.g.
+/// impersonating the Helm chart's ServiceAccount, to check that its RBAC lets the operator
+/// keep keygate-token-tls and publish keygate-ca) while the test uses `client`.
+pub async fn scenario_token_server_https_as(client: Client, operator_client: Client, ns: &str) {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+
+    apply_basics(&client, ns).await;
+    apply_client(&client, ns, "billing", json!({"roles": ["reader"]})).await;
+    let operator = start_operator_https(operator_client, ns).await;
+    let data = secret_data(&ready_secret(&client, ns, "billing").await);
+    assert!(operator.token_url.starts_with("https://127.0.0.1:"));
+    assert_eq!(
+        data["token_url"], operator.token_url,
+        "clients are told the https URL"
+    );
+
+    let ca = published_ca(&client, ns).await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let published = cms.get("keygate-ca").await.expect("keygate-ca");
+    assert_eq!(
+        published
+            .data
+            .iter()
+            .flatten()
+            .map(|(k, _)| k.as_str())
+            .collect::<Vec<_>>(),
+        ["ca.crt"]
+    );
+    assert!(published.binary_data.is_none());
+    assert!(
+        !ca.contains("PRIVATE KEY"),
+        "only the public CA is published"
+    );
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let kept = secret_data(
+        &secrets
+            .get("keygate-token-tls")
+            .await
+            .expect("keygate-token-tls"),
+    );
+    assert_eq!(
+        kept.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["ca.crt", "ca.key", "tls.crt", "tls.key"]
+    );
+    assert_eq!(
+        kept["ca.crt"], ca,
+        "the published CA signs the served certificate"
+    );
+
+    let https = client_trusting(&ca);
+    let get_token = |http: reqwest::Client| {
+        let url = operator.token_url.clone();
+        let (id, secret) = (data["client_id"].clone(), data["client_secret"].clone());
+        async move {
+            http.post(&url)
+                .basic_auth(id, Some(secret))
+                .form(&[("grant_type", "client_credentials"), ("resource", ORDERS)])
+                .send()
+                .await
+        }
+    };
+    let served = |response: &reqwest::Response| {
+        response
+            .extensions()
+            .get::<reqwest::tls::TlsInfo>()
+            .and_then(|info| info.peer_certificate())
+            .map(<[u8]>::to_vec)
+    };
+    let der = |pem: &str| {
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .expect("PEM")
+            .to_vec()
+    };
+    let response = eventually("a token over HTTPS", WAIT, || async {
+        let response = get_token(https.clone()).await.ok()?;
+        (response.status() == 200).then_some(response)
+    })
+    .await;
+    assert_eq!(served(&response), Some(der(&kept["tls.crt"])));
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert!(body["access_token"].as_str().is_some_and(|t| !t.is_empty()));
+    let issuer = operator
+        .token_url
+        .trim_end_matches("/oauth2/token")
+        .to_owned();
+    let metadata: serde_json::Value = https
+        .get(format!("{issuer}/.well-known/oauth-authorization-server"))
+        .send()
+        .await
+        .expect("metadata")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(metadata["issuer"], issuer);
+    assert_eq!(metadata["token_endpoint"], operator.token_url);
+
+    // A client that trusts another CA refuses the server; plain HTTP gets no token.
+    let other = keygate::tls::generate(
+        "another CA",
+        &["127.0.0.1".to_owned()],
+        std::time::SystemTime::now(),
+    )
+    .expect("another CA");
+    let refused = get_token(client_trusting(&other.ca_crt))
+        .await
+        .expect_err("a server the client does not trust");
+    assert!(refused.is_connect(), "{refused:?}");
+    let plain = operator.token_url.replacen("https://", "http://", 1);
+    let response = reqwest::Client::new()
+        .post(&plain)
+        .basic_auth(&data["client_id"], Some(&data["client_secret"]))
+        .form(&[("grant_type", "client_credentials"), ("resource", ORDERS)])
+        .send()
+        .await
+        .expect("an answer to plain HTTP");
+    assert_eq!(response.status(), 400);
+    let text = response.text().await.expect("text");
+    assert!(
+        text.contains("https://") && !text.contains("access_token"),
+        "{text}"
+    );
+
+    // A new serving certificate from the same CA in the Secret (as the leader's renewal
+    // writes it) is served by the running token server; clients notice nothing.
+    let names = keygate::controller::token_tls::certificate_names("keygate", ns, &issuer);
+    let (tls_crt, tls_key) = keygate::tls::issue_serving_cert(
+        &kept["ca.crt"],
+        &kept["ca.key"],
+        &names,
+        std::time::SystemTime::now(),
+        keygate::tls::LEAF_VALIDITY,
+    )
+    .expect("a renewed certificate");
+    let encode = |pem: &str| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(pem)
+    };
+    let renewed = json!({"data": {"tls.crt": encode(&tls_crt), "tls.key": encode(&tls_key)}});
+    secrets
+        .patch(
+            "keygate-token-tls",
+            &PatchParams::default(),
+            &Patch::Merge(&renewed),
+        )
+        .await
+        .expect("renew");
+    let new_der = der(&tls_crt);
+    eventually("the renewed certificate served", WAIT, || async {
+        // A new connection, so a new handshake.
+        let response = get_token(client_trusting(&ca)).await.ok()?;
+        (response.status() == 200 && served(&response).as_ref() == Some(&new_der)).then_some(())
+    })
+    .await;
+    operator.kill();
+}

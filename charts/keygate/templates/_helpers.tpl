@@ -5,7 +5,7 @@
 
 {{/*
 Full name prefix of every resource. Truncated to 52 characters so that the longest suffix
-("-webhook-cert", "-inject") still fits a 63-character DNS label.
+("-webhook-cert", "-issuer-ca") still fits a 63-character DNS label.
 */}}
 {{- define "keygate.fullname" -}}
 {{- if .Values.fullnameOverride }}
@@ -63,13 +63,42 @@ app.kubernetes.io/component: operator
 {{- include "keygate.fullname" . }}
 {{- end }}
 
-{{- define "keygate.issuerUrl" -}}
-{{- if .Values.issuerUrl }}
-{{- .Values.issuerUrl }}
-{{- else if eq (int .Values.tokenService.port) 80 }}
-{{- printf "http://%s.%s.svc" (include "keygate.tokenServiceName" .) .Release.Namespace }}
+{{/* The token Service's in-cluster URL: https on 443 (http on 80) needs no port. */}}
+{{- define "keygate.tokenServiceUrl" -}}
+{{- $tls := .Values.tokenService.tls.enabled }}
+{{- $scheme := ternary "https" "http" $tls }}
+{{- $port := int .Values.tokenService.port }}
+{{- $host := printf "%s.%s.svc" (include "keygate.tokenServiceName" .) .Release.Namespace }}
+{{- if eq $port (int (ternary 443 80 $tls)) }}
+{{- printf "%s://%s" $scheme $host }}
 {{- else }}
-{{- printf "http://%s.%s.svc:%d" (include "keygate.tokenServiceName" .) .Release.Namespace (int .Values.tokenService.port) }}
+{{- printf "%s://%s:%d" $scheme $host $port }}
+{{- end }}
+{{- end }}
+
+{{- define "keygate.issuerUrl" -}}
+{{- default (include "keygate.tokenServiceUrl" .) .Values.issuerUrl }}
+{{- end }}
+
+{{/* "self", "cert-manager" or "disabled": how the token server is served. */}}
+{{- define "keygate.tokenTls" -}}
+{{- if not .Values.tokenService.tls.enabled }}disabled{{ else if .Values.certManager.enabled }}cert-manager{{ else }}self{{ end }}
+{{- end }}
+
+{{/* Fails the render on an http:// issuerUrl while the token server serves HTTPS. */}}
+{{- define "keygate.checkIssuerUrl" -}}
+{{- if and .Values.tokenService.tls.enabled (hasPrefix "http://" (lower .Values.issuerUrl)) }}
+{{- fail (printf "issuerUrl: %q is http:// but the token server serves HTTPS (tokenService.tls.enabled): give an https:// URL, or set tokenService.tls.enabled=false where a mesh or an Ingress terminates TLS in front of it" .Values.issuerUrl) }}
+{{- end }}
+{{- end }}
+
+{{/* The host of issuerUrl when it is not the token Service's own (empty otherwise). */}}
+{{- define "keygate.issuerHost" -}}
+{{- with .Values.issuerUrl }}
+{{- $host := (urlParse .).hostname | lower }}
+{{- if ne $host (printf "%s.%s.svc" (include "keygate.tokenServiceName" $) $.Release.Namespace) }}
+{{- $host }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -94,8 +123,26 @@ app.kubernetes.io/component: operator
 {{- printf "%s-webhook-cert" (include "keygate.fullname" .) }}
 {{- end }}
 
+{{- define "keygate.tokenCertificateName" -}}
+{{- printf "%s-token" (include "keygate.fullname" .) }}
+{{- end }}
+
+{{- define "keygate.tokenCertificateSecretName" -}}
+{{- printf "%s-token-cert" (include "keygate.fullname" .) }}
+{{- end }}
+
+{{/* The self-signed Issuer that only signs the chart's CA. */}}
 {{- define "keygate.issuerName" -}}
 {{- printf "%s-selfsigned" (include "keygate.fullname" .) }}
+{{- end }}
+
+{{/*
+The chart's CA in cert-manager mode: its Certificate, its Secret (which holds the CA key,
+unlike the ConfigMap keygate-ca the operator publishes for clients) and the Issuer that signs
+with it.
+*/}}
+{{- define "keygate.caName" -}}
+{{- printf "%s-issuer-ca" (include "keygate.fullname" .) }}
 {{- end }}
 
 {{/* "cert-manager" or "self": who provides the webhook's serving certificate. */}}
@@ -109,10 +156,16 @@ app.kubernetes.io/component: operator
 {{- if eq (include "keygate.webhookTls" .) "self" }}
 - keygate-webhook-tls
 {{- end }}
+{{- if eq (include "keygate.tokenTls" .) "self" }}
+- keygate-token-tls
+{{- end }}
 {{- end }}
 
 {{- define "keygate.ownConfigMaps" -}}
 - keygate-revocations
+{{- if ne (include "keygate.tokenTls" .) "disabled" }}
+- keygate-ca
+{{- end }}
 {{- end }}
 
 {{/*
@@ -158,7 +211,10 @@ tests/helm checks that every flag the chart renders is listed here.
 */}}
 {{- define "keygate.chartFlags" -}}
 issuer: use the value issuerUrl instead
-token-listen: it is fixed at 0.0.0.0:8080, the port the token Service, probes and NetworkPolicy use (tokenService.port sets the Service's port)
+token-listen: it is fixed at 0.0.0.0:8080, the port the token Service and NetworkPolicy use (tokenService.port sets the Service's port)
+token-tls: use the values tokenService.tls.enabled and certManager.enabled instead
+token-cert-dir: the chart mounts the cert-manager certificate there (certManager.enabled)
+token-service: the chart names its token Service, named in the token server's certificate (nameOverride, fullnameOverride)
 webhook-listen: it is fixed at 0.0.0.0:9443, the port the webhook Service targets
 admin: it is fixed at 0.0.0.0:8081, the port of the probes and metrics
 watch-namespaces: use the value watchNamespaces instead (the chart's RBAC follows it)
