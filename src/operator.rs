@@ -203,10 +203,13 @@ pub async fn run_with_limits(
     let registry = Arc::new(Registry::default());
     let revocations = Arc::new(Revocations::default());
     let mut synced = controller::watch::spawn_feeds(&client, &config, &registry);
-    controller::revocations::spawn_sync(
+    let revocation_store =
+        controller::revocations::ConfigMapStore::spawn(client.clone(), config.namespace.clone());
+    controller::revocations::spawn_watch(
         client.clone(),
         config.namespace.clone(),
         revocations.clone(),
+        revocation_store.clone(),
     );
 
     let (leading_tx, leading) = watch::channel(false);
@@ -271,6 +274,7 @@ pub async fn run_with_limits(
             registry.subscribe(),
             keys.clone(),
             revocations.clone(),
+            revocation_store,
             &mut m,
         )
     };

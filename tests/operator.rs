@@ -185,3 +185,11 @@ async fn replicas_starting_together_share_one_token_server_ca() {
         replica.abort();
     }
 }
+
+/// Issue #16: a revocation is stored before it is answered, so killing the replica that
+/// answered loses nothing; a burst over two replicas is kept whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_outlives_its_replica() {
+    let server = FakeApiServer::start().await;
+    operator::scenario_revocation_outlives_its_replica(server.client(), NS).await;
+}

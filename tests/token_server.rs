@@ -27,7 +27,10 @@ use keygate::credentials::{
     CredentialData, SigningKey, derive_client_id, ensure_material, generate_key_pair, key, rotate,
     unix_now,
 };
-use keygate::registry::{ClientInput, Inputs, ObjectKey, PolicyInput, Registry, Revocations};
+use keygate::registry::{
+    ClientInput, Inputs, ObjectKey, PolicyInput, Registry, RevocationList, RevocationStore,
+    Revocations, StoreError,
+};
 use keygate::token::access_token::new_jti;
 use keygate::token::keys::{IssuerKeys, RotationPolicy, StoredKeySet};
 use keygate::token::{TokenConfig, TokenServer, router};
@@ -128,6 +131,41 @@ struct Fixture {
     http: reqwest::Client,
     keys: watch::Sender<Arc<IssuerKeys>>,
     stored_keys: std::sync::Mutex<StoredKeySet>,
+    store: TestStore,
+}
+
+/// The revocation store of the fixture: keeps what it is given, or fails while told to.
+#[derive(Default, Clone)]
+struct TestStore {
+    stored: Arc<std::sync::Mutex<RevocationList>>,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TestStore {
+    fn stored(&self) -> RevocationList {
+        self.stored.lock().unwrap().clone()
+    }
+
+    fn fail(&self, failing: bool) {
+        self.failing
+            .store(failing, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl RevocationStore for TestStore {
+    fn store(
+        &self,
+        entries: RevocationList,
+    ) -> futures::future::BoxFuture<'static, Result<(), StoreError>> {
+        let this = self.clone();
+        Box::pin(async move {
+            if this.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError("the test store is failing".into()));
+            }
+            this.stored.lock().unwrap().absorb(&entries);
+            Ok(())
+        })
+    }
 }
 
 const KEY_ROTATION: RotationPolicy = RotationPolicy {
@@ -259,11 +297,13 @@ impl Fixture {
 
         let mut metrics = prometheus_client::registry::Registry::default();
         let revocations = Arc::new(Revocations::default());
+        let store = TestStore::default();
         let server = TokenServer::new(
             config,
             registry.subscribe(),
             keys_rx,
             revocations.clone(),
+            Arc::new(store.clone()),
             &mut metrics,
         );
         let (ca, http) = if https {
@@ -304,6 +344,7 @@ impl Fixture {
             http,
             keys: keys_tx,
             stored_keys: std::sync::Mutex::new(stored),
+            store,
         }
     }
 
@@ -1239,6 +1280,58 @@ async fn rotated_credentials_overlap_then_the_old_ones_stop() {
 // ---------------------------------------------------------------------------------------
 // 7. Revocation and introspection
 // ---------------------------------------------------------------------------------------
+
+/// A revocation is answered 200 only once stored (issue #16): while the store fails the
+/// answer is 503 `temporarily_unavailable` with `Retry-After`, the token is refused here at
+/// once all the same, and the client's retry stores it.
+#[tokio::test]
+async fn a_revocation_is_answered_only_once_stored() {
+    let fx = Fixture::start().await;
+    let token = fx.access_token("reporting", &[]).await;
+    let jti = {
+        let payload = token.split('.').nth(1).unwrap();
+        let claims: Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+        claims["jti"].as_str().unwrap().to_owned()
+    };
+    let revoke = || {
+        fx.post_basic("/oauth2/revoke", "reporting", &[("token", &token)])
+            .send()
+    };
+
+    fx.store.fail(true);
+    let refused = revoke().await.unwrap();
+    assert_eq!(refused.headers()[header::RETRY_AFTER], "1");
+    assert_error(
+        refused,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "temporarily_unavailable",
+    )
+    .await;
+    assert!(fx.store.stored().tokens.is_empty(), "nothing was stored");
+    assert!(
+        fx.revocations.current().tokens.contains_key(&jti),
+        "refused here at once all the same"
+    );
+
+    fx.store.fail(false);
+    let answered = revoke().await.unwrap();
+    assert_eq!(answered.status(), StatusCode::OK);
+    assert!(
+        fx.store.stored().tokens.contains_key(&jti),
+        "the retry of a token already revoked here is stored before the 200"
+    );
+
+    // The common case: stored, then answered.
+    let second = fx.access_token("reporting", &[]).await;
+    let answered = fx
+        .post_basic("/oauth2/revoke", "reporting", &[("token", &second)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answered.status(), StatusCode::OK);
+    assert_eq!(fx.store.stored().tokens.len(), 2);
+}
 
 #[tokio::test]
 async fn revoked_tokens_are_inactive_and_only_their_client_may_revoke_them() {

@@ -210,6 +210,10 @@ pub async fn run(
             registry.subscribe(),
             keys_rx.clone(),
             revocations.clone(),
+            Arc::new(state::RevocationFile::new(
+                state.clone(),
+                revocations.clone(),
+            )),
             &mut m,
         )
     };
@@ -225,25 +229,6 @@ pub async fn run(
         options.connections,
         wait_shutdown(),
     ));
-
-    // Persist revocations as the token server adds them.
-    {
-        let state = state.clone();
-        let mut rx = revocations.subscribe();
-        let mut stop = Box::pin(wait_shutdown());
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    changed = rx.changed() => if changed.is_err() { break },
-                    () = &mut stop => break,
-                }
-                let list = rx.borrow_and_update().clone();
-                if let Err(error) = state.save_revocations(&list) {
-                    tracing::error!(%error, "cannot persist revocations");
-                }
-            }
-        });
-    }
 
     // Sidecars: one per ScopePolicy, each fed the policy document the operator would write.
     let mut sidecars: BTreeMap<ObjectKey, RunningSidecar> = BTreeMap::new();

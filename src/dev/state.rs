@@ -4,12 +4,14 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
+use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::credentials::CredentialData;
-use crate::registry::{ObjectKey, RevocationList};
+use crate::registry::{ObjectKey, RevocationList, RevocationStore, Revocations, StoreError};
 use crate::token::keys::StoredKeySet;
 
 /// The state directory.
@@ -99,6 +101,46 @@ impl StateDir {
 
     pub fn save_revocations(&self, list: &RevocationList) -> std::io::Result<()> {
         write_json(&self.root.join("revocations.json"), list)
+    }
+}
+
+/// `keygate dev`'s [`RevocationStore`]: `revocations.json` in the state directory,
+/// rewritten with the whole list before a revocation is answered.
+pub struct RevocationFile {
+    state: StateDir,
+    revocations: Arc<Revocations>,
+    /// Writers one at a time, so that an older list never overwrites a newer one.
+    writing: Arc<Mutex<()>>,
+}
+
+impl RevocationFile {
+    pub fn new(state: StateDir, revocations: Arc<Revocations>) -> Self {
+        Self {
+            state,
+            revocations,
+            writing: Arc::default(),
+        }
+    }
+}
+
+impl RevocationStore for RevocationFile {
+    fn store(&self, entries: RevocationList) -> BoxFuture<'static, Result<(), StoreError>> {
+        let (state, revocations, writing) = (
+            self.state.clone(),
+            self.revocations.clone(),
+            self.writing.clone(),
+        );
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let _one_at_a_time = writing.lock().unwrap_or_else(|p| p.into_inner());
+                let mut list = (*revocations.current()).clone();
+                list.absorb(&entries);
+                state.save_revocations(&list)
+            })
+            .await
+            .map_err(|e| StoreError(e.to_string()))?
+            .map_err(|e| StoreError(e.to_string()))
+        })
     }
 }
 

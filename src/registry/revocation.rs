@@ -41,6 +41,55 @@ impl RevocationList {
     }
 }
 
+impl RevocationList {
+    /// Adds `other`'s entries, keeping the strictest of each: a revoked token stays revoked,
+    /// and a client's "not before" only moves later.
+    pub fn absorb(&mut self, other: &RevocationList) {
+        for (jti, exp) in &other.tokens {
+            self.tokens.entry(jti.clone()).or_insert(*exp);
+        }
+        for (client, nb) in &other.clients {
+            let entry = self.clients.entry(client.clone()).or_insert(*nb);
+            *entry = (*entry).max(*nb);
+        }
+    }
+
+    /// The entry that revokes the token with `jti` of `client_id` issued at `iat`, if any.
+    pub fn revoking_entry(&self, jti: &str, client_id: &str, iat: u64) -> Option<RevocationList> {
+        let mut entry = RevocationList::default();
+        if let Some(exp) = self.tokens.get(jti) {
+            entry.tokens.insert(jti.to_owned(), *exp);
+        } else if let Some(nb) = self.clients.get(client_id).filter(|nb| iat < **nb) {
+            entry.clients.insert(client_id.to_owned(), *nb);
+        } else {
+            return None;
+        }
+        Some(entry)
+    }
+
+    /// Whether the list has no entry.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty() && self.clients.is_empty()
+    }
+}
+
+/// Why a revocation could not be made durable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the revocation could not be stored: {0}")]
+pub struct StoreError(pub String);
+
+/// Where a revocation is made durable, so that every replica and every sidecar learns it
+/// even if the replica that answered dies at once. The token server answers a revocation
+/// only after [`RevocationStore::store`] returned: a revocation answered is a revocation
+/// kept.
+pub trait RevocationStore: Send + Sync + 'static {
+    /// Stores `entries` (merged with what is stored already); resolves once they are durable.
+    fn store(
+        &self,
+        entries: RevocationList,
+    ) -> futures::future::BoxFuture<'static, Result<(), StoreError>>;
+}
+
 /// The shared, observable revocation list.
 #[derive(Debug)]
 pub struct Revocations {
@@ -103,13 +152,7 @@ impl Revocations {
     pub fn merge(&self, other: &RevocationList) {
         self.tx.send_if_modified(|list| {
             let mut merged = (**list).clone();
-            for (jti, exp) in &other.tokens {
-                merged.tokens.entry(jti.clone()).or_insert(*exp);
-            }
-            for (client, nb) in &other.clients {
-                let entry = merged.clients.entry(client.clone()).or_insert(*nb);
-                *entry = (*entry).max(*nb);
-            }
+            merged.absorb(other);
             if merged == **list {
                 return false;
             }

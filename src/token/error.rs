@@ -20,6 +20,8 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// The request body did not arrive in time.
     RequestTimeout,
+    /// The revocation could not be stored yet (RFC 7009 §2.2.1: retry later).
+    Unavailable,
     ServerError,
 }
 
@@ -37,6 +39,7 @@ impl ErrorCode {
             Self::InvalidScope => "invalid_scope",
             Self::InvalidTarget => "invalid_target",
             Self::SlowDown => "slow_down",
+            Self::Unavailable => "temporarily_unavailable",
             Self::ServerError => "server_error",
         }
     }
@@ -47,6 +50,7 @@ impl ErrorCode {
             Self::SlowDown => StatusCode::TOO_MANY_REQUESTS,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::ServerError => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,
         }
@@ -99,6 +103,9 @@ impl IntoResponse for OAuthError {
             }
             ErrorCode::SlowDown => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+            }
+            ErrorCode::Unavailable => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }

@@ -30,7 +30,7 @@ use tokio::sync::watch;
 
 use crate::credentials::unix_now;
 use crate::grants::grant;
-use crate::registry::{ClientView, Revocations, Snapshot};
+use crate::registry::{ClientView, RevocationList, RevocationStore, Revocations, Snapshot};
 use access_token::{AccessClaims, new_jti};
 use client_auth::{Params, Presented, authenticate, presented};
 use keys::IssuerKeys;
@@ -132,6 +132,8 @@ pub struct TokenServer {
     registry: watch::Receiver<Arc<Snapshot>>,
     keys: watch::Receiver<Arc<IssuerKeys>>,
     revocations: Arc<Revocations>,
+    /// Where revocations are made durable before they are answered.
+    store: Arc<dyn RevocationStore>,
     replay: ReplayCache,
     throttle: Throttle,
     /// Per client, the `exp` of each token this server revoked one by one.
@@ -145,6 +147,7 @@ impl TokenServer {
         registry: watch::Receiver<Arc<Snapshot>>,
         keys: watch::Receiver<Arc<IssuerKeys>>,
         revocations: Arc<Revocations>,
+        store: Arc<dyn RevocationStore>,
         metrics: &mut prometheus_client::registry::Registry,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -152,6 +155,7 @@ impl TokenServer {
             registry,
             keys,
             revocations,
+            store,
             replay: ReplayCache::default(),
             throttle: Throttle::default(),
             revoked: Mutex::default(),
@@ -165,8 +169,9 @@ impl TokenServer {
 
     /// Revokes the token with `claims` of `client`, one by one while the client and the
     /// list are within their bounds, else with a per-client "not before" just after the
-    /// token's `iat` (which refuses it and every earlier token of the client).
-    fn revoke(&self, client: &ClientView, claims: &AccessClaims, now: u64) {
+    /// token's `iat` (which refuses it and every earlier token of the client). It takes
+    /// effect here at once; the entry returned is what must be stored before answering.
+    fn revoke(&self, client: &ClientView, claims: &AccessClaims, now: u64) -> RevocationList {
         // Expired entries count for nothing; drop them before counting.
         self.revocations.prune(now);
         let one_by_one = {
@@ -184,13 +189,18 @@ impl TokenServer {
             }
             within
         };
+        let mut entry = RevocationList::default();
         if one_by_one {
             self.revocations.revoke_token(&claims.jti, claims.exp);
+            entry.tokens.insert(claims.jti.to_string(), claims.exp);
             tracing::info!(client = %client.key, jti = %claims.jti, "token revoked");
         } else {
             let not_before = claims.iat.saturating_add(1);
             self.revocations
                 .revoke_client(&client.client_id, not_before);
+            entry
+                .clients
+                .insert(client.client_id.to_string(), not_before);
             tracing::warn!(
                 client = %client.key,
                 jti = %claims.jti,
@@ -198,6 +208,7 @@ impl TokenServer {
                 "too many tokens revoked one by one: revoked every token of the client issued up to this one"
             );
         }
+        entry
     }
 
     fn audiences(&self) -> [String; 2] {
@@ -453,16 +464,7 @@ async fn issue_token(
 /// Verifies a token this server issued (signature with a published key, issuer, time) and
 /// checks it is neither revoked nor of a vanished or disabled client.
 fn active_claims(server: &TokenServer, token: &str, now: u64) -> Option<AccessClaims> {
-    let keys = server.keys.borrow().clone();
-    let claims = access_token::verify(
-        token,
-        &keys.verifying,
-        &server.config.issuer,
-        None,
-        server.config.leeway,
-        now,
-    )
-    .ok()?;
+    let claims = issued_claims(server, token, now)?;
     let revoked =
         server
             .revocations
@@ -474,6 +476,20 @@ fn active_claims(server: &TokenServer, token: &str, now: u64) -> Option<AccessCl
         .get(claims.client_id.as_str())
         .is_some_and(|c| !c.disabled);
     (!revoked && client_ok).then_some(claims)
+}
+
+/// The claims of an unexpired access token this server signed, revoked or not.
+fn issued_claims(server: &TokenServer, token: &str, now: u64) -> Option<AccessClaims> {
+    let keys = server.keys.borrow().clone();
+    access_token::verify(
+        token,
+        &keys.verifying,
+        &server.config.issuer,
+        None,
+        server.config.leeway,
+        now,
+    )
+    .ok()
 }
 
 /// What a revocation (RFC 7009) or introspection (RFC 7662) request starts with: its form,
@@ -509,10 +525,29 @@ async fn revoke(
         let now = unix_now();
         let (client, token) = token_request(&server, peer, &headers, body, now).await?;
         // RFC 7009 §2.2: an invalid or foreign token is not an error; say nothing about it.
-        if let Some(claims) = active_claims(&server, &token, now)
+        if let Some(claims) = issued_claims(&server, &token, now)
             && *claims.client_id == *client.client_id
         {
-            server.revoke(&client, &claims, now);
+            // A token revoked here already is stored again: the client may be retrying
+            // after a 503, when this replica knew the revocation but had not stored it.
+            let known = server.revocations.current().revoking_entry(
+                &claims.jti,
+                &claims.client_id,
+                claims.iat,
+            );
+            let entry = match known {
+                Some(entry) => entry,
+                None => server.revoke(&client, &claims, now),
+            };
+            // Answered only once stored: a replica that dies right after answering must
+            // not take the revocation with it.
+            server.store.store(entry).await.map_err(|error| {
+                tracing::warn!(%error, client = %client.key, jti = %claims.jti, "revocation not stored yet; answered 503");
+                OAuthError::new(
+                    ErrorCode::Unavailable,
+                    "the revocation could not be stored yet; send it again",
+                )
+            })?;
         }
         Ok::<_, OAuthError>(())
     }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import helm_python as helm
@@ -893,3 +894,20 @@ def test_variants_do_not_mutate_each_other():
     for values in VARIANTS.values():
         render(values)
     assert VARIANTS == before
+
+
+def test_the_operator_may_write_every_revocation_shard():
+    # With watchNamespaces, writes to the operator's own ConfigMaps are granted by name: the
+    # names must follow the shard count of src/controller/revocations.rs.
+    source = (REPO / "src/controller/revocations.rs").read_text()
+    shards = int(re.search(r"pub const SHARDS: usize = (\d+);", source).group(1))
+    objects = render({"watchNamespaces": ["shop"]})
+    own = next(o for o in of_kind(objects, "Role") if o["metadata"]["name"].endswith("-operator"))
+    named = {
+        name
+        for rule in own["rules"]
+        if rule["resources"] == ["configmaps"]
+        for name in rule.get("resourceNames", [])
+    }
+    expected = {f"keygate-revocations-{i}" for i in range(shards)} | {"keygate-revocations"}
+    assert expected <= named, sorted(expected - named)

@@ -832,3 +832,185 @@ pub async fn scenario_token_server_https_as(client: Client, operator_client: Cli
     .await;
     operator.kill();
 }
+
+/// A replica of its own identity (so two can run side by side), its token server on plain
+/// HTTP at 127.0.0.1, keys and lease in `namespace`.
+async fn start_replica(client: Client, namespace: &str, identity: &str) -> Operator {
+    let token_port = free_port();
+    let mut options = operator_options(namespace, &[namespace], token_port, TokenTls::Disabled);
+    options.identity = identity.to_owned();
+    let token_url = format!("{}/oauth2/token", options.config.issuer);
+    let task = tokio::spawn(async move {
+        if let Err(error) = run(client, options, std::future::pending()).await {
+            eprintln!("operator stopped: {error}");
+        }
+    });
+    Operator {
+        task,
+        token_url,
+        token_port,
+        https: false,
+    }
+}
+
+/// A token for `id` from the token server at `token_url`, and its `jti`.
+async fn token_and_jti(
+    http: &reqwest::Client,
+    token_url: &str,
+    id: &str,
+    secret: &str,
+) -> (String, String) {
+    use base64::Engine;
+    let response: serde_json::Value = http
+        .post(token_url)
+        .basic_auth(id, Some(secret))
+        .form(&[("grant_type", "client_credentials"), ("resource", ORDERS)])
+        .send()
+        .await
+        .expect("token request")
+        .json()
+        .await
+        .expect("token JSON");
+    let token = response["access_token"]
+        .as_str()
+        .expect("a token")
+        .to_owned();
+    let payload = token.split('.').nth(1).expect("a JWT");
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .expect("base64url"),
+    )
+    .expect("claims");
+    let jti = claims["jti"].as_str().expect("jti").to_owned();
+    (token, jti)
+}
+
+/// Every token id in the revocation shards of `namespace`, as stored right now.
+async fn stored_revocations(
+    client: &Client,
+    namespace: &str,
+) -> std::collections::BTreeSet<String> {
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let shards = cms
+        .list(&ListParams::default().labels("keygate.dev/store=revocations"))
+        .await
+        .expect("list shards");
+    let mut jtis = std::collections::BTreeSet::new();
+    for shard in shards {
+        let list: serde_json::Value = shard
+            .data
+            .as_ref()
+            .and_then(|d| d.get("revocations.json"))
+            .and_then(|j| serde_json::from_str(j).ok())
+            .unwrap_or_default();
+        if let Some(tokens) = list["tokens"].as_object() {
+            jtis.extend(tokens.keys().cloned());
+        }
+    }
+    jtis
+}
+
+/// A revocation answered is a revocation kept (issue #16): 20 tokens revoked on replica A are
+/// all in the store the moment the last answer arrives, A is then killed at once, and
+/// replica B refuses every one of them. Then a burst over two replicas at once is kept whole.
+pub async fn scenario_revocation_outlives_its_replica(client: Client, ns: &str) {
+    apply_basics(&client, ns).await;
+    let replica_a = start_replica(client.clone(), ns, "replica-a").await;
+    let replica_b = start_replica(client.clone(), ns, "replica-b").await;
+    let data = secret_data(&ready_secret(&client, ns, "reporting").await);
+    let (id, secret) = (data["client_id"].clone(), data["client_secret"].clone());
+    let http = reqwest::Client::new();
+    for replica in [&replica_a, &replica_b] {
+        eventually("both replicas issue tokens", WAIT, || async {
+            (token_status(&http, &replica.token_url, &id, &secret).await == 200).then_some(())
+        })
+        .await;
+    }
+
+    let revoke_url =
+        |replica: &Operator| replica.token_url.replace("/oauth2/token", "/oauth2/revoke");
+    let introspect_url = |replica: &Operator| {
+        replica
+            .token_url
+            .replace("/oauth2/token", "/oauth2/introspect")
+    };
+    let mut tokens = Vec::new();
+    for _ in 0..20 {
+        tokens.push(token_and_jti(&http, &replica_a.token_url, &id, &secret).await);
+    }
+    let revocations = tokens.iter().map(|(token, _)| {
+        http.post(revoke_url(&replica_a))
+            .basic_auth(&id, Some(&secret))
+            .form(&[("token", token.as_str())])
+            .send()
+    });
+    for answer in futures::future::join_all(revocations).await {
+        assert_eq!(answer.expect("revoke").status(), 200);
+    }
+    // No waiting: answered means stored.
+    let stored = stored_revocations(&client, ns).await;
+    let missing: Vec<_> = tokens
+        .iter()
+        .filter(|(_, jti)| !stored.contains(jti))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of 20 answered revocations were not stored",
+        missing.len()
+    );
+    replica_a.kill();
+
+    for (token, jti) in &tokens {
+        eventually(&format!("replica B refusing {jti}"), WAIT, || async {
+            let answer: serde_json::Value = http
+                .post(introspect_url(&replica_b))
+                .basic_auth(&id, Some(&secret))
+                .form(&[("token", token.as_str())])
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (answer["active"] == false).then_some(())
+        })
+        .await;
+    }
+
+    // A burst spread over two replicas at once: every shard write that meets the other
+    // replica's is read again and merged, so none is lost.
+    let replica_c = start_replica(client.clone(), ns, "replica-c").await;
+    eventually("replica C issues tokens", WAIT, || async {
+        (token_status(&http, &replica_c.token_url, &id, &secret).await == 200).then_some(())
+    })
+    .await;
+    let mut burst = Vec::new();
+    for i in 0..200 {
+        let replica = if i % 2 == 0 { &replica_b } else { &replica_c };
+        burst.push((
+            replica,
+            token_and_jti(&http, &replica.token_url, &id, &secret).await,
+        ));
+    }
+    let revocations = burst.iter().map(|(replica, (token, _))| {
+        http.post(revoke_url(replica))
+            .basic_auth(&id, Some(&secret))
+            .form(&[("token", token.as_str())])
+            .send()
+    });
+    for answer in futures::future::join_all(revocations).await {
+        assert_eq!(answer.expect("revoke").status(), 200);
+    }
+    let stored = stored_revocations(&client, ns).await;
+    let lost = burst
+        .iter()
+        .filter(|(_, (_, jti))| !stored.contains(jti))
+        .count();
+    assert_eq!(
+        lost, 0,
+        "{lost} of 200 answered revocations were not stored"
+    );
+    replica_b.kill();
+    replica_c.kill();
+}

@@ -162,7 +162,11 @@ with it.
 {{- end }}
 
 {{- define "keygate.ownConfigMaps" -}}
+{{- /* keygate-revocations: the store of earlier versions, read once and deleted. */}}
 - keygate-revocations
+{{- range until 16 }}
+- keygate-revocations-{{ . }}
+{{- end }}
 {{- if ne (include "keygate.tokenTls" .) "disabled" }}
 - keygate-ca
 {{- end }}
