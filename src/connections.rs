@@ -56,6 +56,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Default cap on concurrent connections of an admin listener (probes and scrapes).
 pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
 /// Default cap on concurrent connections of the admission webhook (the API servers).
+/// Default cap of the policy stream listener: one long-lived connection per sidecar that
+/// follows a ScopePolicy through this replica.
+pub const DEFAULT_POLICY_MAX_CONNECTIONS: usize = 16_384;
 pub const DEFAULT_WEBHOOK_MAX_CONNECTIONS: usize = 1024;
 /// Default time open connections may take to finish after shutdown.
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(20);

@@ -107,6 +107,14 @@ struct OperatorArgs {
     /// Address of the token server.
     #[arg(long, env = "KEYGATE_TOKEN_LISTEN", default_value = "0.0.0.0:8080")]
     token_listen: SocketAddr,
+    /// Address of the policy stream sidecars follow (HTTPS with the token server's
+    /// certificate; not served with --token-tls=disabled). Empty: not served.
+    #[arg(long, env = "KEYGATE_POLICY_LISTEN", default_value = "0.0.0.0:8443")]
+    policy_listen: String,
+    /// Connections the policy stream keeps open at once (one per following sidecar);
+    /// further ones wait in the listen backlog until one closes.
+    #[arg(long, env = "KEYGATE_POLICY_MAX_CONNECTIONS", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    policy_max_connections: u32,
     /// Where the token server's certificate comes from: `self` (keygate keeps a CA and
     /// certificate in the Secret keygate-token-tls and publishes the CA in the ConfigMap
     /// keygate-ca), `cert-manager` (tls.crt, tls.key and ca.crt in --token-cert-dir), or
@@ -448,6 +456,10 @@ fn listener_limits(args: &OperatorArgs) -> keygate::operator::ListenerLimits {
             .limits()
             .with_max_connections(args.webhook_max_connections as usize)
             .with_drain(keygate::webhook::tls::DRAIN),
+        policy: args
+            .connections
+            .limits()
+            .with_max_connections(args.policy_max_connections as usize),
     }
 }
 
@@ -458,6 +470,14 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
     let webhook = webhook_options(&args);
     let limits = listener_limits(&args);
     let token_tls = token_tls(&args);
+    let policy_listen = match args.policy_listen.trim() {
+        "" => None,
+        listen => Some(
+            listen
+                .parse()
+                .with_context(|| format!("--policy-listen {listen:?} is not an address"))?,
+        ),
+    };
     let options = keygate::operator::OperatorOptions {
         config: keygate::controller::OperatorConfig {
             namespace: args.namespace,
@@ -478,6 +498,7 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
         default_token_lifetime: args.default_token_lifetime,
         token_tls,
         webhook,
+        policy_listen,
     };
     keygate::operator::run_with_limits(client, options, limits, keygate::admin::shutdown_signal())
         .await?;

@@ -40,6 +40,9 @@ pub struct OperatorOptions {
     pub token_tls: TokenTls,
     /// The admission webhook; `None` runs without one.
     pub webhook: Option<WebhookOptions>,
+    /// Where the policy stream for sidecars is served (HTTPS with the token server's
+    /// certificate; not served when token TLS is disabled). `None`: not served.
+    pub policy_listen: Option<SocketAddr>,
 }
 
 /// How the token server is served.
@@ -86,6 +89,8 @@ pub struct ListenerLimits {
     pub admin: ConnectionLimits,
     /// The admission webhook.
     pub webhook: ConnectionLimits,
+    /// The policy stream: one long-lived connection per following sidecar.
+    pub policy: ConnectionLimits,
 }
 
 impl Default for ListenerLimits {
@@ -96,6 +101,8 @@ impl Default for ListenerLimits {
             webhook: ConnectionLimits::default()
                 .with_max_connections(crate::connections::DEFAULT_WEBHOOK_MAX_CONNECTIONS)
                 .with_drain(crate::webhook::tls::DRAIN),
+            policy: ConnectionLimits::default()
+                .with_max_connections(crate::connections::DEFAULT_POLICY_MAX_CONNECTIONS),
         }
     }
 }
@@ -278,7 +285,7 @@ pub async fn run_with_limits(
             &mut m,
         )
     };
-    let token_task = start_token_server(
+    let (token_task, token_resolver) = start_token_server(
         &client,
         &config,
         &options,
@@ -288,6 +295,42 @@ pub async fn run_with_limits(
         stopped(),
     )
     .await?;
+    let policy_task = match (options.policy_listen, token_resolver) {
+        (Some(listen), Some(resolver)) => {
+            let hub =
+                controller::policy_stream::PolicyHub::spawn(controller::policy_stream::Inputs {
+                    registry: registry.subscribe(),
+                    keys: keys.clone(),
+                    revocations: revocations.clone(),
+                    issuer: config.issuer.clone(),
+                });
+            let reviewer = Arc::new(controller::policy_stream::Reviewer::new(client.clone()));
+            let router = controller::policy_stream::router(hub, reviewer);
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            tracing::info!(policy = %listen, "policy stream listening");
+            let (policy_limits, stop) = (limits.policy, stopped());
+            Some(tokio::spawn(async move {
+                if let Err(error) = crate::tls::serve_tls_with_limits(
+                    listener,
+                    router,
+                    resolver,
+                    policy_limits,
+                    stop,
+                )
+                .await
+                {
+                    tracing::error!(%error, "the policy stream stopped");
+                }
+            }))
+        }
+        (Some(_), None) => {
+            tracing::warn!(
+                "the policy stream is served only over TLS; token TLS is disabled, so sidecars follow the policy ConfigMaps only"
+            );
+            None
+        }
+        (None, _) => None,
+    };
 
     let webhook_task = match &options.webhook {
         Some(webhook) => Some(
@@ -335,6 +378,9 @@ pub async fn run_with_limits(
     ready_tx.send_replace(false);
     let _ = stop_tx.send(true);
     let _ = token_task.await;
+    if let Some(task) = policy_task {
+        let _ = task.await;
+    }
     if let Some(task) = webhook_task {
         let _ = task.await;
     }
@@ -352,7 +398,13 @@ async fn start_token_server(
     leading: watch::Receiver<bool>,
     limits: ConnectionLimits,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<tokio::task::JoinHandle<()>, OperatorError> {
+) -> Result<
+    (
+        tokio::task::JoinHandle<()>,
+        Option<Arc<crate::tls::CertResolver>>,
+    ),
+    OperatorError,
+> {
     let resolver = match &options.token_tls {
         TokenTls::Disabled => None,
         TokenTls::SelfManaged { service } => {
@@ -392,7 +444,8 @@ async fn start_token_server(
     let listener = tokio::net::TcpListener::bind(options.token_listen).await?;
     let https = resolver.is_some();
     tracing::info!(token = %options.token_listen, https, "token server listening");
-    Ok(tokio::spawn(async move {
+    let shared = resolver.clone();
+    let task = tokio::spawn(async move {
         let served = match resolver {
             Some(resolver) => {
                 crate::tls::serve_tls_with_limits(listener, router, resolver, limits, stop)
@@ -406,7 +459,8 @@ async fn start_token_server(
         if let Err(error) = served {
             tracing::error!(%error, "the token server stopped");
         }
-    }))
+    });
+    Ok((task, shared))
 }
 
 /// Starts the HTTPS admission webhook with its certificate source.

@@ -193,3 +193,12 @@ async fn a_revocation_outlives_its_replica() {
     let server = FakeApiServer::start().await;
     operator::scenario_revocation_outlives_its_replica(server.client(), NS).await;
 }
+
+/// Issue #16: a sidecar process follows the policy stream (TokenReview-authenticated).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_follows_the_policy_stream() {
+    let server = FakeApiServer::start().await;
+    let own = server.service_account_token(NS, "orders", &["keygate"]);
+    let foreign = server.service_account_token("elsewhere", "default", &["keygate"]);
+    operator::scenario_policy_stream(server.client(), NS, own, foreign).await;
+}

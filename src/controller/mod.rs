@@ -18,6 +18,7 @@ pub mod certs;
 pub mod clients;
 pub mod leader;
 pub mod policies;
+pub mod policy_stream;
 pub mod revocations;
 pub mod roles;
 pub mod signing;

@@ -17,6 +17,7 @@ mod matcher;
 mod methods;
 pub mod path;
 mod pattern;
+pub mod stream;
 
 pub use document::{BuildError, PolicyDocument};
 pub use matcher::{

@@ -43,6 +43,26 @@ pub struct SidecarArgs {
     /// How long in-flight requests may take to finish on shutdown.
     #[arg(long, env = "KEYGATE_DRAIN", default_value = "20s", value_parser = parse_duration)]
     pub drain: Duration,
+    /// Follow the policy stream of this operator policy server (https://…) for changes
+    /// within a second; the policy file stays the bootstrap and the fallback.
+    #[arg(long, env = "KEYGATE_POLICY_SERVER")]
+    pub policy_server: Option<String>,
+    /// The ScopePolicy to follow, namespace/name. Default: the policy file's.
+    #[arg(long, env = "KEYGATE_POLICY_NAME", requires = "policy_server")]
+    pub policy_name: Option<String>,
+    /// The projected ServiceAccount token (audience keygate) shown to the policy server.
+    #[arg(
+        long,
+        env = "KEYGATE_TOKEN_FILE",
+        default_value = "/var/run/secrets/keygate/token"
+    )]
+    pub token_file: PathBuf,
+    /// The CA of the policy server's certificate.
+    #[arg(long, env = "KEYGATE_CA_FILE", default_value = "/etc/keygate/ca.crt")]
+    pub ca_file: PathBuf,
+    /// The TLS server name to verify, when it is not the policy server URL's host.
+    #[arg(long, env = "KEYGATE_POLICY_SERVER_NAME", requires = "policy_server")]
+    pub policy_server_name: Option<String>,
     #[command(flatten)]
     pub connections: crate::connections::ConnectionArgs,
 }
@@ -69,6 +89,21 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
         .await
         .map_err(anyhow::Error::msg)?;
     let reload = tokio::spawn(reload);
+    let stream = args.policy_server.clone().map(|server| {
+        tokio::spawn(super::stream::follow(
+            super::stream::StreamConfig {
+                server,
+                policy: args
+                    .policy_name
+                    .clone()
+                    .unwrap_or_else(|| document.policy.clone()),
+                token_file: args.token_file.clone(),
+                ca_file: args.ca_file.clone(),
+                server_name: args.policy_server_name.clone(),
+            },
+            sidecar.clone(),
+        ))
+    });
     let admin = crate::admin::router(crate::admin::AdminState {
         metrics: std::sync::Arc::new(std::sync::RwLock::new(metrics)),
         ready: sidecar.ready(),
@@ -95,6 +130,9 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
     let limits = args.connections.limits().with_drain(args.drain);
     serve_with_limits(listener, sidecar, shutdown, limits).await?;
     reload.abort();
+    if let Some(stream) = stream {
+        stream.abort();
+    }
     admin_task.await??;
     Ok(())
 }

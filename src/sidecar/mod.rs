@@ -6,3 +6,4 @@ pub mod command;
 pub mod forward;
 pub mod jwks;
 pub mod server;
+pub mod stream;

@@ -101,6 +101,9 @@ pub struct Sidecar {
     leeway: Duration,
     metrics: Metrics,
     ready: watch::Sender<bool>,
+    /// The policy stream is connected and has delivered its snapshot: the policy file (the
+    /// ConfigMap, refreshed only on the kubelet's sync) is then older than what is in force.
+    stream_live: std::sync::atomic::AtomicBool,
 }
 
 impl Sidecar {
@@ -117,7 +120,41 @@ impl Sidecar {
             leeway,
             metrics: Metrics::register(metrics),
             ready: watch::Sender::new(false),
+            stream_live: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Marks the policy stream live (its snapshot is installed) or down.
+    pub fn set_stream_live(&self, live: bool) {
+        self.stream_live
+            .store(live, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the policy stream is live.
+    pub fn stream_live(&self) -> bool {
+        self.stream_live.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The document in force, if any.
+    pub fn document(&self) -> Option<PolicyDocument> {
+        self.policy.load_full().map(|p| p.document.clone())
+    }
+
+    /// Installs a policy read from the policy file, the bootstrap and the fallback of the
+    /// policy stream: skipped while the stream is live, and never dropping a revocation the
+    /// policy in force has (a revocation only ever refuses more, and the file may be older
+    /// than what the stream delivered).
+    pub fn install_from_file(&self, mut document: PolicyDocument) -> Result<bool, String> {
+        if self.stream_live() {
+            return Ok(false);
+        }
+        if let Some(current) = self.policy.load_full()
+            && current.document.policy == document.policy
+        {
+            document.revocations.absorb(&current.document.revocations);
+            document.revocations.prune(crate::credentials::unix_now());
+        }
+        self.install(document).map(|()| true)
     }
 
     /// True once a valid policy is installed.
@@ -450,12 +487,16 @@ pub async fn watch_policy_file(
     };
     let (mut last, document) = read(&path)?;
     sidecar
-        .install(document)
+        .install_from_file(document)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(async move {
         let mut ticker = tokio::time::interval(interval);
         loop {
             ticker.tick().await;
+            if sidecar.stream_live() {
+                // The stream is newer; the file is read again once the stream is down.
+                continue;
+            }
             let bytes = match std::fs::read(&path) {
                 Ok(bytes) => bytes,
                 Err(error) => {
@@ -471,14 +512,15 @@ pub async fn watch_policy_file(
             }
             last = hash;
             let installed = match PolicyDocument::parse(&bytes) {
-                Ok(document) => sidecar.install(document),
+                Ok(document) => sidecar.install_from_file(document),
                 Err(error) => {
                     sidecar.reload_failed();
                     Err(error.to_string())
                 }
             };
             match installed {
-                Ok(()) => tracing::info!(path = %path.display(), "policy reloaded"),
+                Ok(true) => tracing::info!(path = %path.display(), "policy reloaded"),
+                Ok(false) => {}
                 Err(error) => {
                     tracing::error!(path = %path.display(), %error, "invalid policy file; keeping the last good policy")
                 }

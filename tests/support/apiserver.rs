@@ -253,6 +253,9 @@ struct Counters {
 
 struct Inner {
     store: Mutex<Store>,
+    /// ServiceAccount tokens the TokenReview endpoint vouches for: token → (username,
+    /// audiences).
+    tokens: Mutex<HashMap<String, (String, Vec<String>)>>,
     counters: Mutex<Counters>,
     bookmark_interval: Mutex<Duration>,
     /// The latest resourceVersion, so watches wake up on changes.
@@ -294,6 +297,7 @@ impl FakeApiServer {
         }
         let inner = Arc::new(Inner {
             store: Mutex::new(store),
+            tokens: Mutex::default(),
             counters: Mutex::new(Counters::default()),
             bookmark_interval: Mutex::new(Duration::from_secs(1)),
             rv_tx,
@@ -314,6 +318,23 @@ impl FakeApiServer {
     }
 
     /// `http://127.0.0.1:PORT`
+    /// A token of ServiceAccount `namespace/name` for `audiences`, which the TokenReview
+    /// endpoint vouches for from now on.
+    pub fn service_account_token(&self, namespace: &str, name: &str, audiences: &[&str]) -> String {
+        let token = format!(
+            "sa-token-{namespace}-{name}-{}",
+            lock(&self.inner.tokens).len()
+        );
+        lock(&self.inner.tokens).insert(
+            token.clone(),
+            (
+                format!("system:serviceaccount:{namespace}:{name}"),
+                audiences.iter().map(|a| (*a).to_owned()).collect(),
+            ),
+        );
+        token
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -613,6 +634,41 @@ struct Target {
     subresource: Option<String>,
 }
 
+/// A TokenReview as the API server answers it: authenticated when the token was issued by
+/// [`FakeApiServer::service_account_token`] for one of the audiences asked for.
+fn token_review(inner: &Inner, body: &[u8]) -> Response<Body> {
+    let review: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let wanted: Vec<String> = review["spec"]["audiences"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let known = lock(&inner.tokens).get(token).cloned();
+    let status = match known {
+        Some((username, audiences)) => {
+            let matched: Vec<&String> = audiences.iter().filter(|a| wanted.contains(a)).collect();
+            if matched.is_empty() {
+                json!({"authenticated": false, "error": "token audiences do not match"})
+            } else {
+                json!({"authenticated": true, "user": {"username": username}, "audiences": matched})
+            }
+        }
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
+    };
+    let answer = json!({
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenReview",
+        "metadata": {"creationTimestamp": null},
+        "spec": review["spec"],
+        "status": status,
+    });
+    json_response(201, &answer)
+}
+
 async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Body>, Disconnect> {
     let (parts, body) = req.into_parts();
     let body = match body.collect().await {
@@ -672,6 +728,9 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Bo
 
     if let Some(response) = discovery(&inner, &method, &path) {
         return Ok(response);
+    }
+    if method == Method::POST && path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+        return Ok(token_review(&inner, &body));
     }
 
     let target = match route(&lock(&inner.store), &path) {

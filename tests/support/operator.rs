@@ -98,6 +98,7 @@ pub fn operator_options(
         default_token_lifetime: Duration::from_secs(3600),
         token_tls,
         webhook: None,
+        policy_listen: None,
     }
 }
 
@@ -1013,4 +1014,265 @@ pub async fn scenario_revocation_outlives_its_replica(client: Client, ns: &str) 
     );
     replica_b.kill();
     replica_c.kill();
+}
+
+/// An operator with its token server on HTTPS at 127.0.0.1:`token_port` and the policy
+/// stream at 127.0.0.1:`policy_port`.
+async fn start_streaming_operator(
+    client: Client,
+    namespace: &str,
+    token_port: u16,
+    policy_port: u16,
+) -> Operator {
+    let mut options = operator_options(
+        namespace,
+        &[namespace],
+        token_port,
+        TokenTls::SelfManaged {
+            service: "keygate".to_owned(),
+        },
+    );
+    options.policy_listen = Some(format!("127.0.0.1:{policy_port}").parse().expect("addr"));
+    let token_url = format!("{}/oauth2/token", options.config.issuer);
+    let task = tokio::spawn(async move {
+        if let Err(error) = run(client, options, std::future::pending()).await {
+            eprintln!("operator stopped: {error}");
+        }
+    });
+    Operator {
+        task,
+        token_url,
+        token_port,
+        https: true,
+    }
+}
+
+/// A `keygate sidecar` process, killed on drop.
+struct SidecarProcess(std::process::Child);
+
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An access token for `id` from the token server at `token_url`.
+async fn access_token(
+    http: &reqwest::Client,
+    token_url: &str,
+    id: &str,
+    secret: &str,
+) -> Option<String> {
+    let response = http
+        .post(token_url)
+        .basic_auth(id, Some(secret))
+        .form(&[("grant_type", "client_credentials"), ("resource", ORDERS)])
+        .send()
+        .await
+        .ok()?;
+    if response.status() != 200 {
+        return None;
+    }
+    let body: serde_json::Value = response.json().await.ok()?;
+    Some(body["access_token"].as_str()?.to_owned())
+}
+
+/// Issue #16: a `keygate sidecar` process follows its ScopePolicy's stream, authenticated by
+/// a ServiceAccount token with the audience keygate. Its policy file is written once and
+/// never again, so every change it enforces came through the stream: a new client's first
+/// token passes, a revoked token is refused; with the operator stopped it keeps its last good
+/// policy, and it catches up when a replica returns. The policy server refuses no token, a
+/// token it cannot vouch for, and a ServiceAccount of another namespace.
+pub async fn scenario_policy_stream(
+    client: Client,
+    ns: &str,
+    own_token: String,
+    foreign_token: String,
+) {
+    apply_basics(&client, ns).await;
+    let (token_port, policy_port) = (free_port(), free_port());
+    let operator = start_streaming_operator(client.clone(), ns, token_port, policy_port).await;
+    let ca = published_ca(&client, ns).await;
+    let https = client_trusting(&ca);
+    let document = eventually("the policy ConfigMap", WAIT, || async {
+        let document = policy_document(&client, ns).await?;
+        (document["clients"].as_array()?.len() == 1).then_some(document)
+    })
+    .await;
+
+    // The policy server's refusals.
+    let server = format!("https://127.0.0.1:{policy_port}");
+    let own_url = format!("{server}/v1/policies/{ns}/orders");
+    eventually("the policy server", WAIT, || async {
+        https.get(&own_url).send().await.ok().map(|_| ())
+    })
+    .await;
+    for (what, url, token, status) in [
+        ("no token", own_url.clone(), None, 401),
+        (
+            "a token nobody issued",
+            own_url.clone(),
+            Some("not-a-token".to_owned()),
+            401,
+        ),
+        (
+            "another namespace's ServiceAccount",
+            own_url.clone(),
+            Some(foreign_token.clone()),
+            403,
+        ),
+        (
+            "another namespace's policy",
+            format!("{server}/v1/policies/kube-system/orders"),
+            Some(own_token.clone()),
+            403,
+        ),
+    ] {
+        let mut request = https.get(&url);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let answer = request.send().await.expect("policy server");
+        assert_eq!(answer.status().as_u16(), status, "{what}");
+    }
+
+    // The sidecar: its policy file is the ConfigMap's document as it is now.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let policy_file = write("policy.json", &document.to_string());
+    let ca_file = write("ca.crt", &ca);
+    let token_file = write("token", &own_token);
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream_addr = upstream.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let app = axum::Router::new().fallback(|| async { "app" });
+        let _ = axum::serve(upstream, app).await;
+    });
+    let (listen, admin) = (free_port(), free_port());
+    let _sidecar = SidecarProcess(
+        std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .args(["sidecar", "--policy"])
+            .arg(&policy_file)
+            .args(["--listen", &format!("127.0.0.1:{listen}")])
+            .args(["--upstream", &upstream_addr.to_string()])
+            .args(["--admin", &format!("127.0.0.1:{admin}")])
+            .args(["--policy-server", &server])
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--ca-file")
+            .arg(&ca_file)
+            .spawn()
+            .expect("keygate sidecar"),
+    );
+    let http = reqwest::Client::new();
+    let orders = format!("http://127.0.0.1:{listen}/orders/1");
+    let status_with = |token: String| {
+        let request = http.get(&orders).bearer_auth(token);
+        async move {
+            request
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+
+    // A new client: its first token passes as soon as the stream brings the client.
+    apply_client(&client, ns, "newcomer", json!({"roles": ["reader"]})).await;
+    let newcomer = secret_data(&ready_secret(&client, ns, "newcomer").await);
+    let token = eventually("the newcomer's first token", WAIT, || {
+        access_token(
+            &https,
+            &operator.token_url,
+            &newcomer["client_id"],
+            &newcomer["client_secret"],
+        )
+    })
+    .await;
+    let issued = Instant::now();
+    eventually(
+        "the sidecar accepting the newcomer's first token",
+        WAIT,
+        || async { (status_with(token.clone()).await == 200).then_some(()) },
+    )
+    .await;
+    eprintln!(
+        "policy stream: a new client's first token passed {:?} after it was issued",
+        issued.elapsed()
+    );
+
+    // A revoked token is refused as soon as the stream brings the revocation.
+    let revoke_url = operator
+        .token_url
+        .replace("/oauth2/token", "/oauth2/revoke");
+    let revoked = https
+        .post(&revoke_url)
+        .basic_auth(&newcomer["client_id"], Some(&newcomer["client_secret"]))
+        .form(&[("token", token.as_str())])
+        .send()
+        .await
+        .expect("revoke");
+    assert_eq!(revoked.status(), 200);
+    let answered = Instant::now();
+    eventually("the sidecar refusing the revoked token", WAIT, || async {
+        (status_with(token.clone()).await == 401).then_some(())
+    })
+    .await;
+    eprintln!(
+        "policy stream: a revoked token was refused {:?} after the revocation was answered",
+        answered.elapsed()
+    );
+
+    // The operator goes away: the sidecar keeps its last good policy.
+    let reporting = secret_data(&ready_secret(&client, ns, "reporting").await);
+    let still_valid = access_token(
+        &https,
+        &operator.token_url,
+        &reporting["client_id"],
+        &reporting["client_secret"],
+    )
+    .await
+    .expect("a token");
+    operator.kill();
+    for _ in 0..3 {
+        assert_eq!(
+            status_with(still_valid.clone()).await,
+            200,
+            "a valid token with the operator down"
+        );
+        assert_eq!(
+            status_with(token.clone()).await,
+            401,
+            "the revoked token with the operator down"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // A replica returns: the sidecar reconnects and catches up.
+    let operator = start_streaming_operator(client.clone(), ns, token_port, policy_port).await;
+    apply_client(&client, ns, "latecomer", json!({"roles": ["reader"]})).await;
+    let latecomer = secret_data(&ready_secret(&client, ns, "latecomer").await);
+    let late_token = eventually("the latecomer's first token", WAIT, || {
+        access_token(
+            &https,
+            &operator.token_url,
+            &latecomer["client_id"],
+            &latecomer["client_secret"],
+        )
+    })
+    .await;
+    eventually(
+        "the sidecar accepting the latecomer after the operator returned",
+        WAIT,
+        || async { (status_with(late_token.clone()).await == 200).then_some(()) },
+    )
+    .await;
+    operator.kill();
 }

@@ -1,0 +1,422 @@
+//! The policy stream: every operator replica serves, over HTTPS, each ScopePolicy's policy
+//! document to the sidecars that follow it, first whole, then only what changed (the wire
+//! format is [`crate::policy::stream`]). A mounted ConfigMap reaches a sidecar after the
+//! kubelet's sync (60–90 s); the stream reaches it as soon as this replica's registry,
+//! signing keys or revocations change.
+//!
+//! - `GET /v1/policies/{namespace}/{name}` with `Authorization: Bearer <token>`: a projected
+//!   ServiceAccount token with the audience `keygate`, checked with a TokenReview (results
+//!   cached for a minute, by the token's SHA-256). A sidecar may follow only ScopePolicies
+//!   of its own namespace (the ServiceAccount's); anything else is 401 or 403.
+//! - Every replica builds documents itself (the same [`PolicyDocument::build`] the leader
+//!   uses for the ConfigMap), so any replica can serve any sidecar and none waits for the
+//!   leader. [`PolicyHub`] builds each followed ScopePolicy's document once per change and
+//!   hands the same serialized line to every stream that follows it.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::api::PostParams;
+use kube::{Api, Client};
+use tokio::sync::{Semaphore, broadcast, watch};
+
+use crate::policy::PolicyDocument;
+use crate::policy::stream::{PolicyDelta, StreamEvent};
+use crate::registry::{ObjectKey, Revocations, Snapshot};
+use crate::token::keys::IssuerKeys;
+
+/// The audience a sidecar's projected ServiceAccount token must carry.
+pub const AUDIENCE: &str = "keygate";
+/// How often a quiet stream sends a heartbeat.
+pub const HEARTBEAT: Duration = Duration::from_secs(15);
+/// How long a TokenReview's answer is reused.
+const REVIEW_TTL: Duration = Duration::from_secs(60);
+/// The most cached TokenReview answers; the cache is emptied when full.
+const MAX_CACHED_REVIEWS: usize = 10_000;
+/// TokenReviews in flight at once; further unauthenticated requests get 503.
+const MAX_REVIEWS_IN_FLIGHT: usize = 16;
+/// The longest bearer token looked at (a projected token is about 1 KiB).
+const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// Changes a slow stream may fall behind before it is sent a new snapshot instead.
+const BACKLOG: usize = 64;
+/// Changes arriving within this window are built into one.
+const COALESCE: Duration = Duration::from_millis(20);
+
+/// What a document is built from: this replica's registry, signing keys and revocations.
+#[derive(Clone)]
+pub struct Inputs {
+    pub registry: watch::Receiver<Arc<Snapshot>>,
+    pub keys: watch::Receiver<Arc<IssuerKeys>>,
+    pub revocations: Arc<Revocations>,
+    pub issuer: String,
+}
+
+impl Inputs {
+    fn build(&self, key: &ObjectKey) -> Option<PolicyDocument> {
+        let snapshot = self.registry.borrow().clone();
+        let keys = self.keys.borrow().clone();
+        PolicyDocument::build(
+            &snapshot,
+            key,
+            &self.issuer,
+            &keys.jwks,
+            &self.revocations.current(),
+        )
+        .ok()
+    }
+}
+
+/// A line of the stream, serialized once for every follower.
+#[derive(Clone)]
+struct Line {
+    revision: u64,
+    bytes: Bytes,
+}
+
+fn line(event: &StreamEvent) -> Bytes {
+    let mut bytes = serde_json::to_vec(event).expect("stream events serialize");
+    bytes.push(b'\n');
+    Bytes::from(bytes)
+}
+
+/// One followed ScopePolicy: its current document and the changes since.
+struct Channel {
+    current: Mutex<(u64, Arc<PolicyDocument>)>,
+    changes: broadcast::Sender<Line>,
+}
+
+/// The followed ScopePolicies of this replica.
+pub struct PolicyHub {
+    inputs: Inputs,
+    channels: Mutex<HashMap<ObjectKey, Arc<Channel>>>,
+}
+
+impl PolicyHub {
+    /// Starts the hub: a task rebuilds followed documents whenever an input changes.
+    pub fn spawn(inputs: Inputs) -> Arc<Self> {
+        let hub = Arc::new(Self {
+            inputs,
+            channels: Mutex::default(),
+        });
+        let weak = Arc::downgrade(&hub);
+        let mut inputs = hub.inputs.clone();
+        let mut revocations = hub.inputs.revocations.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let changed = tokio::select! {
+                    r = inputs.registry.changed() => r.is_ok(),
+                    r = inputs.keys.changed() => r.is_ok(),
+                    r = revocations.changed() => r.is_ok(),
+                };
+                if !changed {
+                    return;
+                }
+                tokio::time::sleep(COALESCE).await;
+                inputs.registry.mark_unchanged();
+                inputs.keys.mark_unchanged();
+                revocations.mark_unchanged();
+                let Some(hub) = weak.upgrade() else { return };
+                hub.rebuild();
+            }
+        });
+        hub
+    }
+
+    /// Rebuilds every followed document and sends what changed; forgets ScopePolicies
+    /// nobody follows any more.
+    fn rebuild(&self) {
+        let channels: Vec<(ObjectKey, Arc<Channel>)> = {
+            let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+            channels.retain(|_, channel| channel.changes.receiver_count() > 0);
+            channels
+                .iter()
+                .map(|(k, c)| (k.clone(), c.clone()))
+                .collect()
+        };
+        for (key, channel) in channels {
+            // A document that no longer builds (the ScopePolicy is gone or its rules broke)
+            // is not sent: followers keep the last good one, as with the ConfigMap.
+            let Some(document) = self.inputs.build(&key) else {
+                continue;
+            };
+            let mut current = channel.current.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(delta) = PolicyDelta::between(&current.1, &document) else {
+                continue;
+            };
+            let revision = current.0 + 1;
+            *current = (revision, Arc::new(document));
+            let event = StreamEvent::Change {
+                revision,
+                delta: Box::new(delta),
+            };
+            let _ = channel.changes.send(Line {
+                revision,
+                bytes: line(&event),
+            });
+        }
+    }
+
+    /// The current document of `key` and the changes after it, or `None` when there is no
+    /// such valid ScopePolicy here.
+    fn follow(&self, key: &ObjectKey) -> Option<(Line, broadcast::Receiver<Line>)> {
+        let channel = {
+            let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+            match channels.get(key) {
+                Some(channel) => channel.clone(),
+                None => {
+                    let document = self.inputs.build(key)?;
+                    let channel = Arc::new(Channel {
+                        current: Mutex::new((1, Arc::new(document))),
+                        changes: broadcast::channel(BACKLOG).0,
+                    });
+                    channels.insert(key.clone(), channel.clone());
+                    channel
+                }
+            }
+        };
+        // Subscribe under the lock that rebuild holds while it sends, so no change falls
+        // between the snapshot and the subscription.
+        let current = channel.current.lock().unwrap_or_else(|p| p.into_inner());
+        let receiver = channel.changes.subscribe();
+        let snapshot = snapshot_line(current.0, &current.1);
+        Some((snapshot, receiver))
+    }
+
+    /// The current snapshot of `key`, for a follower that fell behind.
+    fn snapshot(&self, key: &ObjectKey) -> Option<Line> {
+        let channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let channel = channels.get(key)?;
+        let current = channel.current.lock().unwrap_or_else(|p| p.into_inner());
+        Some(snapshot_line(current.0, &current.1))
+    }
+}
+
+fn snapshot_line(revision: u64, document: &PolicyDocument) -> Line {
+    Line {
+        revision,
+        bytes: line(&StreamEvent::Snapshot {
+            revision,
+            document: Box::new(document.clone()),
+        }),
+    }
+}
+
+/// Who a token belongs to, as a TokenReview says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reviewed {
+    /// The ServiceAccount's namespace.
+    pub namespace: String,
+    /// `system:serviceaccount:<namespace>:<name>`.
+    pub username: String,
+}
+
+/// Why a follower is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No token, or one the API server does not vouch for with the audience `keygate`.
+    Unauthenticated,
+    /// Too many TokenReviews in flight, or the API server did not answer.
+    Unavailable,
+}
+
+/// A TokenReview's answer (`None`: not vouched for) and when it came, by token digest.
+type ReviewCache = HashMap<[u8; 32], (Instant, Option<Reviewed>)>;
+
+/// Checks sidecars' tokens with TokenReviews, cached.
+pub struct Reviewer {
+    client: Client,
+    cache: Mutex<ReviewCache>,
+    in_flight: Semaphore,
+}
+
+impl Reviewer {
+    pub fn new(client: Client) -> Self {
+        Self {
+            client,
+            cache: Mutex::default(),
+            in_flight: Semaphore::new(MAX_REVIEWS_IN_FLIGHT),
+        }
+    }
+
+    /// Who `token` belongs to.
+    pub async fn review(&self, token: &str) -> Result<Reviewed, Refusal> {
+        if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
+            return Err(Refusal::Unauthenticated);
+        }
+        let digest: [u8; 32] =
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes())
+                .as_ref()
+                .try_into()
+                .expect("32 bytes");
+        if let Some((at, answer)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&digest)
+            .cloned()
+            && at.elapsed() < REVIEW_TTL
+        {
+            return answer.ok_or(Refusal::Unauthenticated);
+        }
+        let _permit = self
+            .in_flight
+            .try_acquire()
+            .map_err(|_| Refusal::Unavailable)?;
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: Some(vec![AUDIENCE.to_owned()]),
+            },
+            ..TokenReview::default()
+        };
+        let api: Api<TokenReview> = Api::all(self.client.clone());
+        let answer = match api.create(&PostParams::default(), &review).await {
+            Ok(answer) => answer,
+            Err(error) => {
+                tracing::warn!(%error, "TokenReview failed");
+                return Err(Refusal::Unavailable);
+            }
+        };
+        let reviewed = answer.status.and_then(|status| {
+            let audiences_ok = status
+                .audiences
+                .as_ref()
+                .is_some_and(|a| a.iter().any(|a| a == AUDIENCE));
+            if status.authenticated != Some(true) || !audiences_ok {
+                return None;
+            }
+            let username = status.user?.username?;
+            let rest = username.strip_prefix("system:serviceaccount:")?;
+            let (namespace, _name) = rest.split_once(':')?;
+            Some(Reviewed {
+                namespace: namespace.to_owned(),
+                username: username.clone(),
+            })
+        });
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= MAX_CACHED_REVIEWS {
+            cache.clear();
+        }
+        cache.insert(digest, (Instant::now(), reviewed.clone()));
+        reviewed.ok_or(Refusal::Unauthenticated)
+    }
+}
+
+#[derive(Clone)]
+struct ServerState {
+    hub: Arc<PolicyHub>,
+    reviewer: Arc<Reviewer>,
+}
+
+/// The stream's routes.
+pub fn router(hub: Arc<PolicyHub>, reviewer: Arc<Reviewer>) -> Router {
+    Router::new()
+        .route("/v1/policies/{namespace}/{name}", get(follow))
+        .with_state(ServerState { hub, reviewer })
+}
+
+fn refuse(status: StatusCode, error: &'static str, description: &'static str) -> Response {
+    let body = serde_json::json!({"error": error, "error_description": description});
+    let mut response = (status, axum::Json(body)).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer realm=\"keygate\""),
+        );
+    }
+    response
+}
+
+async fn follow(
+    State(state): State<ServerState>,
+    Path((namespace, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or_default();
+    let reviewed = match state.reviewer.review(token).await {
+        Ok(reviewed) => reviewed,
+        Err(Refusal::Unauthenticated) => {
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                "invalid_token",
+                "a ServiceAccount token with the audience keygate is required",
+            );
+        }
+        Err(Refusal::Unavailable) => {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                "the token could not be checked; retry",
+            );
+        }
+    };
+    if reviewed.namespace != namespace {
+        tracing::warn!(username = %reviewed.username, %namespace, %name, "a ServiceAccount asked to follow a ScopePolicy of another namespace");
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "access_denied",
+            "a sidecar may follow only ScopePolicies of its own namespace",
+        );
+    }
+    let key = ObjectKey::new(&namespace, &name);
+    let Some((snapshot, changes)) = state.hub.follow(&key) else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such ScopePolicy with valid rules",
+        );
+    };
+    tracing::debug!(username = %reviewed.username, policy = %key, "a sidecar follows its policy");
+    let hub = state.hub.clone();
+    let stream = futures::stream::unfold(
+        (Some(snapshot), changes, 0u64, hub, key),
+        |(first, mut changes, mut revision, hub, key)| async move {
+            if let Some(first) = first {
+                revision = first.revision;
+                return Some((
+                    Ok::<_, Infallible>(first.bytes),
+                    (None, changes, revision, hub, key),
+                ));
+            }
+            loop {
+                match tokio::time::timeout(HEARTBEAT, changes.recv()).await {
+                    Err(_) => {
+                        let beat = line(&StreamEvent::Heartbeat);
+                        return Some((Ok(beat), (None, changes, revision, hub, key)));
+                    }
+                    Ok(Ok(change)) if change.revision <= revision => continue,
+                    Ok(Ok(change)) => {
+                        revision = change.revision;
+                        return Some((Ok(change.bytes), (None, changes, revision, hub, key)));
+                    }
+                    Ok(Err(broadcast::error::RecvError::Lagged(_))) => {
+                        // Fell behind: start again from the current document.
+                        let snapshot = hub.snapshot(&key)?;
+                        revision = snapshot.revision;
+                        return Some((Ok(snapshot.bytes), (None, changes, revision, hub, key)));
+                    }
+                    Ok(Err(broadcast::error::RecvError::Closed)) => return None,
+                }
+            }
+        },
+    );
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Body::from_stream(stream))
+        .expect("a valid response")
+}

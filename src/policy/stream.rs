@@ -1,0 +1,262 @@
+//! The policy stream's wire format: what an operator replica sends a sidecar that follows a
+//! ScopePolicy, one JSON object per line (`application/x-ndjson`). Pure: the server
+//! (`controller::policy_stream`) computes events with [`PolicyDelta::between`], the sidecar
+//! applies them with [`PolicyDelta::apply`].
+//!
+//! A stream starts with a [`StreamEvent::Snapshot`] (the whole policy document) and goes on
+//! with [`StreamEvent::Change`]s that carry only what changed: clients added or changed in
+//! full, removed ones by id, and the other parts of the document (rules, keygate's keys,
+//! disabled clients, revocations) only when they changed. An unchanged client costs no byte.
+//! [`StreamEvent::Heartbeat`]s let the sidecar tell a quiet stream from a dead one.
+
+use serde::{Deserialize, Serialize};
+
+use super::document::{KeygateIssuer, PolicyClient, PolicyDocument};
+use crate::api::ScopePolicySpec;
+use crate::registry::RevocationList;
+
+/// One line of the stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
+pub enum StreamEvent {
+    /// The whole document at `revision`.
+    Snapshot {
+        revision: u64,
+        document: Box<PolicyDocument>,
+    },
+    /// What changed from `revision - 1` to `revision`.
+    Change {
+        revision: u64,
+        delta: Box<PolicyDelta>,
+    },
+    /// Nothing changed; the stream is alive.
+    Heartbeat,
+}
+
+/// The difference between two documents of the same ScopePolicy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyDelta {
+    /// Clients added or changed, whole.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upsert_clients: Vec<PolicyClient>,
+    /// Client ids no longer in the document.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove_clients: Vec<String>,
+    /// The new spec, when it changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<ScopePolicySpec>,
+    /// keygate's issuer and keys, when they changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keygate: Option<KeygateIssuer>,
+    /// The disabled clients, when they changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_clients: Option<Vec<String>>,
+    /// Revocations added.
+    #[serde(default, skip_serializing_if = "RevocationList::is_empty")]
+    pub revoke: RevocationList,
+    /// Revocations that expired and were dropped.
+    #[serde(default, skip_serializing_if = "RevocationList::is_empty")]
+    pub unrevoke: RevocationList,
+}
+
+impl PolicyDelta {
+    /// What turns `old` into `new`, or `None` when they are equal. Both documents have their
+    /// clients sorted by id, as [`PolicyDocument::build`] makes them.
+    pub fn between(old: &PolicyDocument, new: &PolicyDocument) -> Option<Self> {
+        let mut delta = Self::default();
+        let (mut a, mut b) = (old.clients.iter().peekable(), new.clients.iter().peekable());
+        loop {
+            match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) if x.client_id == y.client_id => {
+                    if x != y {
+                        delta.upsert_clients.push((*y).clone());
+                    }
+                    a.next();
+                    b.next();
+                }
+                (Some(x), Some(y)) if x.client_id < y.client_id => {
+                    delta.remove_clients.push(x.client_id.clone());
+                    a.next();
+                }
+                (Some(_), Some(y)) => {
+                    delta.upsert_clients.push((*y).clone());
+                    b.next();
+                }
+                (Some(x), None) => {
+                    delta.remove_clients.push(x.client_id.clone());
+                    a.next();
+                }
+                (None, Some(y)) => {
+                    delta.upsert_clients.push((*y).clone());
+                    b.next();
+                }
+                (None, None) => break,
+            }
+        }
+        if old.spec != new.spec {
+            delta.spec = Some(new.spec.clone());
+        }
+        if old.keygate != new.keygate {
+            delta.keygate = Some(new.keygate.clone());
+        }
+        if old.disabled_clients != new.disabled_clients {
+            delta.disabled_clients = Some(new.disabled_clients.clone());
+        }
+        let (was, is) = (&old.revocations, &new.revocations);
+        for (jti, exp) in &is.tokens {
+            if was.tokens.get(jti) != Some(exp) {
+                delta.revoke.tokens.insert(jti.clone(), *exp);
+            }
+        }
+        for (client, nb) in &is.clients {
+            if was.clients.get(client) != Some(nb) {
+                delta.revoke.clients.insert(client.clone(), *nb);
+            }
+        }
+        for (jti, exp) in &was.tokens {
+            if !is.tokens.contains_key(jti) {
+                delta.unrevoke.tokens.insert(jti.clone(), *exp);
+            }
+        }
+        for (client, nb) in &was.clients {
+            if !is.clients.contains_key(client) {
+                delta.unrevoke.clients.insert(client.clone(), *nb);
+            }
+        }
+        (delta != Self::default()).then_some(delta)
+    }
+
+    /// Applies the delta to `document` (the one it was computed from).
+    pub fn apply(&self, document: &mut PolicyDocument) {
+        for id in &self.remove_clients {
+            if let Ok(at) = document
+                .clients
+                .binary_search_by(|c| c.client_id.as_str().cmp(id))
+            {
+                document.clients.remove(at);
+            }
+        }
+        for client in &self.upsert_clients {
+            match document
+                .clients
+                .binary_search_by(|c| c.client_id.cmp(&client.client_id))
+            {
+                Ok(at) => document.clients[at] = client.clone(),
+                Err(at) => document.clients.insert(at, client.clone()),
+            }
+        }
+        if let Some(spec) = &self.spec {
+            document.spec = spec.clone();
+        }
+        if let Some(keygate) = &self.keygate {
+            document.keygate = keygate.clone();
+        }
+        if let Some(disabled) = &self.disabled_clients {
+            document.disabled_clients = disabled.clone();
+        }
+        let revocations = &mut document.revocations;
+        for jti in self.unrevoke.tokens.keys() {
+            revocations.tokens.remove(jti);
+        }
+        for client in self.unrevoke.clients.keys() {
+            revocations.clients.remove(client);
+        }
+        for (jti, exp) in &self.revoke.tokens {
+            revocations.tokens.insert(jti.clone(), *exp);
+        }
+        for (client, nb) in &self.revoke.clients {
+            revocations.clients.insert(client.clone(), *nb);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::document::PolicyKey;
+
+    const FIXTURE: &str = include_str!("../../tests/fixtures/policy.json");
+
+    fn client(id: &str, scopes: &[&str]) -> PolicyClient {
+        PolicyClient {
+            client_id: id.to_owned(),
+            name: format!("shop/{id}"),
+            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+            keys: Vec::new(),
+            api_keys: Vec::new(),
+        }
+    }
+
+    fn document(clients: Vec<PolicyClient>) -> PolicyDocument {
+        let mut document = PolicyDocument::parse(FIXTURE.as_bytes()).unwrap();
+        document.clients = clients;
+        document
+    }
+
+    #[test]
+    fn only_what_changed_travels_and_applying_it_gives_the_new_document() {
+        let old = document(vec![
+            client("kgc_a", &["orders.read"]),
+            client("kgc_b", &["orders.read"]),
+            client("kgc_c", &["orders.read"]),
+        ]);
+        let mut new = document(vec![
+            client("kgc_a", &["orders.read"]),
+            client("kgc_b", &["orders.read", "orders.write"]),
+            client("kgc_d", &["orders.read"]),
+        ]);
+        new.clients[2].keys.push(PolicyKey {
+            fingerprint: "SHA256:x".into(),
+            public_key: "pem".into(),
+            not_after: None,
+        });
+        new.revocations.tokens.insert("jti-1".into(), 99);
+        new.disabled_clients = vec!["kgc_z".into()];
+
+        let delta = PolicyDelta::between(&old, &new).expect("a delta");
+        let ids: Vec<_> = delta
+            .upsert_clients
+            .iter()
+            .map(|c| c.client_id.as_str())
+            .collect();
+        assert_eq!(ids, ["kgc_b", "kgc_d"], "kgc_a is unchanged and not sent");
+        assert_eq!(delta.remove_clients, ["kgc_c"]);
+        assert!(delta.spec.is_none() && delta.keygate.is_none());
+        assert_eq!(delta.revoke.tokens.len(), 1);
+        let mut applied = old.clone();
+        delta.apply(&mut applied);
+        assert_eq!(applied, new);
+
+        // Back again: the revocation expires, kgc_c returns.
+        let back = PolicyDelta::between(&new, &old).expect("a delta");
+        assert_eq!(back.unrevoke.tokens.len(), 1);
+        let mut applied = new.clone();
+        back.apply(&mut applied);
+        assert_eq!(applied, old);
+
+        assert_eq!(PolicyDelta::between(&old, &old), None);
+    }
+
+    #[test]
+    fn events_round_trip_as_one_json_line_and_refuse_unknown_fields() {
+        let delta = PolicyDelta {
+            remove_clients: vec!["kgc_c".into()],
+            ..PolicyDelta::default()
+        };
+        let event = StreamEvent::Change {
+            revision: 7,
+            delta: Box::new(delta),
+        };
+        let line = serde_json::to_string(&event).unwrap();
+        assert!(!line.contains('\n'));
+        assert_eq!(
+            line,
+            r#"{"type":"change","revision":7,"delta":{"removeClients":["kgc_c"]}}"#
+        );
+        assert_eq!(serde_json::from_str::<StreamEvent>(&line).unwrap(), event);
+        assert!(serde_json::from_str::<StreamEvent>(r#"{"type":"heartbeat","x":1}"#).is_err());
+        let unknown = r#"{"type":"change","revision":7,"delta":{"removedClients":["kgc_c"]}}"#;
+        assert!(serde_json::from_str::<StreamEvent>(unknown).is_err());
+    }
+}
