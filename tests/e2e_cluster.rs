@@ -11,7 +11,7 @@ mod operator;
 use std::time::Duration;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 
 /// A client for the cluster, or `None` (after saying why) when the tests should skip.
@@ -182,6 +182,56 @@ async fn a_revocation_outlives_its_replica() {
     .await;
 }
 
+/// Issue #16: a `keygate sidecar` process follows its ScopePolicy's stream with a
+/// ServiceAccount token the API server issued for the audience keygate (TokenRequest, as
+/// `kubectl create token ... --audience keygate` does), checked by a real TokenReview.
+#[tokio::test]
+async fn a_sidecar_follows_the_policy_stream() {
+    let Some(client) = cluster().await else {
+        return;
+    };
+    in_namespace(client, "stream", |client, ns| async move {
+        let other = format!("{ns}-other");
+        operator::create_namespace(&client, &other).await;
+        let own = service_account_token(&client, &ns, "orders").await;
+        let foreign = service_account_token(&client, &other, "orders").await;
+        operator::scenario_policy_stream(client.clone(), &ns, own, foreign).await;
+        let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
+        let _ = namespaces.delete(&other, &DeleteParams::default()).await;
+    })
+    .await;
+}
+
+/// A token of a new ServiceAccount `namespace/name` for the audience keygate.
+async fn service_account_token(client: &Client, namespace: &str, name: &str) -> String {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    let account: ServiceAccount = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}
+    }))
+    .expect("ServiceAccount");
+    accounts
+        .create(&PostParams::default(), &account)
+        .await
+        .expect("create the ServiceAccount");
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec!["keygate".to_owned()],
+            expiration_seconds: Some(3600),
+            ..TokenRequestSpec::default()
+        },
+        ..TokenRequest::default()
+    };
+    accounts
+        .create_token_request(name, &PostParams::default(), &request)
+        .await
+        .expect("a token")
+        .status
+        .expect("status")
+        .token
+}
+
 /// The admission webhook against a real API server: the webhook runs here, and webhook
 /// configurations scoped to the test namespace point at it with `clientConfig.url`. The API
 /// server must reach this machine: set `KEYGATE_E2E_WEBHOOK_HOST` to an address of this host
@@ -212,7 +262,6 @@ async fn webhook_scenario(client: Client, ns: String, host: String) {
         MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
     };
     use k8s_openapi::api::core::v1::Pod;
-    use kube::api::PostParams;
     use serde_json::json;
 
     // The registry the webhook reads, fed from the cluster like the operator's.
