@@ -236,6 +236,12 @@ struct SidecarTemplateArgs {
     /// 127.0.0.1 only).
     #[arg(long, env = "KEYGATE_DEFAULT_CAPTURE", value_enum, default_value_t = keygate::webhook::CaptureMode::Redirect)]
     default_capture: keygate::webhook::CaptureMode,
+    /// The policy stream injected sidecars follow (https://…). `keygate operator` defaults
+    /// it to its own: https://<token service>.<namespace>.svc:<policy port>, unless token TLS
+    /// is disabled or --policy-listen is empty. Without it, sidecars read only the policy
+    /// ConfigMap.
+    #[arg(long, env = "KEYGATE_SIDECAR_POLICY_SERVER")]
+    sidecar_policy_server: Option<String>,
 }
 
 impl SidecarTemplateArgs {
@@ -261,6 +267,7 @@ impl SidecarTemplateArgs {
         set("limits", "cpu", &self.sidecar_cpu_limit);
         set("limits", "memory", &self.sidecar_memory_limit);
         config.capture = self.default_capture;
+        config.policy_server = self.sidecar_policy_server.clone();
         config
     }
 }
@@ -429,10 +436,26 @@ fn webhook_options(args: &OperatorArgs) -> Option<keygate::operator::WebhookOpti
             },
         },
     };
+    let mut inject = args.sidecar.inject_config();
+    if inject.policy_server.is_none() && !matches!(args.token_tls, TokenTlsMode::Disabled) {
+        // The operator's own policy stream, through its token Service.
+        let port = args
+            .policy_listen
+            .trim()
+            .parse::<SocketAddr>()
+            .ok()
+            .map(|a| a.port());
+        inject.policy_server = port.map(|port| {
+            format!(
+                "https://{}.{}.svc:{port}",
+                args.token_service, args.namespace
+            )
+        });
+    }
     Some(WebhookOptions {
         listen: args.webhook_listen,
         tls,
-        inject: args.sidecar.inject_config(),
+        inject,
     })
 }
 

@@ -360,6 +360,7 @@ pub async fn run_with_limits(
             registry.clone(),
             keys.clone(),
             revocations.clone(),
+            controller::token_tls::watch_published_ca(client.clone(), &config.namespace),
             config.clone(),
             &mut m,
         )
@@ -622,7 +623,10 @@ async fn run_controllers_when_leading(
                 changes(ctx.registry.subscribe(), Duration::from_secs(1)),
                 changes(ctx.revocations.subscribe(), Duration::from_millis(200)),
             ),
-            changes(ctx.keys.clone(), Duration::from_millis(200)),
+            futures::stream::select(
+                changes(ctx.keys.clone(), Duration::from_millis(200)),
+                changes(ctx.token_ca.clone(), Duration::from_millis(200)),
+            ),
         );
         let mut controller = controller_for(api, config.concurrency)
             .reconcile_all_on(trigger)

@@ -147,9 +147,28 @@ pub fn watch_secret_named(
     namespace: &str,
     name: &str,
 ) -> BoxStream<'static, Result<Secret, watcher::Error>> {
-    let secrets: Api<Secret> = Api::namespaced(client, namespace);
+    watch_named(client, namespace, name)
+}
+
+/// The changes of one object of kind `K` in `namespace`, by name (applied and re-listed
+/// objects), with the default back-off on watch errors.
+pub fn watch_named<K>(
+    client: Client,
+    namespace: &str,
+    name: &str,
+) -> BoxStream<'static, Result<K, watcher::Error>>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(client, namespace);
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    watcher(secrets, config)
+    watcher(api, config)
         .default_backoff()
         .applied_objects()
         .boxed()
@@ -227,16 +246,21 @@ pub struct Context {
     pub registry: Arc<Registry>,
     pub keys: channel::Receiver<Arc<IssuerKeys>>,
     pub revocations: Arc<Revocations>,
+    /// The CA of the token server's (and the policy stream's) certificate, as published in
+    /// the ConfigMap `keygate-ca`; copied into every policy ConfigMap for the sidecars.
+    pub token_ca: channel::Receiver<Option<String>>,
     pub config: OperatorConfig,
     pub metrics: Metrics,
 }
 
 impl Context {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         client: Client,
         registry: Arc<Registry>,
         keys: channel::Receiver<Arc<IssuerKeys>>,
         revocations: Arc<Revocations>,
+        token_ca: channel::Receiver<Option<String>>,
         config: OperatorConfig,
         metrics: &mut prometheus_client::registry::Registry,
     ) -> Arc<Self> {
@@ -251,6 +275,7 @@ impl Context {
             registry,
             keys,
             revocations,
+            token_ca,
             config,
             metrics: Metrics::register(metrics),
         })

@@ -26,6 +26,9 @@ use crate::registry::ObjectKey;
 
 /// The ConfigMap key holding the policy file.
 pub const POLICY_KEY: &str = "policy.json";
+/// The ConfigMap key holding the CA of the policy stream's (the token server's)
+/// certificate, for sidecars that follow the stream. Public: a certificate, never a key.
+pub const POLICY_CA_KEY: &str = "ca.crt";
 
 /// The most a ConfigMap's data may hold (the API server's limit is 1 MiB).
 pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
@@ -236,11 +239,12 @@ async fn reconcile_policy(policy: &ScopePolicy, ctx: &Context) -> Result<Action>
     let name = config_map_name(&policy.name_any());
     let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
     let existing = timed(config_maps.get_opt(&name)).await?;
-    let current = existing
-        .as_ref()
-        .and_then(|cm| cm.data.as_ref())
-        .and_then(|d| d.get(POLICY_KEY));
-    if current != Some(&json) {
+    let mut data = BTreeMap::from([(POLICY_KEY.to_owned(), json)]);
+    if let Some(ca) = ctx.token_ca.borrow().clone() {
+        data.insert(POLICY_CA_KEY.to_owned(), ca);
+    }
+    let current = existing.as_ref().and_then(|cm| cm.data.as_ref());
+    if current != Some(&data) {
         let desired = ConfigMap {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
@@ -252,7 +256,7 @@ async fn reconcile_policy(policy: &ScopePolicy, ctx: &Context) -> Result<Action>
                 owner_references: policy.controller_owner_ref(&()).map(|o| vec![o]),
                 ..ObjectMeta::default()
             },
-            data: Some(BTreeMap::from([(POLICY_KEY.to_owned(), json)])),
+            data: Some(data),
             ..ConfigMap::default()
         };
         timed(config_maps.patch(

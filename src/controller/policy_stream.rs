@@ -395,7 +395,7 @@ async fn follow(
             loop {
                 match tokio::time::timeout(HEARTBEAT, changes.recv()).await {
                     Err(_) => {
-                        let beat = line(&StreamEvent::Heartbeat);
+                        let beat = line(&StreamEvent::Heartbeat {});
                         return Some((Ok(beat), (None, changes, revision, hub, key)));
                     }
                     Ok(Ok(change)) if change.revision <= revision => continue,

@@ -145,6 +145,33 @@ pub async fn publish_ca_file_while_leading(
     .await;
 }
 
+/// The CA published in [`CA_CONFIGMAP`] of `namespace`, kept current by a watch: `None` until
+/// it is there.
+pub fn watch_published_ca(
+    client: kube::Client,
+    namespace: &str,
+) -> tokio::sync::watch::Receiver<Option<String>> {
+    use futures::StreamExt;
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let mut events = super::watch_named::<ConfigMap>(client, namespace, CA_CONFIGMAP);
+    tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(cm) => {
+                    let ca = cm.data.and_then(|mut d| d.remove(CA_CRT));
+                    tx.send_if_modified(|current| {
+                        let changed = *current != ca;
+                        *current = ca;
+                        changed
+                    });
+                }
+                Err(error) => tracing::warn!(%error, "watching {CA_CONFIGMAP} failed; retrying"),
+            }
+        }
+    });
+    rx
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,7 +30,7 @@ pub enum StreamEvent {
         delta: Box<PolicyDelta>,
     },
     /// Nothing changed; the stream is alive.
-    Heartbeat,
+    Heartbeat {},
 }
 
 /// The difference between two documents of the same ScopePolicy.

@@ -191,8 +191,8 @@ fn apply_line(
         )));
     }
     let (revision, document) = match (event, state) {
-        (StreamEvent::Heartbeat, Some(state)) => return Ok(state),
-        (StreamEvent::Heartbeat, None) => {
+        (StreamEvent::Heartbeat {}, Some(state)) => return Ok(state),
+        (StreamEvent::Heartbeat {}, None) => {
             return Err(Broken::Invalid("a heartbeat before the snapshot".into()));
         }
         (StreamEvent::Snapshot { revision, document }, _) => {

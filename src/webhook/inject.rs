@@ -36,14 +36,15 @@ use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, Pod, PodSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecurityContext, Volume, VolumeMount,
+    HTTPGetAction, ObjectFieldSelector, Pod, PodSpec, Probe, ProjectedVolumeSource,
+    ResourceRequirements, SeccompProfile, SecurityContext, ServiceAccountTokenProjection, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
 
-use crate::controller::policies::{POLICY_KEY, config_map_name};
+use crate::controller::policies::{POLICY_CA_KEY, POLICY_KEY, config_map_name};
 
 /// The label a Pod (template) carries to opt in.
 pub const INJECT_LABEL: &str = "keygate.dev/inject";
@@ -78,6 +79,14 @@ pub const SIDECAR_NAME: &str = "keygate-sidecar";
 pub const SIDECAR_COMMAND: &str = "/keygate-sidecar";
 /// The policy volume's name.
 pub const POLICY_VOLUME: &str = "keygate-policy";
+/// The projected ServiceAccount token volume's name (the policy stream's credential).
+pub const TOKEN_VOLUME: &str = "keygate-token";
+/// Where the projected token is mounted; the sidecar's default `--token-file` is `token` in it.
+pub const TOKEN_MOUNT_PATH: &str = "/var/run/secrets/keygate";
+/// The audience of the projected token, which the operator's TokenReview asks for.
+pub const TOKEN_AUDIENCE: &str = "keygate";
+/// How long a projected token lives; the kubelet renews it at 80 % of that.
+pub const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
 /// Where the policy ConfigMap is mounted.
 pub const POLICY_MOUNT_PATH: &str = "/etc/keygate";
 /// The name of the sidecar's request port (a Service can target it by name).
@@ -142,6 +151,11 @@ pub struct InjectConfig {
     pub watch_namespaces: Vec<String>,
     /// The capture mode of Pods without the annotation `keygate.dev/capture`.
     pub capture: CaptureMode,
+    /// The operator's policy stream (`https://…:8443`). When set, the sidecar follows it
+    /// with a projected ServiceAccount token (audience `keygate`, volume `keygate-token`)
+    /// and the CA in its policy ConfigMap (`ca.crt`); the ConfigMap stays the bootstrap
+    /// and the fallback.
+    pub policy_server: Option<String>,
 }
 
 impl InjectConfig {
@@ -161,6 +175,7 @@ impl InjectConfig {
             version: version.into(),
             watch_namespaces: Vec::new(),
             capture: CaptureMode::Redirect,
+            policy_server: None,
         }
     }
 
@@ -256,15 +271,12 @@ pub fn inject(
     if capture != CaptureMode::NetworkPolicy {
         check_open_ports(spec, &annotations, capture, upstream_port)?;
     }
-    if spec
-        .volumes
-        .iter()
-        .flatten()
-        .any(|v| v.name == POLICY_VOLUME)
-    {
-        return Err(Deny(format!(
-            "keygate: the pod already has a volume named {POLICY_VOLUME}, which the sidecar needs; rename that volume"
-        )));
+    for name in [POLICY_VOLUME, TOKEN_VOLUME] {
+        if spec.volumes.iter().flatten().any(|v| v.name == name) {
+            return Err(Deny(format!(
+                "keygate: the pod already has a volume named {name}, which the sidecar needs; rename that volume"
+            )));
+        }
     }
     if spec
         .init_containers
@@ -315,17 +327,38 @@ pub fn inject(
         None => {}
     }
 
-    let volume = to_value(&Volume {
+    let mut volumes = vec![to_value(&Volume {
         name: POLICY_VOLUME.to_owned(),
         config_map: Some(ConfigMapVolumeSource {
             name: config_map_name(policy),
             ..Default::default()
         }),
         ..Default::default()
-    })?;
+    })?];
+    if config.policy_server.is_some() {
+        volumes.push(to_value(&Volume {
+            name: TOKEN_VOLUME.to_owned(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(TOKEN_AUDIENCE.to_owned()),
+                        expiration_seconds: Some(TOKEN_EXPIRATION_SECONDS),
+                        path: "token".to_owned(),
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })?);
+    }
     match &spec.volumes {
-        Some(_) => ops.push(add(&["spec", "volumes", "-"], volume)),
-        None => ops.push(add(&["spec", "volumes"], Value::Array(vec![volume]))),
+        Some(_) => {
+            for volume in volumes {
+                ops.push(add(&["spec", "volumes", "-"], volume));
+            }
+        }
+        None => ops.push(add(&["spec", "volumes"], Value::Array(volumes))),
     }
 
     let mut new_annotations = vec![(INJECTED_ANNOTATION, config.version.clone())];
@@ -574,21 +607,44 @@ fn sidecar_container(
         protocol: Some("TCP".to_owned()),
         ..Default::default()
     };
+    let mut args = vec![
+        "--policy".to_owned(),
+        format!("{POLICY_MOUNT_PATH}/{POLICY_KEY}"),
+        "--listen".to_owned(),
+        format!("0.0.0.0:{listen_port}"),
+        "--upstream".to_owned(),
+        format!("127.0.0.1:{upstream_port}"),
+        "--admin".to_owned(),
+        format!("0.0.0.0:{admin_port}"),
+    ];
+    let mut mounts = vec![VolumeMount {
+        name: POLICY_VOLUME.to_owned(),
+        mount_path: POLICY_MOUNT_PATH.to_owned(),
+        read_only: Some(true),
+        ..Default::default()
+    }];
+    if let Some(server) = &config.policy_server {
+        args.extend([
+            "--policy-server".to_owned(),
+            server.clone(),
+            "--token-file".to_owned(),
+            format!("{TOKEN_MOUNT_PATH}/token"),
+            "--ca-file".to_owned(),
+            format!("{POLICY_MOUNT_PATH}/{POLICY_CA_KEY}"),
+        ]);
+        mounts.push(VolumeMount {
+            name: TOKEN_VOLUME.to_owned(),
+            mount_path: TOKEN_MOUNT_PATH.to_owned(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
     Container {
         name: SIDECAR_NAME.to_owned(),
         image: Some(config.image.clone()),
         image_pull_policy: config.image_pull_policy.clone(),
         command: Some(vec![SIDECAR_COMMAND.to_owned()]),
-        args: Some(vec![
-            "--policy".to_owned(),
-            format!("{POLICY_MOUNT_PATH}/{POLICY_KEY}"),
-            "--listen".to_owned(),
-            format!("0.0.0.0:{listen_port}"),
-            "--upstream".to_owned(),
-            format!("127.0.0.1:{upstream_port}"),
-            "--admin".to_owned(),
-            format!("0.0.0.0:{admin_port}"),
-        ]),
+        args: Some(args),
         env: Some(vec![
             EnvVar {
                 name: "KEYGATE_LOG_FORMAT".to_owned(),
@@ -627,12 +683,7 @@ fn sidecar_container(
             ..Default::default()
         }),
         termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
-        volume_mounts: Some(vec![VolumeMount {
-            name: POLICY_VOLUME.to_owned(),
-            mount_path: POLICY_MOUNT_PATH.to_owned(),
-            read_only: Some(true),
-            ..Default::default()
-        }]),
+        volume_mounts: Some(mounts),
         ..Default::default()
     }
 }

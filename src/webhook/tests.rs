@@ -698,3 +698,60 @@ fn manifest_denials_name_the_object() {
     assert!(error.contains("ScopePolicy shop/billing"), "{error}");
     assert!(inject_manifest("a: [", &config(), false, lookup).is_err());
 }
+
+#[test]
+fn with_a_policy_server_the_sidecar_follows_the_stream_with_a_projected_token() {
+    let pod = pod_with(json!({"keygate.dev/policy": "orders"}), json!([]));
+    let mut streaming = config();
+    streaming.policy_server = Some("https://keygate.keygate-system.svc:8443".to_owned());
+    let patch = inject(&pod, "shop", &streaming, true, lookup)
+        .expect("ok")
+        .expect("patch");
+    let mut value = serde_json::to_value(&pod).expect("json");
+    json_patch::patch(&mut value, &patch.0).expect("applies");
+    let sidecar = &sidecars(&value)[0].2;
+    let args = sidecar["args"].as_array().expect("args");
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .map(|i| args[i + 1].clone())
+    };
+    assert_eq!(
+        flag("--policy-server"),
+        Some(json!("https://keygate.keygate-system.svc:8443"))
+    );
+    assert_eq!(
+        flag("--token-file"),
+        Some(json!("/var/run/secrets/keygate/token"))
+    );
+    assert_eq!(flag("--ca-file"), Some(json!("/etc/keygate/ca.crt")));
+    let mounts = sidecar["volumeMounts"].as_array().expect("mounts");
+    assert!(mounts.iter().any(|m| m["name"] == TOKEN_VOLUME
+        && m["mountPath"] == "/var/run/secrets/keygate"
+        && m["readOnly"] == true));
+    let volume = value["spec"]["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == TOKEN_VOLUME)
+        .expect("the token volume")
+        .clone();
+    assert_eq!(
+        volume["projected"]["sources"],
+        json!([{"serviceAccountToken": {"audience": "keygate", "expirationSeconds": 3600, "path": "token"}}])
+    );
+    // Without a policy server (the default), neither the flags nor the volume.
+    let plain = inject(&pod, "shop", &config(), true, lookup)
+        .expect("ok")
+        .expect("patch");
+    assert!(
+        !serde_json::to_string(&plain)
+            .expect("json")
+            .contains(TOKEN_VOLUME)
+    );
+    // A pod's own volume of that name is refused, not shadowed.
+    let mut clash = serde_json::to_value(&pod).expect("json");
+    clash["spec"]["volumes"] = json!([{"name": TOKEN_VOLUME, "emptyDir": {}}]);
+    let clash: Pod = serde_json::from_value(clash).expect("pod");
+    assert!(inject(&clash, "shop", &streaming, true, lookup).is_err());
+}

@@ -350,7 +350,8 @@ def test_secrets_and_configmaps_cluster_wide_only_without_watch_namespaces(varia
         assert flag(deployment_args(objects), "watch-namespaces") is None
         return
     assert not namespaced & cluster_resources, f"{name}: cluster-wide grants despite watchNamespaces"
-    assert cluster_resources <= {"namespaces", "mutatingwebhookconfigurations", "validatingwebhookconfigurations"}
+    assert cluster_resources <= {"namespaces", "mutatingwebhookconfigurations", "validatingwebhookconfigurations",
+                                 "tokenreviews"}
     assert flag(deployment_args(objects), "watch-namespaces") == ",".join(watched)
     for ns in watched:
         roles = [o for o in of_kind(objects, "Role") if o["metadata"]["namespace"] == ns]
@@ -392,6 +393,7 @@ def test_rbac_grants_exactly_the_documented_verbs():
         ("", "configmaps"): rw,
         ("events.k8s.io", "events"): {"create", "patch"},
         ("networking.k8s.io", "networkpolicies"): {"get", "create", "patch", "update", "delete"},
+        ("authentication.k8s.io", "tokenreviews"): {"create"},
     }
 
 
@@ -553,8 +555,12 @@ def test_token_server_serves_https_unless_disabled(variant):
     args = deployment_args(objects)
     assert flag(args, "token-tls") == mode, name
     token_svc = next(s for s in of_kind(objects, "Service") if s["spec"]["ports"][0]["targetPort"] == "token")
-    [port] = token_svc["spec"]["ports"]
+    port, *policy = token_svc["spec"]["ports"]
     assert port["name"] == ("http" if mode == "disabled" else "https"), name
+    # With TLS the same Service (so the same certificate names) carries the policy stream.
+    expected_policy = [] if mode == "disabled" else [
+        {"name": "policy", "port": 8443, "targetPort": "policy", "protocol": "TCP"}]
+    assert policy == expected_policy, name
     issuer = flag(args, "issuer")
     assert issuer.startswith("http://" if mode == "disabled" and not values.get("issuerUrl") else "https://"), name
     assert flag(args, "token-service") == (token_svc["metadata"]["name"] if mode == "self" else None), name
@@ -646,7 +652,14 @@ def test_deployment_runs_the_operator_with_the_contract_flags(variant):
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert flag(args, "namespace") is None  # from POD_NAMESPACE
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"token": 8080, "webhook": 9443, "admin": 8081}
+    expected = {"token": 8080, "webhook": 9443, "admin": 8081}
+    if token_tls(values) != "disabled":
+        # The policy stream sidecars follow: HTTPS only, so only with token TLS.
+        expected["policy"] = 8443
+        assert flag(args, "policy-listen") == "0.0.0.0:8443"
+    else:
+        assert flag(args, "policy-listen") == ""
+    assert ports == expected
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
     # image: tag defaults to appVersion; the sidecar is the same image unless overridden
@@ -762,7 +775,7 @@ def test_services_select_the_operator_pods(variant):
     for svc in of_kind(objects, "Service"):
         assert svc["spec"]["selector"] == selector, svc["metadata"]["name"]
         for port in svc["spec"]["ports"]:
-            assert port["targetPort"] in ("token", "webhook", "admin")
+            assert port["targetPort"] in ("token", "webhook", "admin", "policy")
 
 
 def test_service_monitor(variant):
@@ -793,7 +806,10 @@ def test_network_policy(variant):
     selector = one(objects, "Deployment")["spec"]["selector"]["matchLabels"]
     assert policy["spec"]["podSelector"]["matchLabels"] == selector
     ports = {r["ports"][0]["port"]: r for r in policy["spec"]["ingress"]}
-    assert set(ports) == {"token", "webhook", "admin"}
+    expected = {"token", "webhook", "admin"} | ({"policy"} if token_tls(values) != "disabled" else set())
+    assert set(ports) == expected
+    if "policy" in ports:
+        assert "from" not in ports["policy"], "sidecars in every namespace follow the policy stream"
     if np.get("tokenFrom"):
         assert ports["token"]["from"] == np["tokenFrom"]
     if np.get("egress"):

@@ -1100,6 +1100,14 @@ pub async fn scenario_policy_stream(
         (document["clients"].as_array()?.len() == 1).then_some(document)
     })
     .await;
+    // The policy ConfigMap carries the CA beside the policy, where an injected sidecar
+    // finds it (/etc/keygate/ca.crt).
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let ca = eventually("ca.crt in the policy ConfigMap", WAIT, || async {
+        let data = config_maps.get_opt("orders-keygate-policy").await.ok()??.data?;
+        data.get("ca.crt").filter(|c| **c == ca).cloned()
+    })
+    .await;
 
     // The policy server's refusals.
     let server = format!("https://127.0.0.1:{policy_port}");

@@ -215,6 +215,7 @@ tests/helm checks that every flag the chart renders is listed here.
 */}}
 {{- define "keygate.chartFlags" -}}
 issuer: use the value issuerUrl instead
+policy-listen: it is fixed at 0.0.0.0:8443 with token TLS (the token Service's port policy) and off without it
 token-listen: it is fixed at 0.0.0.0:8080, the port the token Service and NetworkPolicy use (tokenService.port sets the Service's port)
 token-tls: use the values tokenService.tls.enabled and certManager.enabled instead
 token-cert-dir: the chart mounts the cert-manager certificate there (certManager.enabled)
