@@ -640,7 +640,15 @@ async fn chart_scenario(client: Client, ns: String, python: String) {
     operator::scenario_lifecycle_as(client.clone(), operator_client.clone(), &ns).await;
     // The chart's RBAC lets the operator keep the token server's certificate and publish its
     // CA (self mode, the chart's default).
-    operator::scenario_token_server_https_as(client.clone(), operator_client, &ns).await;
+    operator::scenario_token_server_https_as(client.clone(), operator_client.clone(), &ns).await;
+    // ... and check sidecars' tokens with TokenReviews for the policy stream.
+    let other = format!("{ns}-other");
+    operator::create_namespace(&client, &other).await;
+    let own = service_account_token(&client, &ns, "orders").await;
+    let foreign = service_account_token(&client, &other, "orders").await;
+    operator::scenario_policy_stream_as(client.clone(), operator_client, &ns, own, foreign).await;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let _ = namespaces.delete(&other, &DeleteParams::default()).await;
     for (resource, name) in cluster_scoped {
         let _ = Api::<DynamicObject>::all_with(client.clone(), &resource)
             .delete(&name, &DeleteParams::default())

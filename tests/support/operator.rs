@@ -1090,21 +1090,38 @@ pub async fn scenario_policy_stream(
     own_token: String,
     foreign_token: String,
 ) {
+    scenario_policy_stream_as(client.clone(), client, ns, own_token, foreign_token).await;
+}
+
+/// [`scenario_policy_stream`] with the operator using `operator_client` (e.g. impersonating
+/// the Helm chart's ServiceAccount, whose RBAC must allow the TokenReviews).
+pub async fn scenario_policy_stream_as(
+    client: Client,
+    operator_client: Client,
+    ns: &str,
+    own_token: String,
+    foreign_token: String,
+) {
     apply_basics(&client, ns).await;
     let (token_port, policy_port) = (free_port(), free_port());
-    let operator = start_streaming_operator(client.clone(), ns, token_port, policy_port).await;
+    let operator =
+        start_streaming_operator(operator_client.clone(), ns, token_port, policy_port).await;
     let ca = published_ca(&client, ns).await;
     let https = client_trusting(&ca);
     let document = eventually("the policy ConfigMap", WAIT, || async {
         let document = policy_document(&client, ns).await?;
-        (document["clients"].as_array()?.len() == 1).then_some(document)
+        (!document["clients"].as_array()?.is_empty()).then_some(document)
     })
     .await;
     // The policy ConfigMap carries the CA beside the policy, where an injected sidecar
     // finds it (/etc/keygate/ca.crt).
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     let ca = eventually("ca.crt in the policy ConfigMap", WAIT, || async {
-        let data = config_maps.get_opt("orders-keygate-policy").await.ok()??.data?;
+        let data = config_maps
+            .get_opt("orders-keygate-policy")
+            .await
+            .ok()??
+            .data?;
         data.get("ca.crt").filter(|c| **c == ca).cloned()
     })
     .await;
@@ -1264,7 +1281,7 @@ pub async fn scenario_policy_stream(
     }
 
     // A replica returns: the sidecar reconnects and catches up.
-    let operator = start_streaming_operator(client.clone(), ns, token_port, policy_port).await;
+    let operator = start_streaming_operator(operator_client, ns, token_port, policy_port).await;
     apply_client(&client, ns, "latecomer", json!({"roles": ["reader"]})).await;
     let latecomer = secret_data(&ready_secret(&client, ns, "latecomer").await);
     let late_token = eventually("the latecomer's first token", WAIT, || {
