@@ -6,6 +6,11 @@
 //!
 //! `cargo bench --bench controller -- [N ...]` (default 1000); `bench/controller.sh` runs
 //! 1,000 and 10,000 and writes the results into docs/BENCHMARKS.md.
+//!
+//! Then, with the operator still running, the policy stream (issue #16): `KEYGATE_FOLLOWERS`
+//! followers (default 1,000) each hold a stream of the ScopePolicy, as sidecars would; the
+//! bench creates ApiClients one at a time and measures, for every follower, the time from the
+//! API write to the line that brings the new client, and the bytes of that line.
 
 #[path = "../tests/support/apiserver.rs"]
 mod apiserver;
@@ -140,6 +145,7 @@ async fn run(n: usize, binary: &str) {
     );
     server.reset_counters();
     let started = Instant::now();
+    let policy_port = free_port();
     let mut operator = Command::new(binary)
         .args([
             "operator",
@@ -151,6 +157,7 @@ async fn run(n: usize, binary: &str) {
             "none",
         ])
         .arg(format!("--token-listen=127.0.0.1:{}", free_port()))
+        .arg(format!("--policy-listen=127.0.0.1:{policy_port}"))
         .arg(format!("--admin=127.0.0.1:{}", free_port()))
         .env("KUBECONFIG", &config)
         .env("KEYGATE_LOG", "warn")
@@ -211,6 +218,7 @@ async fn run(n: usize, binary: &str) {
     }
     peak = peak.max(peak_rss_kib(&operator));
     let settled = status_kib(&operator, "VmRSS");
+    let stream = follow_stream(&server, &client, policy_port, n, &operator).await;
     let _ = operator.kill();
     let _ = operator.wait();
     println!(
@@ -221,6 +229,127 @@ async fn run(n: usize, binary: &str) {
         peak as f64 / 1024.0,
         settled as f64 / 1024.0
     );
+    STREAM_ROWS.lock().expect("rows").push(stream);
+}
+
+static STREAM_ROWS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// How many new ApiClients the stream measurement creates, one at a time.
+const CHANGES: usize = 5;
+
+/// The policy stream with many followers: the time from creating an ApiClient to each
+/// follower's line that brings it (p50, p99, max over every follower and change), the bytes
+/// of that line, of the snapshot, and the operator's RSS while serving them all.
+async fn follow_stream(
+    server: &FakeApiServer,
+    client: &Client,
+    policy_port: u16,
+    n: usize,
+    operator: &Child,
+) -> String {
+    let followers: usize = std::env::var("KEYGATE_FOLLOWERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let token = server.service_account_token(NS, "bench", &["keygate"]);
+    let ca = loop {
+        if let Some(ca) = server
+            .object("configmaps", NS, "keygate-ca")
+            .and_then(|cm| cm["data"]["ca.crt"].as_str().map(str::to_owned))
+        {
+            break ca;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let url = format!("https://127.0.0.1:{policy_port}/v1/policies/{NS}/orders");
+    // Each follower sends what it reads, with when it read it: (follower, time, line).
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant, String)>();
+    for follower in 0..followers {
+        let (tx, url, token, ca) = (tx.clone(), url.clone(), token.clone(), ca.clone());
+        tokio::spawn(async move {
+            let roots = reqwest::Certificate::from_pem_bundle(ca.as_bytes()).expect("CA");
+            // One connection per follower, as one per sidecar.
+            let http = reqwest::Client::builder()
+                .tls_certs_only(roots)
+                .http1_only()
+                .build()
+                .expect("client");
+            let mut response = http
+                .get(&url)
+                .bearer_auth(&token)
+                .send()
+                .await
+                .expect("the policy stream");
+            assert_eq!(response.status(), 200, "follower {follower}");
+            let mut buffer = Vec::new();
+            while let Ok(Some(chunk)) = response.chunk().await {
+                let now = Instant::now();
+                buffer.extend_from_slice(&chunk);
+                while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buffer.drain(..=end).collect();
+                    let _ = tx.send((follower, now, String::from_utf8_lossy(&line).into_owned()));
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut snapshot_bytes = 0;
+    let mut subscribed = 0;
+    while subscribed < followers {
+        let (_, _, line) = rx.recv().await.expect("followers");
+        if line.starts_with(r#"{"type":"snapshot""#) {
+            snapshot_bytes = line.len();
+            subscribed += 1;
+        }
+    }
+    let rss_streaming = status_kib(operator, "VmRSS");
+    let pp = PatchParams::apply("bench").force();
+    let clients: Api<ApiClient> = Api::namespaced(client.clone(), NS);
+    let mut latencies = Vec::new();
+    let mut change_bytes = Vec::new();
+    for k in 0..CHANGES {
+        let name = format!("stream-{k}");
+        let object: ApiClient = serde_json::from_value(json!({
+            "apiVersion": "keygate.dev/v1alpha1", "kind": "ApiClient", "metadata": {"name": name, "namespace": NS},
+            "spec": {"roles": ["reader"]}
+        }))
+        .expect("client");
+        let written = Instant::now();
+        clients
+            .patch(&name, &pp, &Patch::Apply(&object))
+            .await
+            .expect("client");
+        let wanted = format!("\"name\":\"{NS}/{name}\"");
+        let mut seen = vec![false; followers];
+        let mut left = followers;
+        while left > 0 {
+            let (follower, at, line) = tokio::time::timeout(Duration::from_secs(120), rx.recv())
+                .await
+                .expect("every follower sees the new client within 2 minutes")
+                .expect("followers");
+            if !seen[follower] && line.contains(&wanted) {
+                seen[follower] = true;
+                left -= 1;
+                latencies.push(at.duration_since(written));
+                change_bytes.push(line.len());
+            }
+        }
+    }
+    latencies.sort();
+    let quantile = |q: f64| {
+        let i = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1;
+        latencies[i].as_secs_f64() * 1000.0
+    };
+    change_bytes.sort();
+    format!(
+        "| {n} | {followers} | {CHANGES} new ApiClients | {:.0} ms | {:.0} ms | {:.0} ms | {} B | {:.0} KiB | {:.1} MiB |",
+        quantile(0.5),
+        quantile(0.99),
+        quantile(1.0),
+        change_bytes[change_bytes.len() / 2],
+        snapshot_bytes as f64 / 1024.0,
+        rss_streaming as f64 / 1024.0,
+    )
 }
 
 fn main() {
@@ -256,5 +385,13 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|");
     for n in counts {
         runtime.block_on(run(n, &binary));
+    }
+    println!();
+    println!(
+        "| ApiClients | policy stream followers | changes | API write → follower p50 | p99 | max | bytes per change | snapshot | operator RSS while streaming |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for row in STREAM_ROWS.lock().expect("rows").iter() {
+        println!("{row}");
     }
 }
