@@ -88,9 +88,32 @@ fn line(event: &StreamEvent) -> Bytes {
     Bytes::from(bytes)
 }
 
+/// A followed ScopePolicy's document at a revision, and its snapshot line once a follower
+/// asked for it: serialized once per revision, however many followers connect.
+struct Current {
+    revision: u64,
+    document: Arc<PolicyDocument>,
+    snapshot: Option<Line>,
+}
+
+impl Current {
+    fn snapshot(&mut self) -> Line {
+        let (revision, document) = (self.revision, &self.document);
+        self.snapshot
+            .get_or_insert_with(|| Line {
+                revision,
+                bytes: line(&StreamEvent::Snapshot {
+                    revision,
+                    document: Box::new((**document).clone()),
+                }),
+            })
+            .clone()
+    }
+}
+
 /// One followed ScopePolicy: its current document and the changes since.
 struct Channel {
-    current: Mutex<(u64, Arc<PolicyDocument>)>,
+    current: Mutex<Current>,
     changes: broadcast::Sender<Line>,
 }
 
@@ -149,11 +172,15 @@ impl PolicyHub {
                 continue;
             };
             let mut current = channel.current.lock().unwrap_or_else(|p| p.into_inner());
-            let Some(delta) = PolicyDelta::between(&current.1, &document) else {
+            let Some(delta) = PolicyDelta::between(&current.document, &document) else {
                 continue;
             };
-            let revision = current.0 + 1;
-            *current = (revision, Arc::new(document));
+            let revision = current.revision + 1;
+            *current = Current {
+                revision,
+                document: Arc::new(document),
+                snapshot: None,
+            };
             let event = StreamEvent::Change {
                 revision,
                 delta: Box::new(delta),
@@ -175,7 +202,11 @@ impl PolicyHub {
                 None => {
                     let document = self.inputs.build(key)?;
                     let channel = Arc::new(Channel {
-                        current: Mutex::new((1, Arc::new(document))),
+                        current: Mutex::new(Current {
+                            revision: 1,
+                            document: Arc::new(document),
+                            snapshot: None,
+                        }),
                         changes: broadcast::channel(BACKLOG).0,
                     });
                     channels.insert(key.clone(), channel.clone());
@@ -185,29 +216,34 @@ impl PolicyHub {
         };
         // Subscribe under the lock that rebuild holds while it sends, so no change falls
         // between the snapshot and the subscription.
-        let current = channel.current.lock().unwrap_or_else(|p| p.into_inner());
+        let mut current = channel.current.lock().unwrap_or_else(|p| p.into_inner());
         let receiver = channel.changes.subscribe();
-        let snapshot = snapshot_line(current.0, &current.1);
-        Some((snapshot, receiver))
+        Some((current.snapshot(), receiver))
     }
 
     /// The current snapshot of `key`, for a follower that fell behind.
     fn snapshot(&self, key: &ObjectKey) -> Option<Line> {
-        let channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        let channel = channels.get(key)?;
-        let current = channel.current.lock().unwrap_or_else(|p| p.into_inner());
-        Some(snapshot_line(current.0, &current.1))
+        let channel = self
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)?
+            .clone();
+        let mut current = channel.current.lock().unwrap_or_else(|p| p.into_inner());
+        Some(current.snapshot())
     }
 }
 
-fn snapshot_line(revision: u64, document: &PolicyDocument) -> Line {
-    Line {
-        revision,
-        bytes: line(&StreamEvent::Snapshot {
-            revision,
-            document: Box::new(document.clone()),
-        }),
-    }
+/// Whether `token` is shaped like a JWT (three base64url parts), as every ServiceAccount token
+/// is: anything else is refused without asking the API server.
+fn looks_like_a_jwt(token: &str) -> bool {
+    let parts: Vec<&str> = token.split('.').collect();
+    parts.len() == 3
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 /// Who a token belongs to, as a TokenReview says.
@@ -249,7 +285,7 @@ impl Reviewer {
 
     /// Who `token` belongs to.
     pub async fn review(&self, token: &str) -> Result<Reviewed, Refusal> {
-        if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
+        if token.len() > MAX_TOKEN_BYTES || !looks_like_a_jwt(token) {
             return Err(Refusal::Unauthenticated);
         }
         let digest: [u8; 32] =
@@ -419,4 +455,27 @@ async fn follow(
         .header(header::CACHE_CONTROL, "no-store")
         .body(Body::from_stream(stream))
         .expect("a valid response")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_jwt_shaped_tokens_are_reviewed() {
+        assert!(looks_like_a_jwt(
+            "eyJhbGciOiJSUzI1NiJ9.eyJhdWQiOlsia2V5Z2F0ZSJdfQ.c2ln-_"
+        ));
+        for bad in [
+            "",
+            "not-a-token",
+            "a.b",
+            "a..c",
+            "a.b.c.d",
+            "a.b.c d",
+            "a.b+/.c",
+        ] {
+            assert!(!looks_like_a_jwt(bad), "{bad}");
+        }
+    }
 }

@@ -317,13 +317,17 @@ impl FakeApiServer {
         }
     }
 
-    /// `http://127.0.0.1:PORT`
     /// A token of ServiceAccount `namespace/name` for `audiences`, which the TokenReview
-    /// endpoint vouches for from now on.
+    /// endpoint vouches for from now on. Shaped like a JWT, as real ones are (not signed).
     pub fn service_account_token(&self, namespace: &str, name: &str, audiences: &[&str]) -> String {
-        let token = format!(
-            "sa-token-{namespace}-{name}-{}",
+        use base64::Engine;
+        let claims = format!(
+            "{{\"sub\":\"system:serviceaccount:{namespace}:{name}\",\"n\":{}}}",
             lock(&self.inner.tokens).len()
+        );
+        let token = format!(
+            "eyJhbGciOiJub25lIn0.{}.c2ln",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims)
         );
         lock(&self.inner.tokens).insert(
             token.clone(),
@@ -335,6 +339,7 @@ impl FakeApiServer {
         token
     }
 
+    /// `http://127.0.0.1:PORT`
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

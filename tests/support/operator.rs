@@ -1136,9 +1136,15 @@ pub async fn scenario_policy_stream_as(
     for (what, url, token, status) in [
         ("no token", own_url.clone(), None, 401),
         (
-            "a token nobody issued",
+            "not a token",
             own_url.clone(),
             Some("not-a-token".to_owned()),
+            401,
+        ),
+        (
+            "a JWT-shaped token nobody issued",
+            own_url.clone(),
+            Some("eyJhbGciOiJSUzI1NiJ9.eyJhdWQiOlsia2V5Z2F0ZSJdfQ.c2ln".to_owned()),
             401,
         ),
         (
