@@ -3,13 +3,14 @@
 # the tests (benches/controller.rs), with writes per object, writes while idle and the
 # operator's peak RSS (the operator runs as its own `keygate operator` process).
 #   bench/controller.sh [N ...]     default: 1000 10000
-#   bench/controller.sh --smoke     200 ApiClients
+#   bench/controller.sh --smoke     200 ApiClients, 50 policy stream followers
+# KEYGATE_FOLLOWERS sets how many followers hold the policy stream (default 1000).
 # Against a real cluster, run the same flow with the e2e tests instead:
 #   KEYGATE_E2E=1 KUBECONFIG=... cargo test --test e2e_cluster
 set -euo pipefail
 cd "$(dirname "$0")/.."
 counts=("$@")
-if [ "${1:-}" = "--smoke" ]; then counts=(200); fi
+if [ "${1:-}" = "--smoke" ]; then counts=(200); export KEYGATE_FOLLOWERS="${KEYGATE_FOLLOWERS:-50}"; fi
 if [ "${#counts[@]}" -eq 0 ]; then counts=(1000 10000); fi
 mkdir -p bench/.run
 KEYGATE_BIN="${KEYGATE:-$PWD/target/release/keygate}"

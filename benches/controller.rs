@@ -261,17 +261,28 @@ async fn follow_stream(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let url = format!("https://127.0.0.1:{policy_port}/v1/policies/{NS}/orders");
+    // The certificate names the token Service, as in a cluster: connect to 127.0.0.1 under
+    // that name (what `keygate-sidecar --policy-server-name` does).
+    let host = format!("keygate.{NS}.svc");
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], policy_port));
+    let url = format!("https://{host}:{policy_port}/v1/policies/{NS}/orders");
     // Each follower sends what it reads, with when it read it: (follower, time, line).
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant, String)>();
     for follower in 0..followers {
-        let (tx, url, token, ca) = (tx.clone(), url.clone(), token.clone(), ca.clone());
+        let (tx, url, token, ca, host) = (
+            tx.clone(),
+            url.clone(),
+            token.clone(),
+            ca.clone(),
+            host.clone(),
+        );
         tokio::spawn(async move {
             let roots = reqwest::Certificate::from_pem_bundle(ca.as_bytes()).expect("CA");
             // One connection per follower, as one per sidecar.
             let http = reqwest::Client::builder()
                 .tls_certs_only(roots)
                 .http1_only()
+                .resolve(&host, address)
                 .build()
                 .expect("client");
             let mut response = http
