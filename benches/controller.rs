@@ -285,12 +285,19 @@ async fn follow_stream(
                 .resolve(&host, address)
                 .build()
                 .expect("client");
-            let mut response = http
-                .get(&url)
-                .bearer_auth(&token)
-                .send()
-                .await
-                .expect("the policy stream");
+            // Retried like a sidecar would, if the server is busy checking tokens.
+            let mut response = loop {
+                let response = http
+                    .get(&url)
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .expect("the policy stream");
+                if response.status() != 503 {
+                    break response;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            };
             assert_eq!(response.status(), 200, "follower {follower}");
             let mut buffer = Vec::new();
             while let Ok(Some(chunk)) = response.chunk().await {

@@ -42,8 +42,10 @@ pub const HEARTBEAT: Duration = Duration::from_secs(15);
 const REVIEW_TTL: Duration = Duration::from_secs(60);
 /// The most cached TokenReview answers; the cache is emptied when full.
 const MAX_CACHED_REVIEWS: usize = 10_000;
-/// TokenReviews in flight at once; further unauthenticated requests get 503.
+/// TokenReviews in flight at once; further requests wait for a slot, at most
+/// [`REVIEW_QUEUE_WAIT`], then get 503.
 const MAX_REVIEWS_IN_FLIGHT: usize = 16;
+const REVIEW_QUEUE_WAIT: Duration = Duration::from_secs(5);
 /// The longest bearer token looked at (a projected token is about 1 KiB).
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// Changes a slow stream may fall behind before it is sent a new snapshot instead.
@@ -303,9 +305,11 @@ impl Reviewer {
         {
             return answer.ok_or(Refusal::Unauthenticated);
         }
-        let _permit = self
-            .in_flight
-            .try_acquire()
+        // After an operator restart every sidecar reconnects at once: wait a little for a
+        // slot rather than turn a burst into refusals; a flood still gets 503s.
+        let _permit = tokio::time::timeout(REVIEW_QUEUE_WAIT, self.in_flight.acquire())
+            .await
+            .map_err(|_| Refusal::Unavailable)?
             .map_err(|_| Refusal::Unavailable)?;
         let review = TokenReview {
             spec: TokenReviewSpec {
