@@ -426,31 +426,23 @@ fn check_open_ports(
             }
         }
     }
-    let containers = spec
-        .init_containers
-        .iter()
-        .flatten()
-        .chain(spec.containers.iter());
-    for container in containers {
-        for port in container.ports.iter().flatten() {
-            let number = port.container_port;
-            let covered = number == i32::from(upstream) && capture == CaptureMode::Redirect;
-            let loopback_app = number == i32::from(upstream) && capture == CaptureMode::Loopback;
-            if covered || open.contains(&number) {
-                continue;
-            }
-            if loopback_app {
-                return Err(Deny(format!(
-                    "keygate: container {:?} publishes port {number}, the app's port, but the capture mode is \"loopback\", which needs the app to listen on 127.0.0.1 only; remove the port from the container, or use capture mode \"redirect\" or \"network-policy\" (annotation {CAPTURE_ANNOTATION})",
-                    container.name
-                )));
-            }
+    for (container, number) in declared_ports(spec) {
+        let covered = number == i32::from(upstream) && capture == CaptureMode::Redirect;
+        let loopback_app = number == i32::from(upstream) && capture == CaptureMode::Loopback;
+        if covered || open.contains(&number) {
+            continue;
+        }
+        if loopback_app {
             return Err(Deny(format!(
-                "keygate: container {:?} declares port {number}, which would answer without the sidecar (capture mode {:?} covers only the app's port {upstream}); if it is meant to be reachable without keygate (e.g. metrics), list it in the annotation {OPEN_PORTS_ANNOTATION}: \"{number}\"; otherwise send it through the sidecar or remove it",
-                container.name,
-                capture.as_str()
+                "keygate: container {:?} publishes port {number}, the app's port, but the capture mode is \"loopback\", which needs the app to listen on 127.0.0.1 only; remove the port from the container, or use capture mode \"redirect\" or \"network-policy\" (annotation {CAPTURE_ANNOTATION})",
+                container.name
             )));
         }
+        return Err(Deny(format!(
+            "keygate: container {:?} declares port {number}, which would answer without the sidecar (capture mode {:?} covers only the app's port {upstream}); if it is meant to be reachable without keygate (e.g. metrics), list it in the annotation {OPEN_PORTS_ANNOTATION}: \"{number}\"; otherwise send it through the sidecar or remove it",
+            container.name,
+            capture.as_str()
+        )));
     }
     Ok(())
 }
@@ -480,6 +472,15 @@ fn port_annotation(annotations: &BTreeMap<String, String>, key: &str) -> Result<
     }
 }
 
+/// Every container of the Pod (init containers included) with each port it declares.
+fn declared_ports(spec: &PodSpec) -> impl Iterator<Item = (&Container, i32)> {
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .flat_map(|c| c.ports.iter().flatten().map(move |p| (c, p.container_port)))
+}
+
 /// Refuses port layouts where the sidecar could not bind or would forward to itself.
 fn check_ports(spec: &PodSpec, listen: u16, admin: u16, upstream: u16) -> Result<(), Deny> {
     if listen == admin {
@@ -492,20 +493,12 @@ fn check_ports(spec: &PodSpec, listen: u16, admin: u16, upstream: u16) -> Result
             "keygate: the upstream port {upstream} is also a port of the sidecar (listen {listen}, admin {admin}); set the annotation {LISTEN_PORT_ANNOTATION} or {UPSTREAM_PORT_ANNOTATION} so they differ"
         )));
     }
-    let containers = spec
-        .init_containers
-        .iter()
-        .flatten()
-        .chain(spec.containers.iter());
-    for container in containers {
-        for port in container.ports.iter().flatten() {
-            let number = port.container_port;
-            if number == i32::from(listen) || number == i32::from(admin) {
-                return Err(Deny(format!(
-                    "keygate: container {:?} already uses port {number}, which the sidecar needs (listen {listen}, admin {admin}); set the annotation {LISTEN_PORT_ANNOTATION} to a free port or move the container",
-                    container.name
-                )));
-            }
+    for (container, number) in declared_ports(spec) {
+        if number == i32::from(listen) || number == i32::from(admin) {
+            return Err(Deny(format!(
+                "keygate: container {:?} already uses port {number}, which the sidecar needs (listen {listen}, admin {admin}); set the annotation {LISTEN_PORT_ANNOTATION} to a free port or move the container",
+                container.name
+            )));
         }
     }
     Ok(())

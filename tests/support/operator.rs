@@ -117,6 +117,13 @@ async fn start_operator_on(
         TokenTls::Disabled
     };
     let options = operator_options(namespace, watch, token_port, token_tls);
+    spawn_operator(client, options)
+}
+
+/// Runs the operator with `options` in a task of this process.
+fn spawn_operator(client: Client, options: OperatorOptions) -> Operator {
+    let token_port = options.token_listen.port();
+    let https = options.token_tls != TokenTls::Disabled;
     let token_url = format!("{}/oauth2/token", options.config.issuer);
     let task = tokio::spawn(async move {
         if let Err(error) = run(client, options, std::future::pending()).await {
@@ -840,18 +847,7 @@ async fn start_replica(client: Client, namespace: &str, identity: &str) -> Opera
     let token_port = free_port();
     let mut options = operator_options(namespace, &[namespace], token_port, TokenTls::Disabled);
     options.identity = identity.to_owned();
-    let token_url = format!("{}/oauth2/token", options.config.issuer);
-    let task = tokio::spawn(async move {
-        if let Err(error) = run(client, options, std::future::pending()).await {
-            eprintln!("operator stopped: {error}");
-        }
-    });
-    Operator {
-        task,
-        token_url,
-        token_port,
-        https: false,
-    }
+    spawn_operator(client, options)
 }
 
 /// A token for `id` from the token server at `token_url`, and its `jti`.
@@ -1033,18 +1029,7 @@ async fn start_streaming_operator(
         },
     );
     options.policy_listen = Some(format!("127.0.0.1:{policy_port}").parse().expect("addr"));
-    let token_url = format!("{}/oauth2/token", options.config.issuer);
-    let task = tokio::spawn(async move {
-        if let Err(error) = run(client, options, std::future::pending()).await {
-            eprintln!("operator stopped: {error}");
-        }
-    });
-    Operator {
-        task,
-        token_url,
-        token_port,
-        https: true,
-    }
+    spawn_operator(client, options)
 }
 
 /// A `keygate sidecar` process, killed on drop.
