@@ -160,22 +160,7 @@ impl PolicyDocument {
     /// `kubectl apply`: a misspelt or newer field this sidecar would skip could be a
     /// requirement it then does not enforce. The sidecar keeps its last good policy instead.
     pub fn parse(json: &[u8]) -> Result<Self, BuildError> {
-        let mut unknown = Vec::new();
-        let mut deserializer = serde_json::Deserializer::from_slice(json);
-        let document: Self = serde_ignored::deserialize(&mut deserializer, |path| {
-            unknown.push(path.to_string());
-        })
-        .and_then(|document| deserializer.end().map(|()| document))
-        .map_err(|e| BuildError::Malformed(e.to_string()))?;
-        if !unknown.is_empty() {
-            return Err(BuildError::Malformed(format!(
-                "unknown field{} {}: this sidecar does not know {}, so it would not enforce {}; correct the spelling, or run a sidecar as new as the operator that wrote the file",
-                if unknown.len() == 1 { "" } else { "s" },
-                unknown.join(", "),
-                if unknown.len() == 1 { "it" } else { "them" },
-                if unknown.len() == 1 { "it" } else { "them" },
-            )));
-        }
+        let document: Self = strict_json(json).map_err(BuildError::Malformed)?;
         if document.api_version != POLICY_FILE_VERSION {
             return Err(BuildError::Malformed(format!(
                 "apiVersion {:?} is not {POLICY_FILE_VERSION}",
@@ -185,6 +170,32 @@ impl PolicyDocument {
         CompiledPolicy::compile(&document.spec).map_err(BuildError::Rules)?;
         Ok(document)
     }
+}
+
+/// Parses one JSON value of `T`, refusing trailing data and any field `T` does not know, at
+/// any depth, naming each by its path (`spec.rules.0.requiredScopes`): a field skipped by an
+/// older sidecar could be a requirement it then does not enforce. The policy file and the
+/// policy stream's lines are read with it.
+pub fn strict_json<T: serde::de::DeserializeOwned>(json: &[u8]) -> Result<T, String> {
+    let mut unknown = Vec::new();
+    let mut deserializer = serde_json::Deserializer::from_slice(json);
+    let value: T = serde_ignored::deserialize(&mut deserializer, |path| {
+        // serde_ignored marks an `Option` on the way as `?`: not part of the document.
+        unknown.push(path.to_string().replace("?.", ""));
+    })
+    .and_then(|value| deserializer.end().map(|()| value))
+    .map_err(|e| e.to_string())?;
+    if !unknown.is_empty() {
+        let one = unknown.len() == 1;
+        return Err(format!(
+            "unknown field{} {}: this sidecar does not know {}, so it would not enforce {}; correct the spelling, or run a sidecar as new as the operator that wrote it",
+            if one { "" } else { "s" },
+            unknown.join(", "),
+            if one { "it" } else { "them" },
+            if one { "it" } else { "them" },
+        ));
+    }
+    Ok(value)
 }
 
 /// Why a policy file could not be built or read.

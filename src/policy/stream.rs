@@ -11,13 +11,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::document::{KeygateIssuer, PolicyClient, PolicyDocument};
+use super::document::{KeygateIssuer, PolicyClient, PolicyDocument, strict_json};
 use crate::api::ScopePolicySpec;
 use crate::registry::RevocationList;
 
 /// One line of the stream.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
 pub enum StreamEvent {
     /// The whole document at `revision`.
     Snapshot {
@@ -33,9 +33,54 @@ pub enum StreamEvent {
     Heartbeat {},
 }
 
+impl StreamEvent {
+    /// Parses one line, refusing any field this sidecar does not know, at any depth (the
+    /// documents and clients inside included), as a policy file is refused
+    /// ([`strict_json`]).
+    pub fn parse(line: &[u8]) -> Result<Self, String> {
+        // Read as a plain struct: an internally tagged enum buffers its content, and fields
+        // unknown inside that buffer would go unnoticed.
+        let Envelope {
+            kind,
+            revision,
+            document,
+            delta,
+        } = strict_json(line)?;
+        match (kind, revision, document, delta) {
+            (Kind::Snapshot, Some(revision), Some(document), None) => {
+                Ok(Self::Snapshot { revision, document })
+            }
+            (Kind::Change, Some(revision), None, Some(delta)) => {
+                Ok(Self::Change { revision, delta })
+            }
+            (Kind::Heartbeat, None, None, None) => Ok(Self::Heartbeat {}),
+            (kind, ..) => Err(format!("a {kind:?} line with the wrong fields")),
+        }
+    }
+}
+
+/// A line as read, before it is checked to be one [`StreamEvent`].
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope {
+    #[serde(rename = "type")]
+    kind: Kind,
+    revision: Option<u64>,
+    document: Option<Box<PolicyDocument>>,
+    delta: Option<Box<PolicyDelta>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+enum Kind {
+    Snapshot,
+    Change,
+    Heartbeat,
+}
+
 /// The difference between two documents of the same ScopePolicy.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct PolicyDelta {
     /// Clients added or changed, whole.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -254,9 +299,26 @@ mod tests {
             line,
             r#"{"type":"change","revision":7,"delta":{"removeClients":["kgc_c"]}}"#
         );
-        assert_eq!(serde_json::from_str::<StreamEvent>(&line).unwrap(), event);
-        assert!(serde_json::from_str::<StreamEvent>(r#"{"type":"heartbeat","x":1}"#).is_err());
+        assert_eq!(StreamEvent::parse(line.as_bytes()).unwrap(), event);
+        assert!(StreamEvent::parse(br#"{"type":"heartbeat","x":1}"#).is_err());
         let unknown = r#"{"type":"change","revision":7,"delta":{"removedClients":["kgc_c"]}}"#;
-        assert!(serde_json::from_str::<StreamEvent>(unknown).is_err());
+        assert!(StreamEvent::parse(unknown.as_bytes()).is_err());
+        assert!(StreamEvent::parse(br#"{"type":"change","revision":7}"#).is_err());
+        // Deep inside a snapshot too: a misspelt rule field is refused, not skipped.
+        let mut document: serde_json::Value = serde_json::from_str(FIXTURE).unwrap();
+        let rule = document["spec"]["rules"][0].as_object_mut().unwrap();
+        let require = rule.remove("requireScopes").unwrap();
+        rule.insert("requiredScopes".into(), require);
+        let snapshot = serde_json::json!({"type": "snapshot", "revision": 1, "document": document});
+        let error = StreamEvent::parse(snapshot.to_string().as_bytes()).unwrap_err();
+        assert!(
+            error.contains("document.spec.rules.0.requiredScopes"),
+            "{error}"
+        );
+        let heartbeat = serde_json::to_string(&StreamEvent::Heartbeat {}).unwrap();
+        assert_eq!(
+            StreamEvent::parse(heartbeat.as_bytes()).unwrap(),
+            StreamEvent::Heartbeat {}
+        );
     }
 }

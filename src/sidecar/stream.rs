@@ -178,18 +178,8 @@ fn apply_line(
     config: &StreamConfig,
     sidecar: &Sidecar,
 ) -> Result<(u64, PolicyDocument), Broken> {
-    let mut unknown = Vec::new();
-    let mut deserializer = serde_json::Deserializer::from_slice(line);
-    let event: StreamEvent = serde_ignored::deserialize(&mut deserializer, |path| {
-        unknown.push(path.to_string());
-    })
-    .map_err(|e| Broken::Invalid(format!("an unreadable line: {e}")))?;
-    if !unknown.is_empty() {
-        return Err(Broken::Invalid(format!(
-            "unknown fields {}: this sidecar is older than the operator",
-            unknown.join(", ")
-        )));
-    }
+    let event = StreamEvent::parse(line)
+        .map_err(|e| Broken::Invalid(format!("an unreadable line: {e}")))?;
     let (revision, document) = match (event, state) {
         (StreamEvent::Heartbeat {}, Some(state)) => return Ok(state),
         (StreamEvent::Heartbeat {}, None) => {
