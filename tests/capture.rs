@@ -273,30 +273,21 @@ fn capture_sends_the_apps_port_through_the_sidecar() {
         "public rule, through the sidecar"
     );
 
-    let secret = must(
-        keygate(),
-        &[
-            "dev",
-            "credentials",
-            "shop/reporting",
-            "--state",
-            state,
-            "--field",
-            "client_secret",
-        ],
-    );
-    let client_id = must(
-        keygate(),
-        &[
-            "dev",
-            "credentials",
-            "shop/reporting",
-            "--state",
-            state,
-            "--field",
-            "client_id",
-        ],
-    );
+    let credential = |field: &str| {
+        must(
+            keygate(),
+            &[
+                "dev",
+                "credentials",
+                "shop/reporting",
+                "--state",
+                state,
+                "--field",
+                field,
+            ],
+        )
+    };
+    let (secret, client_id) = (credential("client_secret"), credential("client_id"));
     let token_url = format!("http://{pod_ip}:{TOKEN_PORT}/oauth2/token");
     let token = client.must(&[
         keygate(),

@@ -858,20 +858,9 @@ async fn token_and_jti(
     secret: &str,
 ) -> (String, String) {
     use base64::Engine;
-    let response: serde_json::Value = http
-        .post(token_url)
-        .basic_auth(id, Some(secret))
-        .form(&[("grant_type", "client_credentials"), ("resource", ORDERS)])
-        .send()
+    let token = access_token(http, token_url, id, secret)
         .await
-        .expect("token request")
-        .json()
-        .await
-        .expect("token JSON");
-    let token = response["access_token"]
-        .as_str()
-        .expect("a token")
-        .to_owned();
+        .expect("a token");
     let payload = token.split('.').nth(1).expect("a JWT");
     let claims: serde_json::Value = serde_json::from_slice(
         &base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -881,6 +870,24 @@ async fn token_and_jti(
     .expect("claims");
     let jti = claims["jti"].as_str().expect("jti").to_owned();
     (token, jti)
+}
+
+/// Revokes every `(revocation endpoint, token)` at once, as client `id`; each must get 200.
+async fn revoke_all(
+    http: &reqwest::Client,
+    id: &str,
+    secret: &str,
+    revocations: &[(String, &str)],
+) {
+    let answers = revocations.iter().map(|(url, token)| {
+        http.post(url)
+            .basic_auth(id, Some(secret))
+            .form(&[("token", *token)])
+            .send()
+    });
+    for answer in futures::future::join_all(answers).await {
+        assert_eq!(answer.expect("revoke").status(), 200);
+    }
 }
 
 /// Every token id in the revocation shards of `namespace`, as stored right now.
@@ -936,15 +943,11 @@ pub async fn scenario_revocation_outlives_its_replica(client: Client, ns: &str) 
     for _ in 0..20 {
         tokens.push(token_and_jti(&http, &replica_a.token_url, &id, &secret).await);
     }
-    let revocations = tokens.iter().map(|(token, _)| {
-        http.post(revoke_url(&replica_a))
-            .basic_auth(&id, Some(&secret))
-            .form(&[("token", token.as_str())])
-            .send()
-    });
-    for answer in futures::future::join_all(revocations).await {
-        assert_eq!(answer.expect("revoke").status(), 200);
-    }
+    let at_a: Vec<_> = tokens
+        .iter()
+        .map(|(token, _)| (revoke_url(&replica_a), token.as_str()))
+        .collect();
+    revoke_all(&http, &id, &secret, &at_a).await;
     // No waiting: answered means stored.
     let stored = stored_revocations(&client, ns).await;
     let missing: Vec<_> = tokens
@@ -990,15 +993,11 @@ pub async fn scenario_revocation_outlives_its_replica(client: Client, ns: &str) 
             token_and_jti(&http, &replica.token_url, &id, &secret).await,
         ));
     }
-    let revocations = burst.iter().map(|(replica, (token, _))| {
-        http.post(revoke_url(replica))
-            .basic_auth(&id, Some(&secret))
-            .form(&[("token", token.as_str())])
-            .send()
-    });
-    for answer in futures::future::join_all(revocations).await {
-        assert_eq!(answer.expect("revoke").status(), 200);
-    }
+    let spread: Vec<_> = burst
+        .iter()
+        .map(|(replica, (token, _))| (revoke_url(replica), token.as_str()))
+        .collect();
+    revoke_all(&http, &id, &secret, &spread).await;
     let stored = stored_revocations(&client, ns).await;
     let lost = burst
         .iter()
