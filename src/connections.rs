@@ -166,6 +166,14 @@ impl ConnectionArgs {
     }
 }
 
+/// `base` plus a random part of up to `spread`: a retry pause that keeps many clients
+/// (sidecars reconnecting, replicas meeting on a write) from retrying in lockstep.
+pub fn jittered(base: Duration, spread: Duration) -> Duration {
+    let mut byte = [0u8; 1];
+    let _ = aws_lc_rs::rand::fill(&mut byte);
+    base + spread.mul_f64(f64::from(byte[0]) / 256.0)
+}
+
 /// A command-line duration that must not be zero.
 pub fn positive_duration(text: &str) -> Result<Duration, String> {
     let duration = crate::api::parse_duration(text)?;

@@ -100,10 +100,11 @@ async fn write_shard(
         if attempt > 0 {
             // Another replica wrote this shard between our read and write: read it again,
             // after a pause that keeps two replicas from meeting again in lockstep.
-            let mut byte = [0u8; 1];
-            let _ = aws_lc_rs::rand::fill(&mut byte);
-            let jitter = u64::from(byte[0] % 20);
-            tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt) + jitter)).await;
+            let pause = crate::connections::jittered(
+                Duration::from_millis(5 * u64::from(attempt)),
+                Duration::from_millis(20),
+            );
+            tokio::time::sleep(pause).await;
         }
         let existing = timed(api.get_opt(&name)).await?;
         let stored = existing.as_ref().map(parse).unwrap_or_default();

@@ -90,9 +90,7 @@ pub async fn follow(config: StreamConfig, sidecar: Arc<Sidecar>) {
         if connected_at.elapsed() > BACKOFF_MAX {
             backoff = BACKOFF_MIN;
         }
-        let mut byte = [0u8; 1];
-        let _ = aws_lc_rs::rand::fill(&mut byte);
-        let pause = backoff + backoff.mul_f64(f64::from(byte[0]) / 512.0);
+        let pause = crate::connections::jittered(backoff, backoff / 2);
         tracing::warn!(%error, retry_in = ?pause, "policy stream broken; keeping the last good policy");
         tokio::time::sleep(pause).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
