@@ -151,7 +151,7 @@ pub async fn watch_secret(
     secret: &'static str,
     what: &'static str,
 ) -> Arc<CertResolver> {
-    let mut events = super::watch_secret_named(client, &namespace, secret);
+    let mut events = super::watch_named::<Secret>(client, &namespace, secret);
     let resolver = loop {
         match events.next().await {
             Some(Ok(object)) => {

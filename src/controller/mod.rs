@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::events;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::PostParams;
@@ -138,16 +138,6 @@ pub fn own_object_meta(name: &str, namespace: &str) -> ObjectMeta {
         )])),
         ..ObjectMeta::default()
     }
-}
-
-/// The changes of one Secret of `namespace`, by name (applied and re-listed objects), with
-/// the default back-off on watch errors.
-pub fn watch_secret_named(
-    client: Client,
-    namespace: &str,
-    name: &str,
-) -> BoxStream<'static, Result<Secret, watcher::Error>> {
-    watch_named(client, namespace, name)
 }
 
 /// The changes of one object of kind `K` in `namespace`, by name (applied and re-listed

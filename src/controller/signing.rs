@@ -71,7 +71,7 @@ pub async fn maintain_while_leading(
 /// Watches the signing keys Secret; resolves with a receiver once the first valid key set
 /// arrives, and keeps it current afterwards.
 pub async fn watch_keys(client: Client, namespace: String) -> watch::Receiver<Arc<IssuerKeys>> {
-    let mut events = super::watch_secret_named(client, &namespace, SIGNING_SECRET);
+    let mut events = super::watch_named::<Secret>(client, &namespace, SIGNING_SECRET);
     let first = loop {
         match events.next().await {
             Some(Ok(secret)) => match stored(&secret).map(|s| IssuerKeys::from_stored(&s)) {
