@@ -513,6 +513,8 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
             signing_key_rotation: args.signing_key_rotation,
             max_token_lifetime: args.max_token_lifetime,
             concurrency: args.concurrency,
+            // Set by operator::run from --policy-listen and --token-tls.
+            policy_stream: false,
         },
         token_listen: args.token_listen,
         admin_listen: args.admin,

@@ -205,7 +205,10 @@ pub async fn run_with_limits(
 ) -> Result<(), OperatorError> {
     check_token_tls(&options.config.issuer, &options.token_tls)?;
     check_crds(&client, &options.config).await?;
-    let config = options.config.clone();
+    let config = controller::OperatorConfig {
+        policy_stream: options.policy_listen.is_some() && options.token_tls != TokenTls::Disabled,
+        ..options.config.clone()
+    };
     let metrics = Arc::new(RwLock::new(prometheus_client::registry::Registry::default()));
     let registry = Arc::new(Registry::default());
     let revocations = Arc::new(Revocations::default());

@@ -272,6 +272,7 @@ async fn webhook_scenario(client: Client, ns: String, host: String) {
         signing_key_rotation: Duration::from_secs(720 * 3600),
         max_token_lifetime: Duration::from_secs(24 * 3600),
         concurrency: 16,
+        policy_stream: false,
     };
     let registry = Arc::new(keygate::registry::Registry::default());
     let mut synced = keygate::controller::watch::spawn_feeds(&client, &config, &registry);

@@ -205,6 +205,7 @@ fn mk_document(fx: &Fixture) -> PolicyDocument {
                 keys: vec![fx.issuer.signing.jwk.clone()],
             },
         },
+        clients_omitted: false,
         clients: vec![PolicyClient {
             client_id: fx.client_id.clone(),
             name: "shop/orders-reader".into(),

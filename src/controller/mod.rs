@@ -80,6 +80,10 @@ pub struct OperatorConfig {
     /// Reconciles of one kind that may run at once. Each holds an API connection, so this
     /// bounds the operator's connections and memory during a burst (0: unbounded).
     pub concurrency: u16,
+    /// The replicas serve the policy stream (set by `operator::run` from its options): a
+    /// policy file too large for a ConfigMap is then written without its clients, which
+    /// reach the sidecars through the stream.
+    pub policy_stream: bool,
 }
 
 impl OperatorConfig {

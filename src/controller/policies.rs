@@ -206,13 +206,26 @@ async fn reconcile_policy(policy: &ScopePolicy, ctx: &Context) -> Result<Action>
         }
         Err(other) => return Err(Error::Invalid(other.to_string())),
     };
-    let json = serde_json::to_string(&document)?;
+    let mut json = serde_json::to_string(&document)?;
+    let full_size = json.len();
+    let omitted = full_size > MAX_POLICY_BYTES && ctx.config.policy_stream;
+    if omitted {
+        // Too many clients for a ConfigMap: the ConfigMap keeps what a cold start needs (the
+        // rules, keys and revocations), and the clients reach the sidecars by the stream.
+        let mut cold_start = document.without_clients();
+        cold_start.clients_omitted = true;
+        json = serde_json::to_string(&cold_start)?;
+    }
     if json.len() > MAX_POLICY_BYTES {
         // The API server would refuse it; say why instead of retrying a doomed write.
         let message = format!(
-            "the policy file is {} bytes with {} clients, over the {MAX_POLICY_BYTES}-byte ConfigMap limit; the sidecars keep the last good policy",
-            json.len(),
-            document.clients.len()
+            "the policy file is {full_size} bytes with {} clients, over the {MAX_POLICY_BYTES}-byte ConfigMap limit{}; the sidecars keep the last good policy",
+            document.clients.len(),
+            if ctx.config.policy_stream {
+                ", even without its clients"
+            } else {
+                " (with the policy stream on, the clients would be left out of it)"
+            }
         );
         let reported = policy
             .status
@@ -268,7 +281,14 @@ async fn reconcile_policy(policy: &ScopePolicy, ctx: &Context) -> Result<Action>
         ctx.wrote("scopepolicy");
     }
     apply_network_policy(ctx, policy, &namespace).await?;
-    let message = format!("policy ConfigMap {name} is up to date");
+    let message = if omitted {
+        format!(
+            "policy ConfigMap {name} is up to date without its {} clients ({full_size} bytes with them, over the ConfigMap limit): they reach the sidecars through the policy stream",
+            document.clients.len()
+        )
+    } else {
+        format!("policy ConfigMap {name} is up to date")
+    };
     let status = status(
         policy,
         true,

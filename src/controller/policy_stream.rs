@@ -30,7 +30,7 @@ use kube::{Api, Client};
 use tokio::sync::{Semaphore, broadcast, watch};
 
 use crate::policy::PolicyDocument;
-use crate::policy::stream::{PolicyDelta, StreamEvent};
+use crate::policy::stream::{CLIENTS_PER_LINE, PolicyDelta, StreamEvent};
 use crate::registry::{ObjectKey, Revocations, Snapshot};
 use crate::token::keys::IssuerKeys;
 
@@ -84,9 +84,12 @@ struct Line {
     bytes: Bytes,
 }
 
-fn line(event: &StreamEvent) -> Bytes {
-    let mut bytes = serde_json::to_vec(event).expect("stream events serialize");
-    bytes.push(b'\n');
+fn lines(events: &[StreamEvent]) -> Bytes {
+    let mut bytes = Vec::new();
+    for event in events {
+        serde_json::to_writer(&mut bytes, event).expect("stream events serialize");
+        bytes.push(b'\n');
+    }
     Bytes::from(bytes)
 }
 
@@ -104,10 +107,7 @@ impl Current {
         self.snapshot
             .get_or_insert_with(|| Line {
                 revision,
-                bytes: line(&StreamEvent::Snapshot {
-                    revision,
-                    document: Box::new((**document).clone()),
-                }),
+                bytes: lines(&StreamEvent::snapshot_lines(revision, document)),
             })
             .clone()
     }
@@ -183,14 +183,20 @@ impl PolicyHub {
                 document: Arc::new(document),
                 snapshot: None,
             };
-            let event = StreamEvent::Change {
-                revision,
-                delta: Box::new(delta),
+            // A change that touches most clients (a role granted to all of them) travels
+            // as a new snapshot, in lines of bounded size.
+            let line = if delta.upsert_clients.len() > CLIENTS_PER_LINE {
+                current.snapshot()
+            } else {
+                Line {
+                    revision,
+                    bytes: lines(&[StreamEvent::Change {
+                        revision,
+                        delta: Box::new(delta),
+                    }]),
+                }
             };
-            let _ = channel.changes.send(Line {
-                revision,
-                bytes: line(&event),
-            });
+            let _ = channel.changes.send(line);
         }
     }
 
@@ -435,7 +441,7 @@ async fn follow(
             loop {
                 match tokio::time::timeout(HEARTBEAT, changes.recv()).await {
                     Err(_) => {
-                        let beat = line(&StreamEvent::Heartbeat {});
+                        let beat = lines(&[StreamEvent::Heartbeat {}]);
                         return Some((Ok(beat), (None, changes, revision, hub, key)));
                     }
                     Ok(Ok(change)) if change.revision <= revision => continue,

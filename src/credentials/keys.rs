@@ -77,6 +77,20 @@ pub fn fingerprint_pem(pem_text: &str) -> Result<String> {
     }
 }
 
+/// The DER SubjectPublicKeyInfo inside an SPKI (`PUBLIC KEY`) PEM, and its algorithm, refusing
+/// any other block and keys keygate does not use.
+pub fn spki_der_from_pem(pem_text: &str) -> Result<(KeyAlgorithm, Vec<u8>)> {
+    let block = pem::parse(pem_text).map_err(|e| Error::Pem(e.to_string()))?;
+    if block.tag() != "PUBLIC KEY" {
+        return Err(Error::Pem(format!(
+            "expected a PUBLIC KEY block, found {:?}",
+            block.tag()
+        )));
+    }
+    let algorithm = spki_algorithm(block.contents())?;
+    Ok((algorithm, block.into_contents()))
+}
+
 /// The algorithm of a DER SubjectPublicKeyInfo, refusing curves and sizes keygate does not use.
 fn spki_algorithm(spki_der: &[u8]) -> Result<KeyAlgorithm> {
     let info = SubjectPublicKeyInfoRef::from_der(spki_der)
@@ -223,14 +237,7 @@ impl std::fmt::Debug for VerifyingKey {
 impl VerifyingKey {
     /// Parses an SPKI (`PUBLIC KEY`) PEM of a supported algorithm.
     pub fn from_spki_pem(pem_text: &str) -> Result<Self> {
-        let block = pem::parse(pem_text).map_err(|e| Error::Pem(e.to_string()))?;
-        if block.tag() != "PUBLIC KEY" {
-            return Err(Error::Pem(format!(
-                "expected a PUBLIC KEY block, found {:?}",
-                block.tag()
-            )));
-        }
-        let algorithm = spki_algorithm(block.contents())?;
+        let (algorithm, der) = spki_der_from_pem(pem_text)?;
         let pem_bytes = pem_text.as_bytes();
         let decoding = match algorithm {
             KeyAlgorithm::ES256 => DecodingKey::from_ec_pem(pem_bytes),
@@ -246,11 +253,17 @@ impl VerifyingKey {
         Ok(Self {
             algorithm,
             kid,
-            fingerprint: fingerprint_spki_der(block.contents()),
+            fingerprint: fingerprint_spki_der(&der),
             jwk,
             public_pem: pem_text.to_owned(),
             decoding,
         })
+    }
+
+    /// Parses a DER SubjectPublicKeyInfo of a supported algorithm (a key kept compactly and
+    /// parsed when it is needed).
+    pub fn from_spki_der(der: &[u8]) -> Result<Self> {
+        Self::from_spki_pem(&pem::encode(&pem::Pem::new("PUBLIC KEY", der)))
     }
 
     /// Builds a verifying key from a JWK (from a JWKS), using the JWK's `alg` or, when it

@@ -70,6 +70,16 @@ impl SecretDigest {
         Self::of(candidate).0.ct_eq(&self.0).into()
     }
 
+    /// The raw digest.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// A digest from its raw bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
     /// The digest as `sha256:<base64url>`, the form policy files carry.
     pub fn encode(&self) -> String {
         format!("sha256:{}", URL_SAFE_NO_PAD.encode(self.0))

@@ -30,6 +30,10 @@ pub struct PolicyDocument {
     /// ApiClients with an effective grant on this resource, sorted by client id.
     #[serde(default)]
     pub clients: Vec<PolicyClient>,
+    /// The clients were left out: too many for a ConfigMap (1 MiB), they come only through
+    /// the policy stream. A sidecar that installs such a file keeps the clients it has.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clients_omitted: bool,
     /// Client ids whose credentials are all refused (disabled ApiClients).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disabled_clients: Vec<String>,
@@ -149,9 +153,36 @@ impl PolicyDocument {
                 jwks: jwks.clone(),
             },
             clients,
+            clients_omitted: false,
             disabled_clients,
             revocations: revocations.clone(),
         })
+    }
+
+    /// The document without its clients (cloning everything else).
+    pub fn without_clients(&self) -> Self {
+        let Self {
+            api_version,
+            policy,
+            resource,
+            spec,
+            keygate,
+            clients: _,
+            clients_omitted,
+            disabled_clients,
+            revocations,
+        } = self;
+        Self {
+            api_version: api_version.clone(),
+            policy: policy.clone(),
+            resource: resource.clone(),
+            spec: spec.clone(),
+            keygate: keygate.clone(),
+            clients: Vec::new(),
+            clients_omitted: *clients_omitted,
+            disabled_clients: disabled_clients.clone(),
+            revocations: revocations.clone(),
+        }
     }
 
     /// Parses and checks a policy file: no unknown field, known version, compiling rules.

@@ -15,14 +15,26 @@ use super::document::{KeygateIssuer, PolicyClient, PolicyDocument, strict_json};
 use crate::api::ScopePolicySpec;
 use crate::registry::RevocationList;
 
+/// The most clients one line carries: a snapshot of 100,000 clients is 100 lines of about
+/// 500 KiB, not one of 50 MiB, so neither side ever holds a huge line.
+pub const CLIENTS_PER_LINE: usize = 1000;
+
 /// One line of the stream.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum StreamEvent {
-    /// The whole document at `revision`.
+    /// The document at `revision`. Its clients follow in `client_batches`
+    /// [`StreamEvent::Clients`] lines; the snapshot is whole after the last of them.
     Snapshot {
         revision: u64,
         document: Box<PolicyDocument>,
+        #[serde(rename = "clientBatches", skip_serializing_if = "is_zero")]
+        client_batches: u32,
+    },
+    /// Clients of the snapshot at `revision`.
+    Clients {
+        revision: u64,
+        clients: Vec<PolicyClient>,
     },
     /// What changed from `revision - 1` to `revision`.
     Change {
@@ -44,19 +56,63 @@ impl StreamEvent {
             kind,
             revision,
             document,
+            client_batches,
+            clients,
             delta,
         } = strict_json(line)?;
-        match (kind, revision, document, delta) {
-            (Kind::Snapshot, Some(revision), Some(document), None) => {
-                Ok(Self::Snapshot { revision, document })
+        match (kind, revision, document, clients, delta) {
+            (Kind::Snapshot, Some(revision), Some(document), None, None) => Ok(Self::Snapshot {
+                revision,
+                document,
+                client_batches: client_batches.unwrap_or(0),
+            }),
+            (Kind::Clients, Some(revision), None, Some(clients), None)
+                if client_batches.is_none() =>
+            {
+                Ok(Self::Clients { revision, clients })
             }
-            (Kind::Change, Some(revision), None, Some(delta)) => {
+            (Kind::Change, Some(revision), None, None, Some(delta)) if client_batches.is_none() => {
                 Ok(Self::Change { revision, delta })
             }
-            (Kind::Heartbeat, None, None, None) => Ok(Self::Heartbeat {}),
+            (Kind::Heartbeat, None, None, None, None) if client_batches.is_none() => {
+                Ok(Self::Heartbeat {})
+            }
             (kind, ..) => Err(format!("a {kind:?} line with the wrong fields")),
         }
     }
+
+    /// The lines of a snapshot of `document` at `revision`: the document without its
+    /// clients, then the clients, [`CLIENTS_PER_LINE`] a line.
+    pub fn snapshot_lines(revision: u64, document: &PolicyDocument) -> Vec<Self> {
+        let batches = document.clients.chunks(CLIENTS_PER_LINE);
+        let mut lines = Vec::with_capacity(batches.len() + 1);
+        lines.push(Self::Snapshot {
+            revision,
+            document: Box::new(document.without_clients()),
+            client_batches: u32::try_from(batches.len()).expect("fewer batches than clients"),
+        });
+        lines.extend(batches.map(|clients| Self::Clients {
+            revision,
+            clients: clients.to_vec(),
+        }));
+        lines
+    }
+}
+
+impl StreamEvent {
+    /// The line's `type`, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Snapshot { .. } => "snapshot",
+            Self::Clients { .. } => "clients",
+            Self::Change { .. } => "change",
+            Self::Heartbeat {} => "heartbeat",
+        }
+    }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A line as read, before it is checked to be one [`StreamEvent`].
@@ -67,6 +123,8 @@ struct Envelope {
     kind: Kind,
     revision: Option<u64>,
     document: Option<Box<PolicyDocument>>,
+    client_batches: Option<u32>,
+    clients: Option<Vec<PolicyClient>>,
     delta: Option<Box<PolicyDelta>>,
 }
 
@@ -74,6 +132,7 @@ struct Envelope {
 #[serde(rename_all = "camelCase")]
 enum Kind {
     Snapshot,
+    Clients,
     Change,
     Heartbeat,
 }
@@ -174,6 +233,7 @@ impl PolicyDelta {
 
     /// Applies the delta to `document` (the one it was computed from).
     pub fn apply(&self, document: &mut PolicyDocument) {
+        self.apply_to_all_but_clients(document);
         for id in &self.remove_clients {
             if let Ok(at) = document
                 .clients
@@ -191,6 +251,10 @@ impl PolicyDelta {
                 Err(at) => document.clients.insert(at, client.clone()),
             }
         }
+    }
+
+    /// Applies everything but the clients (which a sidecar keeps elsewhere).
+    pub fn apply_to_all_but_clients(&self, document: &mut PolicyDocument) {
         if let Some(spec) = &self.spec {
             document.spec = spec.clone();
         }

@@ -10,12 +10,14 @@ use http::HeaderMap;
 use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 
+use super::clients::ClientStore;
 use super::jwks::JwksCache;
 use crate::api::ScopeMatching;
 use crate::credentials::{
     KeyPairJwtIdentity, SecretDigest, VerifyingKey, jws_algorithm, jwt_error_reason,
     split_keypair_issuer, verify_keypair_jwt,
 };
+use crate::policy::stream::PolicyDelta;
 use crate::policy::{CompiledPolicy, PolicyDocument};
 use crate::token::access_token;
 
@@ -72,46 +74,24 @@ pub enum AuthFailure {
     Invalid(String),
 }
 
-struct ClientEntry {
-    client_id: Arc<str>,
-    scopes: Arc<[String]>,
-}
-
 struct ExternalIssuer {
     issuer: String,
     audiences: Vec<String>,
     jwks: Arc<JwksCache>,
 }
 
-/// A policy document made ready for the hot path.
-pub struct LoadedPolicy {
-    pub document: PolicyDocument,
-    pub compiled: CompiledPolicy,
+/// What a policy's rules and issuers compile to: prepared again only when they change.
+struct Rules {
+    compiled: CompiledPolicy,
     keygate_keys: HashMap<String, VerifyingKey>,
-    clients: HashMap<String, Arc<ClientEntry>>,
-    client_keys: HashMap<String, (Arc<ClientEntry>, VerifyingKey, Option<u64>)>,
-    api_keys: HashMap<SecretDigest, (Arc<ClientEntry>, Option<u64>)>,
-    disabled: HashSet<String>,
     external: Vec<ExternalIssuer>,
     /// `realm="..."` value: the resource without characters that would break the header.
-    pub realm: String,
-    /// Verified callers by credential digest. Their scopes and expiry were computed against
-    /// this policy's grants, so the cache lives and dies with it: a reloaded policy starts
-    /// empty and no caller keeps scopes its client has since lost.
-    cache: RwLock<HashMap<SecretDigest, Caller>>,
+    realm: String,
 }
 
-/// Removes characters that cannot appear inside a quoted header parameter.
-pub fn header_safe(text: &str) -> String {
-    text.chars()
-        .filter(|c| *c != '"' && *c != '\\' && !c.is_control())
-        .collect()
-}
-
-impl LoadedPolicy {
-    /// Prepares `document`; `jwks_for` gives the (shared, long-lived) cache of a `jwksUri`.
-    pub fn load(
-        document: PolicyDocument,
+impl Rules {
+    fn prepare(
+        document: &PolicyDocument,
         jwks_for: impl Fn(&str) -> Arc<JwksCache>,
     ) -> Result<Self, String> {
         let compiled = CompiledPolicy::compile(&document.spec).map_err(|errors| {
@@ -125,35 +105,6 @@ impl LoadedPolicy {
         for jwk in &document.keygate.jwks.keys {
             let key = VerifyingKey::from_jwk(jwk).map_err(|e| format!("keygate JWKS: {e}"))?;
             keygate_keys.insert(key.kid.clone(), key);
-        }
-        let mut clients = HashMap::new();
-        let mut client_keys = HashMap::new();
-        let mut api_keys = HashMap::new();
-        for client in &document.clients {
-            let entry = Arc::new(ClientEntry {
-                client_id: client.client_id.as_str().into(),
-                scopes: client.scopes.clone().into(),
-            });
-            for key in &client.keys {
-                let parsed = VerifyingKey::from_spki_pem(&key.public_key)
-                    .map_err(|e| format!("client {}: {e}", client.name))?;
-                if parsed.fingerprint != key.fingerprint {
-                    return Err(format!(
-                        "client {}: key fingerprint does not match its key",
-                        client.name
-                    ));
-                }
-                client_keys.insert(
-                    key.fingerprint.clone(),
-                    (entry.clone(), parsed, key.not_after),
-                );
-            }
-            for api_key in &client.api_keys {
-                let digest = SecretDigest::decode(&api_key.digest)
-                    .ok_or_else(|| format!("client {}: malformed API key digest", client.name))?;
-                api_keys.insert(digest, (entry.clone(), api_key.not_after));
-            }
-            clients.insert(client.client_id.clone(), entry);
         }
         let external = document
             .spec
@@ -170,17 +121,202 @@ impl LoadedPolicy {
             })
             .collect();
         Ok(Self {
-            realm: header_safe(&document.resource),
-            disabled: document.disabled_clients.iter().cloned().collect(),
             compiled,
             keygate_keys,
-            clients,
-            client_keys,
-            api_keys,
             external,
-            cache: RwLock::new(HashMap::new()),
-            document,
+            realm: header_safe(&document.resource),
         })
+    }
+}
+
+/// Verified callers by credential digest. Their scopes and expiry were computed against the
+/// policy's rules, keys and clients: a policy with other rules or keys starts an empty cache,
+/// and a change to some clients forgets their callers. Revocations and disabled clients are
+/// checked on every request, cached or not.
+#[derive(Default)]
+struct VerifiedCache {
+    inner: RwLock<CacheInner>,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    /// Bumped whenever clients change, so that a verification that read a client before the
+    /// change does not cache what it found after it.
+    generation: u64,
+    callers: HashMap<SecretDigest, Caller>,
+}
+
+impl VerifiedCache {
+    fn get(&self, digest: &SecretDigest) -> (Option<Caller>, u64) {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        (inner.callers.get(digest).cloned(), inner.generation)
+    }
+
+    fn remember(&self, generation: u64, digest: SecretDigest, caller: &Caller) {
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if inner.generation != generation {
+            return;
+        }
+        if inner.callers.len() >= MAX_CACHED {
+            // Bounded memory beats perfect hit rates; the next requests refill it.
+            inner.callers.clear();
+        }
+        inner.callers.insert(digest, caller.clone());
+    }
+
+    fn forget_clients(&self, ids: &HashSet<&str>) {
+        let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        inner.generation += 1;
+        inner
+            .callers
+            .retain(|_, caller| !ids.contains(&*caller.client_id));
+    }
+}
+
+/// A policy made ready for the hot path.
+pub struct LoadedPolicy {
+    /// The document in force, without its clients (they are in `clients`).
+    pub document: PolicyDocument,
+    rules: Arc<Rules>,
+    disabled: HashSet<String>,
+    /// Shared by the versions of this policy that the stream's changes make, and changed in
+    /// place, so that a change costs what it changes and not what the policy holds.
+    clients: Arc<RwLock<ClientStore>>,
+    cache: Arc<VerifiedCache>,
+}
+
+/// Removes characters that cannot appear inside a quoted header parameter.
+pub fn header_safe(text: &str) -> String {
+    text.chars()
+        .filter(|c| *c != '"' && *c != '\\' && !c.is_control())
+        .collect()
+}
+
+impl LoadedPolicy {
+    /// Prepares a whole `document`; `jwks_for` gives the (shared, long-lived) cache of a
+    /// `jwksUri`.
+    pub fn load(
+        mut document: PolicyDocument,
+        jwks_for: impl Fn(&str) -> Arc<JwksCache>,
+    ) -> Result<Self, String> {
+        let mut store = ClientStore::default();
+        for client in std::mem::take(&mut document.clients) {
+            let encoded = store.encode(&client)?;
+            store.upsert(encoded);
+        }
+        Self::with_clients(document, store, jwks_for)
+    }
+
+    /// Prepares `document` (whose clients, if any, are ignored) with the clients `store`.
+    pub fn with_clients(
+        document: PolicyDocument,
+        store: ClientStore,
+        jwks_for: impl Fn(&str) -> Arc<JwksCache>,
+    ) -> Result<Self, String> {
+        let rules = Rules::prepare(&document, jwks_for)?;
+        Ok(Self::assemble(
+            document,
+            Arc::new(rules),
+            Arc::new(RwLock::new(store)),
+            Arc::default(),
+        ))
+    }
+
+    /// `document` (a policy file whose clients were left out) with the clients of this
+    /// policy.
+    pub fn keeping_clients(
+        &self,
+        document: PolicyDocument,
+        jwks_for: impl Fn(&str) -> Arc<JwksCache>,
+    ) -> Result<Self, String> {
+        let rules = Rules::prepare(&document, jwks_for)?;
+        Ok(Self::assemble(
+            document,
+            Arc::new(rules),
+            self.clients.clone(),
+            Arc::default(),
+        ))
+    }
+
+    fn assemble(
+        mut document: PolicyDocument,
+        rules: Arc<Rules>,
+        clients: Arc<RwLock<ClientStore>>,
+        cache: Arc<VerifiedCache>,
+    ) -> Self {
+        document.clients = Vec::new();
+        Self {
+            disabled: document.disabled_clients.iter().cloned().collect(),
+            document,
+            rules,
+            clients,
+            cache,
+        }
+    }
+
+    /// Applies a change of the policy stream. The clients change in place (this policy sees
+    /// them too); everything else comes in the returned policy, to be installed. On error
+    /// nothing has changed.
+    pub fn apply(
+        &self,
+        delta: &PolicyDelta,
+        jwks_for: impl Fn(&str) -> Arc<JwksCache>,
+    ) -> Result<Self, String> {
+        let mut document = self.document.clone();
+        delta.apply_to_all_but_clients(&mut document);
+        let rules = if delta.spec.is_some() || delta.keygate.is_some() {
+            Arc::new(Rules::prepare(&document, jwks_for)?)
+        } else {
+            self.rules.clone()
+        };
+        if !delta.upsert_clients.is_empty() || !delta.remove_clients.is_empty() {
+            let mut store = self.clients.write().unwrap_or_else(|p| p.into_inner());
+            let encoded = delta
+                .upsert_clients
+                .iter()
+                .map(|client| store.encode(client))
+                .collect::<Result<Vec<_>, _>>()?;
+            for id in &delta.remove_clients {
+                store.remove(id);
+            }
+            for client in encoded {
+                store.upsert(client);
+            }
+        }
+        let cache = if Arc::ptr_eq(&rules, &self.rules) {
+            let changed: HashSet<&str> = delta
+                .upsert_clients
+                .iter()
+                .map(|c| c.client_id.as_str())
+                .chain(delta.remove_clients.iter().map(String::as_str))
+                .collect();
+            if !changed.is_empty() {
+                self.cache.forget_clients(&changed);
+            }
+            self.cache.clone()
+        } else {
+            Arc::default()
+        };
+        Ok(Self::assemble(document, rules, self.clients.clone(), cache))
+    }
+
+    /// The compiled rules.
+    pub fn compiled(&self) -> &CompiledPolicy {
+        &self.rules.compiled
+    }
+
+    /// The `realm` of this policy's challenges.
+    pub fn realm(&self) -> &str {
+        &self.rules.realm
+    }
+
+    /// The number of clients.
+    pub fn client_count(&self) -> usize {
+        self.clients().len()
+    }
+
+    fn clients(&self) -> std::sync::RwLockReadGuard<'_, ClientStore> {
+        self.clients.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Authenticates a request at `now` (Unix seconds). Returns the caller and whether the
@@ -196,33 +332,19 @@ impl LoadedPolicy {
             return Err(AuthFailure::Invalid("credential too large".into()));
         }
         let digest = SecretDigest::of(credential);
-        let cached = self
-            .cache
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&digest)
-            .cloned();
+        let (cached, generation) = self.cache.get(&digest);
         let (caller, hit) = match cached {
             Some(caller) if caller.exp.is_none_or(|exp| exp + leeway.as_secs() > now) => {
                 (caller, true)
             }
             _ => {
                 let caller = self.verify(credential, &digest, leeway, now).await?;
-                self.remember(digest, &caller);
+                self.cache.remember(generation, digest, &caller);
                 (caller, false)
             }
         };
         self.check_revocation(&caller)?;
         Ok((caller, hit))
-    }
-
-    fn remember(&self, digest: SecretDigest, caller: &Caller) {
-        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= MAX_CACHED {
-            // Bounded memory beats perfect hit rates; the next requests refill it.
-            cache.clear();
-        }
-        cache.insert(digest, caller.clone());
     }
 
     fn check_revocation(&self, caller: &Caller) -> Result<(), AuthFailure> {
@@ -246,8 +368,8 @@ impl LoadedPolicy {
         let invalid = |reason: &str| AuthFailure::Invalid(reason.to_owned());
         if credential.bytes().filter(|b| *b == b'.').count() != 2 {
             let (entry, not_after) = self
-                .api_keys
-                .get(digest)
+                .clients()
+                .api_key(digest)
                 .ok_or_else(|| invalid("unknown API key"))?;
             if not_after.is_some_and(|t| now >= t) {
                 return Err(invalid("API key expired"));
@@ -260,7 +382,7 @@ impl LoadedPolicy {
                 // "Revoke every token" concerns tokens, not API keys: an API key is withdrawn
                 // by rotating it or disabling the client, both of which change the policy.
                 iat: u64::MAX,
-                exp: *not_after,
+                exp: not_after,
             });
         }
         #[derive(Deserialize)]
@@ -273,7 +395,7 @@ impl LoadedPolicy {
         if iss == self.document.keygate.issuer {
             let claims = access_token::verify(
                 credential,
-                &self.keygate_keys,
+                &self.rules.keygate_keys,
                 &self.document.keygate.issuer,
                 Some(&self.document.resource),
                 leeway,
@@ -281,8 +403,8 @@ impl LoadedPolicy {
             )
             .map_err(|e| AuthFailure::Invalid(e.0))?;
             let entry = self
-                .clients
-                .get(&claims.client_id)
+                .clients()
+                .client(&claims.client_id)
                 .ok_or_else(|| invalid("client has no grant on this API"))?;
             // The token vouches for the scopes its client held when it was issued; the policy
             // says what the client holds now. Only what both allow counts.
@@ -308,10 +430,9 @@ impl LoadedPolicy {
             });
         }
         if let Some((client_id, fingerprint)) = split_keypair_issuer(&iss) {
-            let (entry, key, not_after) = self
-                .client_keys
-                .get(fingerprint)
-                .filter(|(entry, _, _)| &*entry.client_id == client_id)
+            let (entry, der, not_after) = self
+                .clients()
+                .key(client_id, fingerprint)
                 .ok_or_else(|| invalid("unknown key fingerprint"))?;
             if not_after.is_some_and(|t| now >= t) {
                 return Err(invalid("key expired"));
@@ -324,8 +445,11 @@ impl LoadedPolicy {
             if aud.as_deref().is_some_and(|a| a != self.document.resource) {
                 return Err(invalid("wrong audience"));
             }
+            // Parsed now rather than kept parsed: the verified caller is cached, so this
+            // happens once per JWT, and a parsed key costs ten times its DER in memory.
+            let key = VerifyingKey::from_spki_der(&der).map_err(|_| invalid("unusable key"))?;
             let claims =
-                verify_keypair_jwt(credential, &identity, key, aud.as_deref(), leeway, now)
+                verify_keypair_jwt(credential, &identity, &key, aud.as_deref(), leeway, now)
                     .map_err(|e| {
                         AuthFailure::Invalid(
                             e.to_string()
@@ -343,7 +467,7 @@ impl LoadedPolicy {
                 exp: Some(not_after.map_or(claims.exp, |t| claims.exp.min(t))),
             });
         }
-        if let Some(external) = self.external.iter().find(|e| e.issuer == iss) {
+        if let Some(external) = self.rules.external.iter().find(|e| e.issuer == iss) {
             return verify_external(credential, external, leeway, now).await;
         }
         Err(invalid("untrusted issuer"))

@@ -2,6 +2,7 @@
 //! authorized ones to it.
 
 pub mod auth;
+pub mod clients;
 pub mod command;
 pub mod forward;
 pub mod jwks;

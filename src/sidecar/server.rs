@@ -21,10 +21,12 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::watch;
 
 use super::auth::{AuthFailure, LoadedPolicy, header_safe};
+use super::clients::ClientStore;
 use super::forward::{Forwarder, Identity, ProxyBody, UpgradeRequest};
 use super::jwks::JwksCache;
 use crate::connections::{ConnectionLimits, http_builder, serve_connections};
 use crate::credentials::unix_now;
+use crate::policy::stream::PolicyDelta;
 use crate::policy::{Access, PolicyDocument, normalize};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -104,6 +106,9 @@ pub struct Sidecar {
     /// The policy stream is connected and has delivered its snapshot: the policy file (the
     /// ConfigMap, refreshed only on the kubelet's sync) is then older than what is in force.
     stream_live: std::sync::atomic::AtomicBool,
+    /// Held while a policy is installed or changed: a change of the stream always applies to
+    /// the stream's policy, never to a file installed meanwhile.
+    installing: Mutex<()>,
 }
 
 impl Sidecar {
@@ -121,13 +126,14 @@ impl Sidecar {
             metrics: Metrics::register(metrics),
             ready: watch::Sender::new(false),
             stream_live: std::sync::atomic::AtomicBool::new(false),
+            installing: Mutex::new(()),
         })
     }
 
-    /// Marks the policy stream live (its snapshot is installed) or down.
-    pub fn set_stream_live(&self, live: bool) {
+    /// Marks the policy stream down (it is live from its snapshot's installation on).
+    pub fn set_stream_down(&self) {
         self.stream_live
-            .store(live, std::sync::atomic::Ordering::SeqCst);
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Whether the policy stream is live.
@@ -135,26 +141,31 @@ impl Sidecar {
         self.stream_live.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// The document in force, if any.
-    pub fn document(&self) -> Option<PolicyDocument> {
-        self.policy.load_full().map(|p| p.document.clone())
-    }
-
     /// Installs a policy read from the policy file, the bootstrap and the fallback of the
     /// policy stream: skipped while the stream is live, and never dropping a revocation the
     /// policy in force has (a revocation only ever refuses more, and the file may be older
-    /// than what the stream delivered).
+    /// than what the stream delivered). A file whose clients were left out (too many for a
+    /// ConfigMap) keeps the clients in force.
     pub fn install_from_file(&self, mut document: PolicyDocument) -> Result<bool, String> {
+        let _installing = self.installing.lock().unwrap_or_else(|p| p.into_inner());
         if self.stream_live() {
             return Ok(false);
         }
-        if let Some(current) = self.policy.load_full()
-            && current.document.policy == document.policy
-        {
+        let current = self
+            .policy
+            .load_full()
+            .filter(|current| current.document.policy == document.policy);
+        if let Some(current) = &current {
             document.revocations.absorb(&current.document.revocations);
             document.revocations.prune(crate::credentials::unix_now());
         }
-        self.install(document).map(|()| true)
+        let loaded = match current {
+            Some(current) if document.clients_omitted => {
+                current.keeping_clients(document, |uri| self.jwks_cache(uri))
+            }
+            _ => LoadedPolicy::load(document, |uri| self.jwks_cache(uri)),
+        };
+        self.put(loaded).map(|()| true)
     }
 
     /// True once a valid policy is installed.
@@ -162,15 +173,48 @@ impl Sidecar {
         self.ready.subscribe()
     }
 
-    /// Installs a policy; on error the previous one stays in force.
+    /// Installs a whole policy; on error the previous one stays in force.
     pub fn install(&self, document: PolicyDocument) -> Result<(), String> {
-        let loaded = LoadedPolicy::load(document, |uri| {
-            let mut caches = self.jwks.lock().unwrap_or_else(|p| p.into_inner());
-            caches
-                .entry(uri.to_owned())
-                .or_insert_with(|| JwksCache::new(uri.to_owned(), self.http.clone()))
-                .clone()
-        });
+        let _installing = self.installing.lock().unwrap_or_else(|p| p.into_inner());
+        self.put(LoadedPolicy::load(document, |uri| self.jwks_cache(uri)))
+    }
+
+    /// Installs the policy stream's snapshot (`document`'s clients are in `clients`) and
+    /// marks the stream live: the policy file is not read until it is down again.
+    pub fn install_snapshot(
+        &self,
+        document: PolicyDocument,
+        clients: ClientStore,
+    ) -> Result<(), String> {
+        let _installing = self.installing.lock().unwrap_or_else(|p| p.into_inner());
+        self.put(LoadedPolicy::with_clients(document, clients, |uri| {
+            self.jwks_cache(uri)
+        }))?;
+        self.stream_live
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Applies a change of the policy stream to the policy in force (the stream's: the file
+    /// is not installed while the stream is live).
+    pub fn apply_change(&self, delta: &PolicyDelta) -> Result<(), String> {
+        let _installing = self.installing.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self
+            .policy
+            .load_full()
+            .ok_or("a change with no policy in force")?;
+        self.put(current.apply(delta, |uri| self.jwks_cache(uri)))
+    }
+
+    fn jwks_cache(&self, uri: &str) -> Arc<JwksCache> {
+        let mut caches = self.jwks.lock().unwrap_or_else(|p| p.into_inner());
+        caches
+            .entry(uri.to_owned())
+            .or_insert_with(|| JwksCache::new(uri.to_owned(), self.http.clone()))
+            .clone()
+    }
+
+    fn put(&self, loaded: Result<LoadedPolicy, String>) -> Result<(), String> {
         match loaded {
             Ok(loaded) => {
                 self.policy.store(Some(Arc::new(loaded)));
@@ -233,7 +277,7 @@ impl Sidecar {
             Some(query) => format!("{path}?{query}"),
             None => path.clone(),
         };
-        let decision = policy.compiled.decide(req.method(), &path);
+        let decision = policy.compiled().decide(req.method(), &path);
         let rule = decision
             .rule
             .map(|r| r.name)
@@ -288,7 +332,7 @@ impl Sidecar {
                 caller
             }
             Err(AuthFailure::Missing) => {
-                let challenge = format!("Bearer realm=\"{}\"", policy.realm);
+                let challenge = format!("Bearer realm=\"{}\"", policy.realm());
                 return self.finish(
                     "unauthenticated",
                     &rule,
@@ -304,7 +348,7 @@ impl Sidecar {
                 let reason = header_safe(&reason);
                 let challenge = format!(
                     "Bearer realm=\"{}\", error=\"invalid_token\", error_description=\"{reason}\"",
-                    policy.realm
+                    policy.realm()
                 );
                 return self.finish(
                     "invalid_credential",
@@ -323,7 +367,7 @@ impl Sidecar {
         {
             let challenge = format!(
                 "Bearer realm=\"{}\", error=\"insufficient_scope\", scope=\"{}\"",
-                policy.realm,
+                policy.realm(),
                 requirement.scope_param()
             );
             return self.finish(

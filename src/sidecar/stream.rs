@@ -14,13 +14,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::clients::ClientStore;
 use super::server::Sidecar;
 use crate::policy::PolicyDocument;
 use crate::policy::document::POLICY_FILE_VERSION;
 use crate::policy::stream::StreamEvent;
 
-/// The longest line read (a snapshot of 100,000 clients is about 40 MiB).
-const MAX_LINE_BYTES: usize = 128 * 1024 * 1024;
+/// The longest line read. Clients come at most `CLIENTS_PER_LINE` a line (about 500 KiB);
+/// the revocations, sent whole in a snapshot, are what can make a line long.
+const MAX_LINE_BYTES: usize = 64 * 1024 * 1024;
 /// Silence after which the stream is taken for dead (three heartbeats).
 const SILENCE: Duration = Duration::from_secs(45);
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -86,7 +88,7 @@ pub async fn follow(config: StreamConfig, sidecar: Arc<Sidecar>) {
     loop {
         let connected_at = std::time::Instant::now();
         let error = follow_once(&config, &sidecar).await;
-        sidecar.set_stream_live(false);
+        sidecar.set_stream_down();
         if connected_at.elapsed() > BACKOFF_MAX {
             backoff = BACKOFF_MIN;
         }
@@ -148,7 +150,7 @@ async fn try_follow(config: &StreamConfig, sidecar: &Sidecar) -> Result<(), Brok
     }
     let mut response = response;
     let mut buffer: Vec<u8> = Vec::new();
-    let mut state: Option<(u64, PolicyDocument)> = None;
+    let mut state = Following::Nothing;
     loop {
         let chunk = match tokio::time::timeout(SILENCE, response.chunk()).await {
             Err(_) => return Err(Broken::Silent(SILENCE)),
@@ -157,10 +159,13 @@ async fn try_follow(config: &StreamConfig, sidecar: &Sidecar) -> Result<(), Brok
             Ok(Ok(Some(chunk))) => chunk,
         };
         buffer.extend_from_slice(&chunk);
-        while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buffer.drain(..=end).collect();
-            state = Some(apply_line(&line, state.take(), config, sidecar)?);
+        let mut start = 0;
+        while let Some(end) = buffer[start..].iter().position(|b| *b == b'\n') {
+            let line = &buffer[start..start + end];
+            start += end + 1;
+            state = apply_line(line, state, config, sidecar)?;
         }
+        buffer.drain(..start);
         if buffer.len() > MAX_LINE_BYTES {
             return Err(Broken::Invalid(format!(
                 "a line longer than {MAX_LINE_BYTES} bytes"
@@ -169,54 +174,122 @@ async fn try_follow(config: &StreamConfig, sidecar: &Sidecar) -> Result<(), Brok
     }
 }
 
-/// Applies one line to the followed state and installs the result.
+/// Where a connection stands.
+enum Following {
+    /// Waiting for the first snapshot.
+    Nothing,
+    /// Receiving the clients of a snapshot; the policy in force stays until the last batch.
+    Receiving {
+        revision: u64,
+        document: Box<PolicyDocument>,
+        clients: ClientStore,
+        batches_left: u32,
+    },
+    /// The policy in force is this stream's at `revision`.
+    Live { revision: u64 },
+}
+
+/// Applies one line to the followed state, installing what it completes.
 fn apply_line(
     line: &[u8],
-    state: Option<(u64, PolicyDocument)>,
+    state: Following,
     config: &StreamConfig,
     sidecar: &Sidecar,
-) -> Result<(u64, PolicyDocument), Broken> {
+) -> Result<Following, Broken> {
     let event = StreamEvent::parse(line)
         .map_err(|e| Broken::Invalid(format!("an unreadable line: {e}")))?;
-    let (revision, document) = match (event, state) {
-        (StreamEvent::Heartbeat {}, Some(state)) => return Ok(state),
-        (StreamEvent::Heartbeat {}, None) => {
-            return Err(Broken::Invalid("a heartbeat before the snapshot".into()));
-        }
-        (StreamEvent::Snapshot { revision, document }, _) => {
-            let mut document = *document;
+    let receiving = match (event, state) {
+        (StreamEvent::Heartbeat {}, state @ Following::Live { .. }) => return Ok(state),
+        (
+            StreamEvent::Snapshot {
+                revision,
+                document,
+                client_batches,
+            },
+            Following::Nothing | Following::Live { .. },
+        ) => {
             if document.api_version != POLICY_FILE_VERSION || document.policy != config.policy {
                 return Err(Broken::Invalid(format!(
                     "a snapshot of {} ({}), not of {}",
                     document.policy, document.api_version, config.policy
                 )));
             }
-            document
-                .clients
-                .sort_by(|a, b| a.client_id.cmp(&b.client_id));
-            (revision, document)
+            let mut clients = ClientStore::default();
+            for client in &document.clients {
+                let encoded = clients.encode(client).map_err(|e| {
+                    Broken::Invalid(format!("revision {revision} does not install: {e}"))
+                })?;
+                clients.upsert(encoded);
+            }
+            Following::Receiving {
+                revision,
+                document,
+                clients,
+                batches_left: client_batches,
+            }
         }
-        (StreamEvent::Change { .. }, None) => {
-            return Err(Broken::Invalid("a change before the snapshot".into()));
+        (
+            StreamEvent::Clients {
+                revision,
+                clients: batch,
+            },
+            Following::Receiving {
+                revision: expected,
+                document,
+                mut clients,
+                batches_left,
+            },
+        ) if revision == expected && batches_left > 0 => {
+            for client in &batch {
+                let encoded = clients.encode(client).map_err(|e| {
+                    Broken::Invalid(format!("revision {revision} does not install: {e}"))
+                })?;
+                clients.upsert(encoded);
+            }
+            Following::Receiving {
+                revision,
+                document,
+                clients,
+                batches_left: batches_left - 1,
+            }
         }
-        (StreamEvent::Change { revision, delta }, Some((previous, mut document))) => {
+        (StreamEvent::Change { revision, delta }, Following::Live { revision: previous }) => {
             if revision != previous + 1 {
                 return Err(Broken::Invalid(format!(
                     "revision {revision} after {previous}: a change was missed"
                 )));
             }
-            delta.apply(&mut document);
-            (revision, document)
+            sidecar
+                .apply_change(&delta)
+                .map_err(|e| Broken::Invalid(format!("revision {revision} does not apply: {e}")))?;
+            tracing::debug!(revision, "policy change from the stream applied");
+            return Ok(Following::Live { revision });
+        }
+        (event, _) => {
+            return Err(Broken::Invalid(format!(
+                "a {} line out of order",
+                event.kind()
+            )));
         }
     };
-    sidecar
-        .install(document.clone())
-        .map_err(|e| Broken::Invalid(format!("revision {revision} does not install: {e}")))?;
-    sidecar.set_stream_live(true);
-    tracing::debug!(
-        revision,
-        clients = document.clients.len(),
-        "policy from the stream installed"
-    );
-    Ok((revision, document))
+    match receiving {
+        Following::Receiving {
+            revision,
+            document,
+            clients,
+            batches_left: 0,
+        } => {
+            let count = clients.len();
+            sidecar.install_snapshot(*document, clients).map_err(|e| {
+                Broken::Invalid(format!("revision {revision} does not install: {e}"))
+            })?;
+            tracing::debug!(
+                revision,
+                clients = count,
+                "policy from the stream installed"
+            );
+            Ok(Following::Live { revision })
+        }
+        receiving => Ok(receiving),
+    }
 }

@@ -90,6 +90,7 @@ pub fn operator_options(
             signing_key_rotation: Duration::from_secs(720 * 3600),
             max_token_lifetime: Duration::from_secs(24 * 3600),
             concurrency: 16,
+            policy_stream: false,
         },
         token_listen: format!("127.0.0.1:{token_port}").parse().expect("addr"),
         admin_listen: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
