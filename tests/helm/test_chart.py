@@ -180,9 +180,12 @@ def test_validation_covers_the_chart_floor_and_a_current_version():
         assert kv_utils.major_minor(MIN_KUBE) == "1.25"
 
 
+def rendered_crds(values: dict | None = None) -> list[dict]:
+    return of_kind(render(values), "CustomResourceDefinition")
+
+
 def test_crds_validate_strictly():
-    with helm.Chart.load(CHART) as chart:
-        crds = [d for c in chart.crds for d in yaml.safe_load_all(c["data"]) if d]
+    crds = rendered_crds()
     assert sorted(c["metadata"]["name"] for c in crds) == [
         "apiclients.keygate.dev", "m2mroles.keygate.dev", "scopepolicies.keygate.dev"]
     for crd in crds:
@@ -198,12 +201,43 @@ def test_helm_lint_strict_has_no_errors():
 
 
 def test_crds_are_a_byte_identical_copy_of_the_generated_ones():
-    chart_crds = (CHART / "crds" / "keygate.dev.yaml").read_bytes()
+    chart_crds = (CHART / "files" / "crds.yaml").read_bytes()
     generated = (REPO / "crds" / "keygate.dev.yaml").read_bytes()
     assert chart_crds == generated, (
-        "charts/keygate/crds/keygate.dev.yaml drifted from crds/keygate.dev.yaml: "
-        "cp crds/keygate.dev.yaml charts/keygate/crds/")
-    assert sorted(p.name for p in (CHART / "crds").iterdir()) == ["keygate.dev.yaml"]
+        "charts/keygate/files/crds.yaml drifted from crds/keygate.dev.yaml: "
+        "cp crds/keygate.dev.yaml charts/keygate/files/crds.yaml")
+
+
+def test_crds_are_templates_only_so_helm_installs_them_once():
+    # A crds/ directory would be installed by Helm as well, without the release's
+    # ownership metadata, and the templated CRDs would then fail on objects the release
+    # does not own (docs/decisions/0001-crds-as-templates.md).
+    assert not (CHART / "crds").exists()
+    with helm.Chart.load(CHART) as chart:
+        assert chart.crds == []
+
+
+@pytest.mark.parametrize("crds", [{}, {"keep": True}, {"keep": False}])
+def test_rendered_crds_are_the_generated_ones_plus_labels_and_keep(crds):
+    generated = [d for d in yaml.safe_load_all((REPO / "crds" / "keygate.dev.yaml").read_text()) if d]
+    rendered = rendered_crds({"crds": crds})
+    assert len(rendered) == len(generated) == 3
+    keep = crds.get("keep", True)
+    for got, want in zip(rendered, generated):
+        metadata = dict(got["metadata"])
+        labels = metadata.pop("labels")
+        annotations = metadata.pop("annotations", {})
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["app.kubernetes.io/component"] == "crds"
+        assert annotations == ({"helm.sh/resource-policy": "keep"} if keep else {})
+        assert {**got, "metadata": metadata} == want, f"{want['metadata']['name']} differs from crds/"
+
+
+def test_crds_disabled_renders_none():
+    assert rendered_crds({"crds": {"enabled": False}}) == []
+    text = notes({"crds": {"enabled": False}})
+    assert "kubectl apply --server-side -f crds/keygate.dev.yaml" in text
 
 
 # ------------------------------------------------------------------------------- values
@@ -822,7 +856,7 @@ def test_network_policy(variant):
 def test_everything_lives_in_the_release_namespace_or_is_cluster_scoped(variant):
     name, values, objects = variant
     cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration",
-                      "ValidatingWebhookConfiguration"}
+                      "ValidatingWebhookConfiguration", "CustomResourceDefinition"}
     allowed = {NAMESPACE, *(values.get("watchNamespaces") or [])}
     for obj in objects:
         if obj["kind"] in cluster_scoped:
@@ -860,7 +894,9 @@ def test_notes_tell_how_to_apply_the_example_and_get_a_token():
         notes = chart.render(name=RELEASE, namespace=NAMESPACE)["keygate/templates/NOTES.txt"]
     assert "kubectl apply -f examples/quickstart/" in notes
     assert "/oauth2/token" in notes and "grant_type=client_credentials" in notes
-    assert "kubectl apply --server-side -f charts/keygate/crds/" in notes
+    assert "CRDs: part of this release (crds.enabled), so helm upgrade updates them." in notes
+    assert "keeps them (crds.keep)" in notes
+    assert "WARNING: crds.keep is false" in globals()["notes"]({"crds": {"keep": False}})
 
 
 def test_notes_give_the_https_issuer_and_how_to_trust_its_ca():
