@@ -405,7 +405,7 @@ def test_webhook_configurations_are_writable_only_by_name(variant):
 def test_secrets_and_configmaps_cluster_wide_only_without_watch_namespaces(variant):
     name, values, objects = variant
     watched = values.get("watchNamespaces") or []
-    cluster = [r for _, r in rules(objects, "ClusterRole")]
+    cluster = [r for o in operator_cluster_roles(objects) for r in o["rules"]]
     cluster_resources = {res for r in cluster for res in r["resources"]}
     namespaced = {"secrets", "configmaps", "apiclients", "scopepolicies", "m2mroles"}
     if not watched:
@@ -431,9 +431,41 @@ def test_secrets_and_configmaps_cluster_wide_only_without_watch_namespaces(varia
             assert rule["resourceNames"], rule
 
 
+def operator_cluster_roles(objects):
+    return [o for o in of_kind(objects, "ClusterRole")
+            if not any(k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in o["metadata"]["labels"])]
+
+
+def test_aggregated_cluster_roles_let_namespace_users_read_or_edit_keygate_objects():
+    objects = render()
+    roles = {o["metadata"]["name"]: o for o in of_kind(objects, "ClusterRole")}
+    view, edit = roles["keygate-view"], roles["keygate-edit"]
+    resources = ["apiclients", "m2mroles", "scopepolicies"]
+    assert view["rules"] == [{"apiGroups": ["keygate.dev"], "resources": resources,
+                              "verbs": ["get", "list", "watch"]}]
+    assert edit["rules"] == [{"apiGroups": ["keygate.dev"], "resources": resources,
+                              "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]}]
+    aggregate = "rbac.authorization.k8s.io/aggregate-to-"
+    assert {k for k, v in view["metadata"]["labels"].items() if k.startswith(aggregate) and v == "true"} == {
+        aggregate + "view"}
+    assert {k for k, v in edit["metadata"]["labels"].items() if k.startswith(aggregate) and v == "true"} == {
+        aggregate + "edit", aggregate + "admin"}
+    # Nobody is bound to them: the built-in roles pick their rules up.
+    bound = {b["roleRef"]["name"] for b in of_kind(objects, "ClusterRoleBinding") + of_kind(objects, "RoleBinding")}
+    assert not bound & {"keygate-view", "keygate-edit"}
+    for values in ({"rbac": {"aggregateClusterRoles": False}},
+                   {"rbac": {"aggregateClusterRoles": False, "create": False}, "serviceAccount": {"name": "x"}}):
+        names = {o["metadata"]["name"] for o in of_kind(render(values), "ClusterRole")}
+        assert not names & {"keygate-view", "keygate-edit"}, values
+    # ... and they stay when the operator's own RBAC is managed elsewhere.
+    names = {o["metadata"]["name"] for o in of_kind(render({"rbac": {"create": False},
+                                                             "serviceAccount": {"name": "x"}}), "ClusterRole")}
+    assert names == {"keygate-view", "keygate-edit"}
+
+
 def test_rbac_grants_exactly_the_documented_verbs():
     objects = render()
-    cluster = one(objects, "ClusterRole")
+    [cluster] = operator_cluster_roles(objects)
     grants = {}
     for rule in cluster["rules"]:
         for group in rule["apiGroups"]:
