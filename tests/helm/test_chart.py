@@ -37,6 +37,8 @@ SKIP_KINDS = {
     ("cert-manager.io/v1", "Issuer"): "cert-manager CRD; not a Kubernetes built-in kind",
     ("cert-manager.io/v1", "Certificate"): "cert-manager CRD; not a Kubernetes built-in kind",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "Prometheus Operator CRD; not built in",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "Prometheus Operator CRD; not built in (test_monitoring.py checks it)",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "Prometheus Operator CRD; not built in (promtool checks its rules)",
 }
 
 # The variants the chart must render cleanly; each name is a test id.
@@ -92,7 +94,9 @@ VARIANTS: dict[str, dict] = {
         "crds": {"enabled": True, "keep": False},
         "commonLabels": {"example.com/team": "platform", "cost-centre": "42"},
         "image": {"digest": "sha256:" + "a" * 64},
-        "sidecar": {"image": {"digest": "sha256:" + "b" * 64}},
+        "sidecar": {"image": {"digest": "sha256:" + "b" * 64},
+                    "podMonitor": {"enabled": True, "namespace": "monitoring", "interval": "15s",
+                                   "scrapeTimeout": "5s", "labels": {"release": "prom"}}},
         "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": "25%"}},
         "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
                             "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"},
@@ -114,6 +118,12 @@ VARIANTS: dict[str, dict] = {
         "podLabels": {"example.com/tier": "infra"},
         "volumes": [{"name": "corp-ca", "configMap": {"name": "corp-ca"}}],
         "volumeMounts": [{"name": "corp-ca", "mountPath": "/etc/corp-ca", "readOnly": True}],
+        "rbac": {"aggregateClusterRoles": True},
+        "monitoring": {"serviceMonitor": {"enabled": True}},
+        "prometheusRule": {"enabled": True, "namespace": "monitoring", "labels": {"release": "prom"}},
+        "grafana": {"dashboard": {"enabled": True, "namespace": "monitoring",
+                                  "labels": {"grafana_dashboard": "1", "team": "platform"},
+                                  "annotations": {"grafana_folder": "keygate"}}},
     },
 }
 
@@ -1049,10 +1059,13 @@ def test_everything_lives_in_the_release_namespace_or_is_cluster_scoped(variant)
     cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration",
                       "ValidatingWebhookConfiguration", "CustomResourceDefinition"}
     allowed = {NAMESPACE, *(values.get("watchNamespaces") or [])}
+    monitoring = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap"}
     for obj in objects:
         if obj["kind"] in cluster_scoped:
             assert "namespace" not in obj["metadata"], obj["kind"]
         else:
+            if obj["kind"] in monitoring and obj["metadata"]["namespace"] == "monitoring":
+                continue  # the namespace value of the monitoring object
             assert obj["metadata"]["namespace"] in allowed, (obj["kind"], obj["metadata"])
             if obj["metadata"]["namespace"] != NAMESPACE:
                 assert obj["kind"] in ("Role", "RoleBinding"), obj["kind"]
