@@ -18,6 +18,10 @@ CHART = Path(__file__).resolve().parents[2] / "charts" / "keygate"
 def main() -> None:
     release, namespace, lease = sys.argv[1:4]
     values = {
+        # The test installs the CRDs from crds/ itself and deletes every cluster-scoped
+        # object it applied afterwards: CRDs rendered here would take every keygate object
+        # in the shared test cluster with them.
+        "crds": {"enabled": False},
         "watchNamespaces": [namespace],
         "leaderElection": {"leaseName": lease},
         "webhook": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}},

@@ -37,6 +37,8 @@ SKIP_KINDS = {
     ("cert-manager.io/v1", "Issuer"): "cert-manager CRD; not a Kubernetes built-in kind",
     ("cert-manager.io/v1", "Certificate"): "cert-manager CRD; not a Kubernetes built-in kind",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "Prometheus Operator CRD; not built in",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "Prometheus Operator CRD; not built in (test_monitoring.py checks it)",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "Prometheus Operator CRD; not built in (promtool checks its rules)",
 }
 
 # The variants the chart must render cleanly; each name is a test id.
@@ -86,6 +88,43 @@ VARIANTS: dict[str, dict] = {
         "watchNamespaces": ["shop"],
     },
     "token-port-8443": {"tokenService": {"port": 8443}, "watchNamespaces": ["shop"]},
+    # Every value issue #18 added, at once: helm lint --strict and the Kubernetes schemas
+    # must accept the lot.
+    "every-operability-value": {
+        "crds": {"enabled": True, "keep": False},
+        "commonLabels": {"example.com/team": "platform", "cost-centre": "42"},
+        "image": {"digest": "sha256:" + "a" * 64},
+        "sidecar": {"image": {"digest": "sha256:" + "b" * 64},
+                    "podMonitor": {"enabled": True, "namespace": "monitoring", "interval": "15s",
+                                   "scrapeTimeout": "5s", "labels": {"release": "prom"}}},
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": "25%"}},
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                            "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"},
+                            "supplementalGroups": [1000]},
+        "containerSecurityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                                     "readOnlyRootFilesystem": True, "allowPrivilegeEscalation": False,
+                                     "privileged": False, "capabilities": {"drop": ["ALL"]},
+                                     "seccompProfile": {"type": "RuntimeDefault"}},
+        "readinessProbe": {"initialDelaySeconds": 1, "periodSeconds": 3, "timeoutSeconds": 1, "failureThreshold": 2},
+        "livenessProbe": {"initialDelaySeconds": 0, "periodSeconds": 20, "timeoutSeconds": 3, "failureThreshold": 5},
+        "startupProbe": {"enabled": True, "initialDelaySeconds": 1, "periodSeconds": 1, "timeoutSeconds": 1,
+                         "failureThreshold": 120},
+        "webhook": {"port": 10250},
+        "hostNetwork": True,
+        "podAntiAffinity": "hard",
+        "networkPolicy": {"enabled": True},
+        "deploymentAnnotations": {"example.com/owner": "platform"},
+        "podAnnotations": {"example.com/scrape": "false"},
+        "podLabels": {"example.com/tier": "infra"},
+        "volumes": [{"name": "corp-ca", "configMap": {"name": "corp-ca"}}],
+        "volumeMounts": [{"name": "corp-ca", "mountPath": "/etc/corp-ca", "readOnly": True}],
+        "rbac": {"aggregateClusterRoles": True},
+        "monitoring": {"serviceMonitor": {"enabled": True}},
+        "prometheusRule": {"enabled": True, "namespace": "monitoring", "labels": {"release": "prom"}},
+        "grafana": {"dashboard": {"enabled": True, "namespace": "monitoring",
+                                  "labels": {"grafana_dashboard": "1", "team": "platform"},
+                                  "annotations": {"grafana_folder": "keygate"}}},
+    },
 }
 
 
@@ -180,9 +219,12 @@ def test_validation_covers_the_chart_floor_and_a_current_version():
         assert kv_utils.major_minor(MIN_KUBE) == "1.25"
 
 
+def rendered_crds(values: dict | None = None) -> list[dict]:
+    return of_kind(render(values), "CustomResourceDefinition")
+
+
 def test_crds_validate_strictly():
-    with helm.Chart.load(CHART) as chart:
-        crds = [d for c in chart.crds for d in yaml.safe_load_all(c["data"]) if d]
+    crds = rendered_crds()
     assert sorted(c["metadata"]["name"] for c in crds) == [
         "apiclients.keygate.dev", "m2mroles.keygate.dev", "scopepolicies.keygate.dev"]
     for crd in crds:
@@ -198,12 +240,43 @@ def test_helm_lint_strict_has_no_errors():
 
 
 def test_crds_are_a_byte_identical_copy_of_the_generated_ones():
-    chart_crds = (CHART / "crds" / "keygate.dev.yaml").read_bytes()
+    chart_crds = (CHART / "files" / "crds.yaml").read_bytes()
     generated = (REPO / "crds" / "keygate.dev.yaml").read_bytes()
     assert chart_crds == generated, (
-        "charts/keygate/crds/keygate.dev.yaml drifted from crds/keygate.dev.yaml: "
-        "cp crds/keygate.dev.yaml charts/keygate/crds/")
-    assert sorted(p.name for p in (CHART / "crds").iterdir()) == ["keygate.dev.yaml"]
+        "charts/keygate/files/crds.yaml drifted from crds/keygate.dev.yaml: "
+        "cp crds/keygate.dev.yaml charts/keygate/files/crds.yaml")
+
+
+def test_crds_are_templates_only_so_helm_installs_them_once():
+    # A crds/ directory would be installed by Helm as well, without the release's
+    # ownership metadata, and the templated CRDs would then fail on objects the release
+    # does not own (docs/decisions/0001-crds-as-templates.md).
+    assert not (CHART / "crds").exists()
+    with helm.Chart.load(CHART) as chart:
+        assert chart.crds == []
+
+
+@pytest.mark.parametrize("crds", [{}, {"keep": True}, {"keep": False}])
+def test_rendered_crds_are_the_generated_ones_plus_labels_and_keep(crds):
+    generated = [d for d in yaml.safe_load_all((REPO / "crds" / "keygate.dev.yaml").read_text()) if d]
+    rendered = rendered_crds({"crds": crds})
+    assert len(rendered) == len(generated) == 3
+    keep = crds.get("keep", True)
+    for got, want in zip(rendered, generated):
+        metadata = dict(got["metadata"])
+        labels = metadata.pop("labels")
+        annotations = metadata.pop("annotations", {})
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["app.kubernetes.io/instance"] == RELEASE
+        assert labels["app.kubernetes.io/component"] == "crds"
+        assert annotations == ({"helm.sh/resource-policy": "keep"} if keep else {})
+        assert {**got, "metadata": metadata} == want, f"{want['metadata']['name']} differs from crds/"
+
+
+def test_crds_disabled_renders_none():
+    assert rendered_crds({"crds": {"enabled": False}}) == []
+    text = notes({"crds": {"enabled": False}})
+    assert "kubectl apply --server-side -f crds/keygate.dev.yaml" in text
 
 
 # ------------------------------------------------------------------------------- values
@@ -342,7 +415,7 @@ def test_webhook_configurations_are_writable_only_by_name(variant):
 def test_secrets_and_configmaps_cluster_wide_only_without_watch_namespaces(variant):
     name, values, objects = variant
     watched = values.get("watchNamespaces") or []
-    cluster = [r for _, r in rules(objects, "ClusterRole")]
+    cluster = [r for o in operator_cluster_roles(objects) for r in o["rules"]]
     cluster_resources = {res for r in cluster for res in r["resources"]}
     namespaced = {"secrets", "configmaps", "apiclients", "scopepolicies", "m2mroles"}
     if not watched:
@@ -368,9 +441,41 @@ def test_secrets_and_configmaps_cluster_wide_only_without_watch_namespaces(varia
             assert rule["resourceNames"], rule
 
 
+def operator_cluster_roles(objects):
+    return [o for o in of_kind(objects, "ClusterRole")
+            if not any(k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in o["metadata"]["labels"])]
+
+
+def test_aggregated_cluster_roles_let_namespace_users_read_or_edit_keygate_objects():
+    objects = render()
+    roles = {o["metadata"]["name"]: o for o in of_kind(objects, "ClusterRole")}
+    view, edit = roles["keygate-view"], roles["keygate-edit"]
+    resources = ["apiclients", "m2mroles", "scopepolicies"]
+    assert view["rules"] == [{"apiGroups": ["keygate.dev"], "resources": resources,
+                              "verbs": ["get", "list", "watch"]}]
+    assert edit["rules"] == [{"apiGroups": ["keygate.dev"], "resources": resources,
+                              "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]}]
+    aggregate = "rbac.authorization.k8s.io/aggregate-to-"
+    assert {k for k, v in view["metadata"]["labels"].items() if k.startswith(aggregate) and v == "true"} == {
+        aggregate + "view"}
+    assert {k for k, v in edit["metadata"]["labels"].items() if k.startswith(aggregate) and v == "true"} == {
+        aggregate + "edit", aggregate + "admin"}
+    # Nobody is bound to them: the built-in roles pick their rules up.
+    bound = {b["roleRef"]["name"] for b in of_kind(objects, "ClusterRoleBinding") + of_kind(objects, "RoleBinding")}
+    assert not bound & {"keygate-view", "keygate-edit"}
+    for values in ({"rbac": {"aggregateClusterRoles": False}},
+                   {"rbac": {"aggregateClusterRoles": False, "create": False}, "serviceAccount": {"name": "x"}}):
+        names = {o["metadata"]["name"] for o in of_kind(render(values), "ClusterRole")}
+        assert not names & {"keygate-view", "keygate-edit"}, values
+    # ... and they stay when the operator's own RBAC is managed elsewhere.
+    names = {o["metadata"]["name"] for o in of_kind(render({"rbac": {"create": False},
+                                                             "serviceAccount": {"name": "x"}}), "ClusterRole")}
+    assert names == {"keygate-view", "keygate-edit"}
+
+
 def test_rbac_grants_exactly_the_documented_verbs():
     objects = render()
-    cluster = one(objects, "ClusterRole")
+    [cluster] = operator_cluster_roles(objects)
     grants = {}
     for rule in cluster["rules"]:
         for group in rule["apiGroups"]:
@@ -613,13 +718,14 @@ def test_the_token_certificate_names_the_service_and_the_issuer_host(issuer, dns
 
 
 def test_deployment_is_hardened(variant):
-    name, _, objects = variant
+    name, values, objects = variant
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is True
     psc = pod["securityContext"]
     assert psc["runAsNonRoot"] is True and psc["runAsUser"] == 65532
     assert psc["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert "hostNetwork" not in pod and "hostPID" not in pod
+    assert "hostPID" not in pod
+    assert pod.get("hostNetwork", False) is values.get("hostNetwork", False), "hostNetwork only when asked for"
     for c in pod["containers"] + pod.get("initContainers", []):
         sc = c["securityContext"]
         assert sc["runAsNonRoot"] is True
@@ -634,6 +740,135 @@ def test_deployment_is_hardened(variant):
     assert pod["serviceAccountName"] == sa["metadata"]["name"]
 
 
+def expected_images(values: dict) -> tuple[str, str]:
+    """The operator's and the sidecar's image for `values`: a digest wins over a tag, and the
+    sidecar is the operator's image unless sidecar.image names another."""
+    image = values.get("image", {})
+    side = values.get("sidecar", {}).get("image", {})
+    repo = image.get("repository", "ghcr.io/keygate/keygate")
+    tag = image.get("tag") or "0.1.0"
+    operator = f"{repo}@{image['digest']}" if image.get("digest") else f"{repo}:{tag}"
+    side_repo = side.get("repository") or repo
+    if side.get("digest"):
+        sidecar = f"{side_repo}@{side['digest']}"
+    elif not side.get("tag") and side_repo == repo and image.get("digest"):
+        sidecar = f"{side_repo}@{image['digest']}"
+    else:
+        sidecar = f"{side_repo}:{side.get('tag') or tag}"
+    return operator, sidecar
+
+
+DIGEST_A = "sha256:" + "a" * 64
+DIGEST_B = "sha256:" + "b" * 64
+
+
+@pytest.mark.parametrize("values, operator, sidecar", [
+    ({}, "ghcr.io/keygate/keygate:0.1.0", "ghcr.io/keygate/keygate:0.1.0"),
+    ({"image": {"tag": "1.2"}}, "ghcr.io/keygate/keygate:1.2", "ghcr.io/keygate/keygate:1.2"),
+    # the digest wins over the tag, for the sidecar too (same image)
+    ({"image": {"tag": "1.2", "digest": DIGEST_A}},
+     f"ghcr.io/keygate/keygate@{DIGEST_A}", f"ghcr.io/keygate/keygate@{DIGEST_A}"),
+    ({"image": {"digest": DIGEST_A}, "sidecar": {"image": {"digest": DIGEST_B}}},
+     f"ghcr.io/keygate/keygate@{DIGEST_A}", f"ghcr.io/keygate/keygate@{DIGEST_B}"),
+    ({"image": {"digest": DIGEST_A}, "sidecar": {"image": {"tag": "side"}}},
+     f"ghcr.io/keygate/keygate@{DIGEST_A}", "ghcr.io/keygate/keygate:side"),
+    # another repository does not inherit the operator's digest
+    ({"image": {"tag": "1.2", "digest": DIGEST_A}, "sidecar": {"image": {"repository": "r.example/side"}}},
+     f"ghcr.io/keygate/keygate@{DIGEST_A}", "r.example/side:1.2"),
+    ({"sidecar": {"image": {"repository": "r.example/side", "digest": DIGEST_B}}},
+     "ghcr.io/keygate/keygate:0.1.0", f"r.example/side@{DIGEST_B}"),
+])
+def test_image_digests_win_over_tags(values, operator, sidecar):
+    objects = render(values)
+    container = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == operator
+    assert flag(deployment_args(objects), "sidecar-image") == sidecar
+    assert expected_images(values) == (operator, sidecar)
+
+
+@pytest.mark.parametrize("bad, where", [
+    ({"image": {"digest": "latest"}}, "digest"),
+    ({"image": {"digest": "sha256:abc"}}, "digest"),
+    ({"commonLabels": {"app.kubernetes.io/name": "x"}}, "app.kubernetes.io/name"),
+    ({"commonLabels": {"team": 1}}, "team"),
+    ({"webhook": {"port": 443}}, "port"),
+    ({"strategy": {"type": "Blue"}}, "type"),
+    ({"livenessProbe": {"httpGet": {"path": "/"}}}, "httpGet"),
+    ({"startupProbe": {"enabeld": True}}, "enabeld"),
+    ({"volumeMounts": [{"name": "x"}]}, "mountPath"),
+])
+def test_schema_rejects_bad_operability_values(bad, where):
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmValuesError) as err:
+            chart.validate_schema(bad)
+        assert where in str(err.value), str(err.value)
+
+
+def test_defaults_keep_the_hardcoded_workload_settings():
+    # The values that replaced hard-coded settings default to exactly what was hard-coded.
+    deployment = one(render(), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    assert "annotations" not in deployment["metadata"]
+    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                                      "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert container["securityContext"] == {
+        "runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False, "privileged": False, "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"}}
+    assert container["readinessProbe"] == {"httpGet": {"path": "/readyz", "port": "admin"},
+                                           "initialDelaySeconds": 0, "periodSeconds": 5,
+                                           "timeoutSeconds": 2, "failureThreshold": 3}
+    assert container["livenessProbe"] == {"httpGet": {"path": "/healthz", "port": "admin"},
+                                          "initialDelaySeconds": 5, "periodSeconds": 10,
+                                          "timeoutSeconds": 2, "failureThreshold": 3}
+    assert "startupProbe" not in container
+    assert "hostNetwork" not in pod and "dnsPolicy" not in pod
+    assert [v["name"] for v in pod["volumes"]] == ["tmp"]
+    assert [m["name"] for m in container["volumeMounts"]] == ["tmp"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}["webhook"] == 9443
+
+
+def test_operability_values_reach_the_workload():
+    values = VARIANTS["every-operability-value"]
+    objects = render(values)
+    deployment = one(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert deployment["spec"]["strategy"] == values["strategy"]
+    assert deployment["metadata"]["annotations"] == values["deploymentAnnotations"]
+    assert pod["securityContext"] == values["securityContext"]
+    assert container["securityContext"] == values["containerSecurityContext"]
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz"), ("startupProbe", "/healthz")):
+        expected = {k: v for k, v in values[probe].items() if k != "enabled"}
+        assert container[probe] == {"httpGet": {"path": path, "port": "admin"}, **expected}, probe
+    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert pod["volumes"][-1] == values["volumes"][0]
+    assert container["volumeMounts"][-1] == values["volumeMounts"][0]
+    template_meta = deployment["spec"]["template"]["metadata"]
+    assert template_meta["annotations"] == values["podAnnotations"]
+    assert template_meta["labels"].items() >= {**values["commonLabels"], **values["podLabels"]}.items()
+    # The webhook's port: the flag, the container port, the Service (by port name) and the
+    # NetworkPolicy (by port name) agree.
+    assert flag(container["args"], "webhook-listen") == "0.0.0.0:10250"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}["webhook"] == 10250
+    svc = next(s for s in of_kind(objects, "Service") if s["metadata"]["name"] == "keygate-webhook")
+    assert svc["spec"]["ports"][0]["targetPort"] == "webhook"
+    policy = one(objects, "NetworkPolicy")
+    assert {"port": "webhook", "protocol": "TCP"} in [p for r in policy["spec"]["ingress"] for p in r["ports"]]
+    # Every object carries the common labels.
+    for obj in objects:
+        labels = obj["metadata"].get("labels") or {}
+        assert labels.items() >= values["commonLabels"].items(), (obj["kind"], obj["metadata"]["name"])
+
+
+def test_recreate_strategy_has_no_rolling_update():
+    strategy = one(render({"strategy": {"type": "Recreate"}}), "Deployment")["spec"]["strategy"]
+    assert strategy == {"type": "Recreate"}
+
+
 def test_deployment_runs_the_operator_with_the_contract_flags(variant):
     name, values, objects = variant
     deployment = one(objects, "Deployment")
@@ -646,13 +881,14 @@ def test_deployment_runs_the_operator_with_the_contract_flags(variant):
                      "max-token-lifetime", "signing-key-rotation", "log-format", "log"):
         assert flag(args, required) is not None, f"{name}: --{required} missing"
     assert flag(args, "token-listen") == "0.0.0.0:8080"
-    assert flag(args, "webhook-listen") == "0.0.0.0:9443"
+    webhook_port = values.get("webhook", {}).get("port", 9443)
+    assert flag(args, "webhook-listen") == f"0.0.0.0:{webhook_port}"
     assert flag(args, "admin") == "0.0.0.0:8081"
     env = {e["name"]: e for e in container["env"]}
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert flag(args, "namespace") is None  # from POD_NAMESPACE
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    expected = {"token": 8080, "webhook": 9443, "admin": 8081}
+    expected = {"token": 8080, "webhook": webhook_port, "admin": 8081}
     if token_tls(values) != "disabled":
         # The policy stream sidecars follow: HTTPS only, so only with token TLS.
         expected["policy"] = 8443
@@ -663,10 +899,8 @@ def test_deployment_runs_the_operator_with_the_contract_flags(variant):
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
     # image: tag defaults to appVersion; the sidecar is the same image unless overridden
-    tag = values.get("image", {}).get("tag") or "0.1.0"
-    assert container["image"] == f"ghcr.io/keygate/keygate:{tag}"
-    sidecar_repo = values.get("sidecar", {}).get("image", {}).get("repository") or "ghcr.io/keygate/keygate"
-    assert flag(args, "sidecar-image") == f"{sidecar_repo}:{tag}"
+    assert container["image"] == expected_images(values)[0]
+    assert flag(args, "sidecar-image") == expected_images(values)[1]
     # issuer: given, or the token Service's in-cluster name (https unless TLS is disabled;
     # the port only when it is not the scheme's)
     token_svc = next(s for s in of_kind(objects, "Service") if s["spec"]["ports"][0]["targetPort"] == "token")
@@ -689,6 +923,7 @@ FLAG_VALUES = {
     "lease-name": "leaderElection.leaseName",
     "sidecar-cpu-limit": "sidecar.resources.limits.cpu",
     "sidecar-image": "sidecar.image.repository",
+    "webhook-listen": "webhook.port",
     "concurrency": "concurrency",
     "max-token-lifetime": "token.maxLifetime",
 }
@@ -822,12 +1057,15 @@ def test_network_policy(variant):
 def test_everything_lives_in_the_release_namespace_or_is_cluster_scoped(variant):
     name, values, objects = variant
     cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration",
-                      "ValidatingWebhookConfiguration"}
+                      "ValidatingWebhookConfiguration", "CustomResourceDefinition"}
     allowed = {NAMESPACE, *(values.get("watchNamespaces") or [])}
+    monitoring = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap"}
     for obj in objects:
         if obj["kind"] in cluster_scoped:
             assert "namespace" not in obj["metadata"], obj["kind"]
         else:
+            if obj["kind"] in monitoring and obj["metadata"]["namespace"] == "monitoring":
+                continue  # the namespace value of the monitoring object
             assert obj["metadata"]["namespace"] in allowed, (obj["kind"], obj["metadata"])
             if obj["metadata"]["namespace"] != NAMESPACE:
                 assert obj["kind"] in ("Role", "RoleBinding"), obj["kind"]
@@ -860,7 +1098,9 @@ def test_notes_tell_how_to_apply_the_example_and_get_a_token():
         notes = chart.render(name=RELEASE, namespace=NAMESPACE)["keygate/templates/NOTES.txt"]
     assert "kubectl apply -f examples/quickstart/" in notes
     assert "/oauth2/token" in notes and "grant_type=client_credentials" in notes
-    assert "kubectl apply --server-side -f charts/keygate/crds/" in notes
+    assert "CRDs: part of this release (crds.enabled), so helm upgrade updates them." in notes
+    assert "keeps them (crds.keep)" in notes
+    assert "WARNING: crds.keep is false" in globals()["notes"]({"crds": {"keep": False}})
 
 
 def test_notes_give_the_https_issuer_and_how_to_trust_its_ca():

@@ -31,6 +31,9 @@ helm.sh/chart: {{ include "keygate.chart" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: keygate
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/* Labels that select the operator Pods. Never change them: Deployment selectors are immutable. */}}
@@ -48,14 +51,31 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- end }}
 
+{{/* The operator's image: repository@digest when image.digest is set, repository:tag otherwise. */}}
 {{- define "keygate.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
+{{- end }}
 
+{{/*
+The injected sidecar's image. A digest wins over a tag; without a sidecar digest or tag, the
+sidecar image is the operator's own (its digest, else its tag) when the repository is too.
+*/}}
 {{- define "keygate.sidecarImage" -}}
 {{- $repo := default .Values.image.repository .Values.sidecar.image.repository }}
+{{- $digest := .Values.sidecar.image.digest }}
+{{- if and (not $digest) (not .Values.sidecar.image.tag) (eq $repo .Values.image.repository) }}
+{{- $digest = .Values.image.digest }}
+{{- end }}
+{{- if $digest }}
+{{- printf "%s@%s" $repo $digest }}
+{{- else }}
 {{- $tag := default (default .Chart.AppVersion .Values.image.tag) .Values.sidecar.image.tag }}
 {{- printf "%s:%s" $repo $tag }}
+{{- end }}
 {{- end }}
 
 {{/* The token server Service and the issuer derived from it. */}}
@@ -220,7 +240,7 @@ token-listen: it is fixed at 0.0.0.0:8080, the port the token Service and Networ
 token-tls: use the values tokenService.tls.enabled and certManager.enabled instead
 token-cert-dir: the chart mounts the cert-manager certificate there (certManager.enabled)
 token-service: the chart names its token Service, named in the token server's certificate (nameOverride, fullnameOverride)
-webhook-listen: it is fixed at 0.0.0.0:9443, the port the webhook Service targets
+webhook-listen: use the value webhook.port instead (the webhook Service and NetworkPolicy follow it)
 admin: it is fixed at 0.0.0.0:8081, the port of the probes and metrics
 watch-namespaces: use the value watchNamespaces instead (the chart's RBAC follows it)
 lease-name: use the value leaderElection.leaseName instead (the chart's Role grants that Lease)
@@ -229,7 +249,7 @@ webhook-cert-dir: the chart mounts the cert-manager certificate there (certManag
 webhook-service: the chart names its webhook Service (nameOverride, fullnameOverride)
 mutating-webhook-name: the chart names its MutatingWebhookConfiguration (webhook.mutating.enabled, fullnameOverride)
 validating-webhook-name: the chart names its ValidatingWebhookConfiguration (webhook.validating.enabled, fullnameOverride)
-sidecar-image: use the values sidecar.image.repository and sidecar.image.tag instead
+sidecar-image: use the values sidecar.image.repository and sidecar.image.tag or sidecar.image.digest instead
 sidecar-cpu-request: use the value sidecar.resources.requests.cpu instead
 sidecar-memory-request: use the value sidecar.resources.requests.memory instead
 sidecar-cpu-limit: use the value sidecar.resources.limits.cpu instead
