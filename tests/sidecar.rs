@@ -1090,6 +1090,103 @@ async fn revoked_tokens_and_clients_are_refused() {
     assert_allowed(resp, "revoked client: API key unaffected").await;
 }
 
+/// A change of the policy stream applies to the policy in force: the changed client's
+/// cached callers are verified again (they may have lost scopes), others keep theirs, and a
+/// change with one bad client changes nothing.
+#[tokio::test]
+async fn stream_changes_apply_in_place_and_reverify_only_changed_clients() {
+    use keygate::policy::stream::PolicyDelta;
+    let fx = Fixture::new();
+    let document = mk_document(&fx);
+    let h = Harness::start(document.clone()).await;
+    let token = fx.access_token("orders.read");
+    assert_allowed(h.get_bearer("/orders/1", &token).await, "before").await;
+
+    // An unrelated client arrives: the cached caller stays (and stays allowed).
+    let mut other = document.clients[0].clone();
+    other.client_id = "kgc_other".into();
+    other.name = "shop/other".into();
+    other.keys.clear();
+    other.api_keys.clear();
+    let added = PolicyDelta {
+        upsert_clients: vec![other.clone()],
+        ..PolicyDelta::default()
+    };
+    h.sidecar.apply_change(&added).unwrap();
+    assert_allowed(
+        h.get_bearer("/orders/1", &token).await,
+        "another client added",
+    )
+    .await;
+
+    // The client loses orders.read: its cached token is verified again and refused.
+    let mut narrowed = document.clients[0].clone();
+    narrowed.scopes = vec!["orders.write".into()];
+    let change = PolicyDelta {
+        upsert_clients: vec![narrowed],
+        ..PolicyDelta::default()
+    };
+    h.sidecar.apply_change(&change).unwrap();
+    assert_insufficient(
+        h.get_bearer("/orders/1", &token).await,
+        "orders.read",
+        "scope removed",
+    )
+    .await;
+
+    // Removed: every credential of it is refused, the API key included.
+    let removed = PolicyDelta {
+        remove_clients: vec![fx.client_id.clone()],
+        ..PolicyDelta::default()
+    };
+    h.sidecar.apply_change(&removed).unwrap();
+    assert_invalid(
+        &h,
+        h.get_bearer("/orders/1", &token).await,
+        "client has no grant on this API",
+        "client removed",
+    )
+    .await;
+    assert_invalid(
+        &h,
+        h.get_bearer("/orders/1", &fx.api_key).await,
+        "unknown API key",
+        "client removed: API key",
+    )
+    .await;
+
+    // Back, together with a client whose key does not match its fingerprint: the change is
+    // refused whole, so the client does not come back.
+    let mut broken = other;
+    broken.client_id = "kgc_broken".into();
+    broken.keys = document.clients[0].keys.clone();
+    broken.keys[0].fingerprint = "SHA256:AAAA".into();
+    let bad = PolicyDelta {
+        upsert_clients: vec![document.clients[0].clone(), broken],
+        ..PolicyDelta::default()
+    };
+    let error = h.sidecar.apply_change(&bad).unwrap_err();
+    assert!(error.contains("fingerprint does not match"), "{error}");
+    assert_invalid(
+        &h,
+        h.get_bearer("/orders/1", &token).await,
+        "client has no grant on this API",
+        "a refused change",
+    )
+    .await;
+    let back = PolicyDelta {
+        upsert_clients: vec![document.clients[0].clone()],
+        ..PolicyDelta::default()
+    };
+    h.sidecar.apply_change(&back).unwrap();
+    assert_allowed(h.get_bearer("/orders/1", &token).await, "client back").await;
+    assert_allowed(
+        h.get_bearer("/orders/1", &fx.keypair_jwt()).await,
+        "its key",
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn disabled_clients_and_expired_material_are_refused() {
     let fx = Fixture::new();

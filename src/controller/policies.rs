@@ -206,16 +206,8 @@ async fn reconcile_policy(policy: &ScopePolicy, ctx: &Context) -> Result<Action>
         }
         Err(other) => return Err(Error::Invalid(other.to_string())),
     };
-    let mut json = serde_json::to_string(&document)?;
-    let full_size = json.len();
-    let omitted = full_size > MAX_POLICY_BYTES && ctx.config.policy_stream;
-    if omitted {
-        // Too many clients for a ConfigMap: the ConfigMap keeps what a cold start needs (the
-        // rules, keys and revocations), and the clients reach the sidecars by the stream.
-        let mut cold_start = document.without_clients();
-        cold_start.clients_omitted = true;
-        json = serde_json::to_string(&cold_start)?;
-    }
+    let (json, omitted) = policy_file(&document, ctx.config.policy_stream)?;
+    let full_size = omitted.unwrap_or(json.len());
     if json.len() > MAX_POLICY_BYTES {
         // The API server would refuse it; say why instead of retrying a doomed write.
         let message = format!(
@@ -281,7 +273,7 @@ async fn reconcile_policy(policy: &ScopePolicy, ctx: &Context) -> Result<Action>
         ctx.wrote("scopepolicy");
     }
     apply_network_policy(ctx, policy, &namespace).await?;
-    let message = if omitted {
+    let message = if omitted.is_some() {
         format!(
             "policy ConfigMap {name} is up to date without its {} clients ({full_size} bytes with them, over the ConfigMap limit): they reach the sidecars through the policy stream",
             document.clients.len()
@@ -307,6 +299,23 @@ async fn reconcile_policy(policy: &ScopePolicy, ctx: &Context) -> Result<Action>
         })
         .set(snapshot.policies.len() as i64);
     Ok(Action::requeue(Duration::from_secs(3600)))
+}
+
+/// The policy file a ConfigMap gets, and, when its clients were left out, the size it would
+/// have had with them: when the whole document is over the ConfigMap limit and the policy
+/// stream serves the clients, the ConfigMap keeps what a cold start needs (the rules, keys
+/// and revocations) and the clients reach the sidecars through the stream.
+fn policy_file(
+    document: &PolicyDocument,
+    policy_stream: bool,
+) -> serde_json::Result<(String, Option<usize>)> {
+    let json = serde_json::to_string(document)?;
+    if json.len() <= MAX_POLICY_BYTES || !policy_stream {
+        return Ok((json, None));
+    }
+    let mut cold_start = document.without_clients();
+    cold_start.clients_omitted = true;
+    Ok((serde_json::to_string(&cold_start)?, Some(json.len())))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -357,4 +366,46 @@ async fn patch_status(
     .await?;
     ctx.wrote("scopepolicy");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::document::{PolicyClient, PolicyKey};
+
+    const FIXTURE: &str = include_str!("../../tests/fixtures/policy.json");
+
+    #[test]
+    fn a_policy_too_large_for_a_configmap_leaves_its_clients_to_the_stream() {
+        let mut document = PolicyDocument::parse(FIXTURE.as_bytes()).unwrap();
+        let (small, omitted) = policy_file(&document, true).unwrap();
+        assert_eq!(omitted, None, "a small policy keeps its clients");
+        assert_eq!(PolicyDocument::parse(small.as_bytes()).unwrap(), document);
+        document.clients = (0..4000)
+            .map(|i| PolicyClient {
+                client_id: format!("kgc_{i:032}"),
+                name: format!("shop/client-{i}"),
+                scopes: vec!["orders.read".into()],
+                keys: vec![PolicyKey {
+                    fingerprint: format!("SHA256:{i:043}"),
+                    public_key: "k".repeat(180),
+                    not_after: None,
+                }],
+                api_keys: Vec::new(),
+            })
+            .collect();
+
+        let (json, omitted) = policy_file(&document, false).unwrap();
+        assert_eq!(omitted, None);
+        assert!(json.len() > MAX_POLICY_BYTES, "without a stream: too large");
+
+        let (json, omitted) = policy_file(&document, true).unwrap();
+        assert!(omitted.is_some_and(|size| size > MAX_POLICY_BYTES));
+        assert!(json.len() < 64 * 1024, "{} bytes", json.len());
+        let cold_start = PolicyDocument::parse(json.as_bytes()).unwrap();
+        assert!(cold_start.clients_omitted && cold_start.clients.is_empty());
+        assert_eq!(cold_start.spec, document.spec);
+        assert_eq!(cold_start.keygate, document.keygate);
+        assert_eq!(cold_start.revocations, document.revocations);
+    }
 }

@@ -81,9 +81,17 @@ impl StreamEvent {
         }
     }
 
-    /// The lines of a snapshot of `document` at `revision`: the document without its
-    /// clients, then the clients, [`CLIENTS_PER_LINE`] a line.
+    /// The lines of a snapshot of `document` at `revision`: one line while it has at most
+    /// [`CLIENTS_PER_LINE`] clients (as the previous release sent it); otherwise the
+    /// document without its clients, then the clients, [`CLIENTS_PER_LINE`] a line.
     pub fn snapshot_lines(revision: u64, document: &PolicyDocument) -> Vec<Self> {
+        if document.clients.len() <= CLIENTS_PER_LINE {
+            return vec![Self::Snapshot {
+                revision,
+                document: Box::new(document.clone()),
+                client_batches: 0,
+            }];
+        }
         let batches = document.clients.chunks(CLIENTS_PER_LINE);
         let mut lines = Vec::with_capacity(batches.len() + 1);
         lines.push(Self::Snapshot {
@@ -345,6 +353,64 @@ mod tests {
         assert_eq!(applied, old);
 
         assert_eq!(PolicyDelta::between(&old, &old), None);
+    }
+
+    #[test]
+    fn a_snapshot_travels_in_lines_of_bounded_size() {
+        let clients: Vec<_> = (0..2500)
+            .map(|i| client(&format!("kgc_{i:05}"), &["orders.read"]))
+            .collect();
+        let whole = document(clients.clone());
+        let lines = StreamEvent::snapshot_lines(9, &whole);
+        assert_eq!(
+            lines.len(),
+            4,
+            "the document, then 1,000 + 1,000 + 500 clients"
+        );
+        let mut received = Vec::new();
+        for (i, event) in lines.iter().enumerate() {
+            let line = serde_json::to_string(event).unwrap();
+            match (i, StreamEvent::parse(line.as_bytes()).unwrap()) {
+                (
+                    0,
+                    StreamEvent::Snapshot {
+                        revision: 9,
+                        document,
+                        client_batches: 3,
+                    },
+                ) => {
+                    assert!(document.clients.is_empty());
+                    assert_eq!(document.spec, whole.spec);
+                }
+                (
+                    _,
+                    StreamEvent::Clients {
+                        revision: 9,
+                        clients,
+                    },
+                ) => {
+                    assert!(clients.len() <= CLIENTS_PER_LINE);
+                    received.extend(clients);
+                }
+                (i, other) => panic!("line {i}: {other:?}"),
+            }
+        }
+        assert_eq!(received, clients);
+        // A small document is one line, as a sidecar of the previous release reads it.
+        let small = document(vec![client("kgc_a", &["orders.read"])]);
+        let lines = StreamEvent::snapshot_lines(1, &small);
+        assert_eq!(lines.len(), 1);
+        let first = serde_json::to_string(&lines[0]).unwrap();
+        assert!(!first.contains("clientBatches"), "{first}");
+        match StreamEvent::parse(first.as_bytes()).unwrap() {
+            StreamEvent::Snapshot { document, .. } => assert_eq!(*document, small),
+            other => panic!("{other:?}"),
+        }
+        assert!(StreamEvent::parse(br#"{"type":"clients","revision":1}"#).is_err());
+        assert!(
+            StreamEvent::parse(br#"{"type":"change","revision":1,"clientBatches":2,"delta":{}}"#)
+                .is_err()
+        );
     }
 
     #[test]
