@@ -14,6 +14,8 @@
 
 #[path = "../tests/support/apiserver.rs"]
 mod apiserver;
+#[path = "../tests/support/operator.rs"]
+mod support;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,17 +35,11 @@ fn kubeconfig(url: &str, path: &std::path::Path) {
     std::fs::write(path, text).expect("kubeconfig");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
+use support::free_port;
 
 /// A `/proc/PID/status` field in KiB: `VmHWM` (peak resident size) or `VmRSS` (now).
-fn status_kib(child: &Child, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -52,6 +48,10 @@ fn status_kib(child: &Child, field: &str) -> u64 {
         })
         .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         .unwrap_or(0)
+}
+
+fn status_kib(child: &Child, field: &str) -> u64 {
+    proc_status_kib(child.id(), field)
 }
 
 fn peak_rss_kib(child: &Child) -> u64 {
@@ -63,7 +63,7 @@ async fn apply_objects(client: &Client, n: usize) {
     let policies: Api<keygate::api::ScopePolicy> = Api::namespaced(client.clone(), NS);
     let policy: keygate::api::ScopePolicy = serde_json::from_value(json!({
         "apiVersion": "keygate.dev/v1alpha1", "kind": "ScopePolicy", "metadata": {"name": "orders", "namespace": NS},
-        "spec": {"resource": "https://orders.bench.svc", "scopes": [{"name": "orders.read"}],
+        "spec": {"resource": support::ORDERS, "scopes": [{"name": "orders.read"}],
                  "rules": [{"name": "read", "methods": ["GET"], "paths": ["/orders/**"], "requireScopes": {"anyOf": ["orders.read"]}}]}
     }))
     .expect("policy");
@@ -74,7 +74,7 @@ async fn apply_objects(client: &Client, n: usize) {
     let roles: Api<keygate::api::M2MRole> = Api::namespaced(client.clone(), NS);
     let role: keygate::api::M2MRole = serde_json::from_value(json!({
         "apiVersion": "keygate.dev/v1alpha1", "kind": "M2MRole", "metadata": {"name": "reader", "namespace": NS},
-        "spec": {"permissions": [{"resource": "https://orders.bench.svc", "scopes": ["orders.read"]}]}
+        "spec": {"permissions": [{"resource": support::ORDERS, "scopes": ["orders.read"]}]}
     }))
     .expect("role");
     roles
@@ -145,7 +145,7 @@ async fn run(n: usize, binary: &str) {
     );
     server.reset_counters();
     let started = Instant::now();
-    let policy_port = free_port();
+    let (policy_port, token_port) = (free_port(), free_port());
     let mut operator = Command::new(binary)
         .args([
             "operator",
@@ -156,7 +156,7 @@ async fn run(n: usize, binary: &str) {
             "--webhook-tls",
             "none",
         ])
-        .arg(format!("--token-listen=127.0.0.1:{}", free_port()))
+        .arg(format!("--token-listen=127.0.0.1:{token_port}"))
         .arg(format!("--policy-listen=127.0.0.1:{policy_port}"))
         .arg(format!("--admin=127.0.0.1:{}", free_port()))
         .env("KUBECONFIG", &config)
@@ -218,7 +218,16 @@ async fn run(n: usize, binary: &str) {
     }
     peak = peak.max(peak_rss_kib(&operator));
     let settled = status_kib(&operator, "VmRSS");
-    let stream = follow_stream(&server, &client, policy_port, n, &operator).await;
+    let stream = follow_stream(
+        &server,
+        &client,
+        policy_port,
+        token_port,
+        n,
+        &operator,
+        binary,
+    )
+    .await;
     let _ = operator.kill();
     let _ = operator.wait();
     println!(
@@ -233,19 +242,178 @@ async fn run(n: usize, binary: &str) {
 }
 
 static STREAM_ROWS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+static SIDECAR_ROWS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
-/// How many new ApiClients the stream measurement creates, one at a time.
+/// How many ApiClients the stream measurement creates, uses, revokes a token of and takes
+/// the role of, one at a time.
 const CHANGES: usize = 5;
 
-/// The policy stream with many followers: the time from creating an ApiClient to each
-/// follower's line that brings it (p50, p99, max over every follower and change), the bytes
-/// of that line, of the snapshot, and the operator's RSS while serving them all.
+/// The latency quantiles of `samples` in milliseconds: p50, p99, max.
+fn quantiles(samples: &mut [Duration]) -> [f64; 3] {
+    samples.sort();
+    [0.5, 0.99, 1.0].map(|q| {
+        let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[i].as_secs_f64() * 1000.0
+    })
+}
+
+/// A line a follower read: which follower, when, and the line.
+type Read = (usize, Instant, String);
+
+/// Waits until every follower has read a line containing `wanted`; returns, for each, the
+/// time from `since` to that line, and the line's length.
+async fn followers_read(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Read>,
+    followers: usize,
+    wanted: &str,
+    since: Instant,
+) -> Vec<(Duration, usize)> {
+    let mut seen = vec![false; followers];
+    let mut found = Vec::with_capacity(followers);
+    while found.len() < followers {
+        let (follower, at, line) = tokio::time::timeout(Duration::from_secs(120), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("every follower reads {wanted} within 2 minutes"))
+            .expect("followers");
+        if !seen[follower] && line.contains(wanted) {
+            seen[follower] = true;
+            found.push((at.duration_since(since), line.len()));
+        }
+    }
+    found
+}
+
+/// A `keygate sidecar` process following the stream, with an upstream that answers 200.
+struct Sidecar {
+    _process: support::SidecarProcess,
+    pid: u32,
+    url: String,
+    metrics: String,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Sidecar {
+    async fn start(
+        binary: &str,
+        server: &FakeApiServer,
+        policy_port: u16,
+        token: &str,
+        ca: &str,
+    ) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            path
+        };
+        // The bootstrap: the ConfigMap as the kubelet would mount it (without its clients
+        // when there are too many for a ConfigMap).
+        let map = server
+            .object("configmaps", NS, "orders-keygate-policy")
+            .expect("the policy ConfigMap");
+        let policy = write(
+            "policy.json",
+            map["data"]["policy.json"].as_str().expect("policy"),
+        );
+        let (ca, token) = (write("ca.crt", ca), write("token", token));
+        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let upstream_addr = upstream.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let app = axum::Router::new().fallback(|| async { "app" });
+            let _ = axum::serve(upstream, app).await;
+        });
+        let (listen, admin) = (free_port(), free_port());
+        let process = Command::new(binary)
+            .args(["sidecar", "--policy"])
+            .arg(&policy)
+            .args(["--listen", &format!("127.0.0.1:{listen}")])
+            .args(["--upstream", &upstream_addr.to_string()])
+            .args(["--admin", &format!("127.0.0.1:{admin}")])
+            .args([
+                "--policy-server",
+                &format!("https://127.0.0.1:{policy_port}"),
+            ])
+            .args(["--policy-server-name", &format!("keygate.{NS}.svc")])
+            .arg("--token-file")
+            .arg(&token)
+            .arg("--ca-file")
+            .arg(&ca)
+            .env("KEYGATE_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("keygate sidecar starts");
+        Self {
+            pid: process.id(),
+            _process: support::SidecarProcess(process),
+            url: format!("http://127.0.0.1:{listen}/orders/1"),
+            metrics: format!("http://127.0.0.1:{admin}/metrics"),
+            http: reqwest::Client::new(),
+            _dir: dir,
+        }
+    }
+
+    /// Waits until the stream's snapshot with `n` clients is in force.
+    async fn live_with(&self, n: usize) {
+        let wanted = format!("keygate_sidecar_policy_clients {n}\n");
+        loop {
+            if let Ok(response) = self.http.get(&self.metrics).send().await
+                && let Ok(text) = response.text().await
+                && text.contains("keygate_sidecar_policy_stream_up 1\n")
+                && text.contains(&wanted)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
+        proc_status_kib(self.pid, field)
+    }
+
+    async fn status_with(&self, token: &str) -> u16 {
+        self.http
+            .get(&self.url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    }
+
+    /// Asks every 5 ms until the answer to `token` is `status`; returns when it was.
+    async fn until(&self, token: &str, status: u16) -> Instant {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if self.status_with(token).await == status {
+                return Instant::now();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sidecar never answered {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// The policy stream with many followers and one real sidecar. Followers are plain HTTPS
+/// readers, as many as sidecars would be; for each of [`CHANGES`] ApiClients: the time from
+/// creating it to each follower's line that brings it and to the sidecar's first 200 for its
+/// first token; from a revocation's answer to each follower's line and to the sidecar's 401;
+/// from taking its role away to each follower's line and to the sidecar's 401. Also the
+/// bytes per change, the snapshot, and the sidecar's RSS with every client.
 async fn follow_stream(
     server: &FakeApiServer,
     client: &Client,
     policy_port: u16,
+    token_port: u16,
     n: usize,
     operator: &Child,
+    binary: &str,
 ) -> String {
     let followers: usize = std::env::var("KEYGATE_FOLLOWERS")
         .ok()
@@ -261,13 +429,26 @@ async fn follow_stream(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+
+    // The sidecar first, alone: its time to install every client and its memory.
+    let starting = Instant::now();
+    let sidecar = Sidecar::start(binary, server, policy_port, &token, &ca).await;
+    sidecar.live_with(n).await;
+    let installed = starting.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    SIDECAR_ROWS.lock().expect("rows").push(format!(
+        "| {n} | {:.1} s | {:.1} MiB | {:.1} MiB |",
+        installed.as_secs_f64(),
+        sidecar.status_kib("VmRSS") as f64 / 1024.0,
+        sidecar.status_kib("VmHWM") as f64 / 1024.0,
+    ));
+
     // The certificate names the token Service, as in a cluster: connect to 127.0.0.1 under
     // that name (what `keygate-sidecar --policy-server-name` does).
     let host = format!("keygate.{NS}.svc");
     let address = std::net::SocketAddr::from(([127, 0, 0, 1], policy_port));
     let url = format!("https://{host}:{policy_port}/v1/policies/{NS}/orders");
-    // Each follower sends what it reads, with when it read it: (follower, time, line).
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Instant, String)>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Read>();
     for follower in 0..followers {
         let (tx, url, token, ca, host) = (
             tx.clone(),
@@ -311,63 +492,152 @@ async fn follow_stream(
         });
     }
     drop(tx);
+    // Subscribed once each has read the snapshot's last line (its document, or the last
+    // batch of its clients).
     let mut snapshot_bytes = 0;
     let mut subscribed = 0;
+    let mut batches_left = vec![None::<usize>; followers];
     while subscribed < followers {
-        let (_, _, line) = rx.recv().await.expect("followers");
-        if line.starts_with(r#"{"type":"snapshot""#) {
-            snapshot_bytes = line.len();
+        let (follower, _, line) = rx.recv().await.expect("followers");
+        let event: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+        let left = match event["type"].as_str() {
+            Some("snapshot") => event["clientBatches"].as_u64().unwrap_or(0) as usize,
+            Some("clients") => batches_left[follower].expect("a snapshot first") - 1,
+            _ => continue,
+        };
+        if follower == 0 {
+            snapshot_bytes += line.len();
+        }
+        batches_left[follower] = Some(left);
+        if left == 0 {
             subscribed += 1;
         }
     }
     let rss_streaming = status_kib(operator, "VmRSS");
+
+    let https = support::client_trusting(&ca);
+    let token_url = format!("https://127.0.0.1:{token_port}/oauth2/token");
+    let revoke_url = format!("https://127.0.0.1:{token_port}/oauth2/revoke");
     let pp = PatchParams::apply("bench").force();
     let clients: Api<ApiClient> = Api::namespaced(client.clone(), NS);
-    let mut latencies = Vec::new();
-    let mut change_bytes = Vec::new();
-    for k in 0..CHANGES {
-        let name = format!("stream-{k}");
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), NS);
+    let (mut created, mut revoked, mut unroled) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut sidecar_created, mut sidecar_revoked, mut sidecar_unroled) =
+        (Vec::new(), Vec::new(), Vec::new());
+    let mut bytes = Vec::new();
+    let apply = |name: String, roles: &'static [&'static str]| {
         let object: ApiClient = serde_json::from_value(json!({
             "apiVersion": "keygate.dev/v1alpha1", "kind": "ApiClient", "metadata": {"name": name, "namespace": NS},
-            "spec": {"roles": ["reader"]}
+            "spec": {"roles": roles}
         }))
         .expect("client");
-        let written = Instant::now();
-        clients
-            .patch(&name, &pp, &Patch::Apply(&object))
-            .await
-            .expect("client");
-        let wanted = format!("\"name\":\"{NS}/{name}\"");
-        let mut seen = vec![false; followers];
-        let mut left = followers;
-        while left > 0 {
-            let (follower, at, line) = tokio::time::timeout(Duration::from_secs(120), rx.recv())
+        let (clients, pp) = (clients.clone(), pp.clone());
+        async move {
+            clients
+                .patch(&name, &pp, &Patch::Apply(&object))
                 .await
-                .expect("every follower sees the new client within 2 minutes")
-                .expect("followers");
-            if !seen[follower] && line.contains(&wanted) {
-                seen[follower] = true;
-                left -= 1;
-                latencies.push(at.duration_since(written));
-                change_bytes.push(line.len());
-            }
+                .expect("client")
         }
-    }
-    latencies.sort();
-    let quantile = |q: f64| {
-        let i = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1;
-        latencies[i].as_secs_f64() * 1000.0
     };
-    change_bytes.sort();
-    format!(
-        "| {n} | {followers} | {CHANGES} new ApiClients | {:.0} ms | {:.0} ms | {:.0} ms | {} B | {:.0} KiB | {:.1} MiB |",
-        quantile(0.5),
-        quantile(0.99),
-        quantile(1.0),
-        change_bytes[change_bytes.len() / 2],
-        snapshot_bytes as f64 / 1024.0,
-        rss_streaming as f64 / 1024.0,
+    for k in 0..CHANGES {
+        let name = format!("stream-{k}");
+        // 1. A new ApiClient: its first token is asked for as soon as its Secret is there.
+        let written = Instant::now();
+        apply(name.clone(), &["reader"]).await;
+        let (id, first) = loop {
+            if let Ok(Some(secret)) = secrets.get_opt(&format!("{name}-credentials")).await {
+                let data = support::secret_data(&secret);
+                if let Some(token) = support::access_token(
+                    &https,
+                    &token_url,
+                    &data["client_id"],
+                    &data["client_secret"],
+                )
+                .await
+                {
+                    break (
+                        (data["client_id"].clone(), data["client_secret"].clone()),
+                        token,
+                    );
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        sidecar_created.push(sidecar.until(&first, 200).await.duration_since(written));
+        let seen = followers_read(
+            &mut rx,
+            followers,
+            &format!("\"name\":\"{NS}/{name}\""),
+            written,
+        )
+        .await;
+        bytes.extend(seen.iter().map(|(_, b)| *b));
+        created.extend(seen.into_iter().map(|(d, _)| d));
+        let second = support::access_token(&https, &token_url, &id.0, &id.1)
+            .await
+            .expect("a second token");
+
+        // 2. The first token revoked.
+        let answer = https
+            .post(&revoke_url)
+            .basic_auth(&id.0, Some(&id.1))
+            .form(&[("token", first.as_str())])
+            .send()
+            .await
+            .expect("revoke");
+        assert_eq!(answer.status(), 200);
+        let answered = Instant::now();
+        sidecar_revoked.push(sidecar.until(&first, 401).await.duration_since(answered));
+        let jti = jti_of(&first);
+        let seen = followers_read(&mut rx, followers, &jti, answered).await;
+        revoked.extend(seen.into_iter().map(|(d, _)| d));
+
+        // 3. Its role taken away: the second token is refused too.
+        let written = Instant::now();
+        apply(name.clone(), &[]).await;
+        sidecar_unroled.push(sidecar.until(&second, 401).await.duration_since(written));
+        let seen = followers_read(
+            &mut rx,
+            followers,
+            &format!("\"removeClients\":[\"{}\"", id.0),
+            written,
+        )
+        .await;
+        unroled.extend(seen.into_iter().map(|(d, _)| d));
+    }
+    let row = |what: &str, followed: &mut Vec<Duration>, at_sidecar: &mut Vec<Duration>| {
+        let [p50, p99, max] = quantiles(followed);
+        let [s50, _, smax] = quantiles(at_sidecar);
+        format!(
+            "| {n} | {followers} | {what} | {p50:.0} ms | {p99:.0} ms | {max:.0} ms | {s50:.0} ms (max {smax:.0} ms) |"
+        )
+    };
+    bytes.sort();
+    [
+        row("ApiClient created (API write →)", &mut created, &mut sidecar_created),
+        row("token revoked (200 answered →)", &mut revoked, &mut sidecar_revoked),
+        row("role taken away (API write →)", &mut unroled, &mut sidecar_unroled),
+        format!(
+            "| {n} | {followers} | bytes per new client {} B; snapshot {:.0} KiB; operator RSS while streaming {:.1} MiB | | | | |",
+            bytes[bytes.len() / 2],
+            snapshot_bytes as f64 / 1024.0,
+            rss_streaming as f64 / 1024.0,
+        ),
+    ]
+    .join("\n")
+}
+
+/// The `jti` claim of a JWT.
+fn jti_of(token: &str) -> String {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).expect("a JWT");
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .expect("base64url"),
     )
+    .expect("claims");
+    claims["jti"].as_str().expect("jti").to_owned()
 }
 
 fn main() {
@@ -406,10 +676,18 @@ fn main() {
     }
     println!();
     println!(
-        "| ApiClients | policy stream followers | changes | API write → follower p50 | p99 | max | bytes per change | snapshot | operator RSS while streaming |"
+        "| ApiClients | policy stream followers | change | → follower p50 | p99 | max | → sidecar decision p50 |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for row in STREAM_ROWS.lock().expect("rows").iter() {
+        println!("{row}");
+    }
+    println!();
+    println!(
+        "| ApiClients | sidecar start → every client installed from the stream | sidecar RSS | sidecar peak RSS |"
+    );
+    println!("|---|---|---|---|");
+    for row in SIDECAR_ROWS.lock().expect("rows").iter() {
         println!("{row}");
     }
 }

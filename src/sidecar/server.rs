@@ -46,6 +46,9 @@ struct Metrics {
     cache_hits: Counter,
     upstream_errors: Family<UpstreamLabels, Counter>,
     policy_generation: Gauge,
+    policy_clients: Gauge,
+    policy_changed: Gauge,
+    stream_up: Gauge,
     reload_errors: Counter,
 }
 
@@ -57,6 +60,9 @@ impl Metrics {
             cache_hits: Counter::default(),
             upstream_errors: Family::default(),
             policy_generation: Gauge::default(),
+            policy_clients: Gauge::default(),
+            policy_changed: Gauge::default(),
+            stream_up: Gauge::default(),
             reload_errors: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("keygate_sidecar");
@@ -84,6 +90,21 @@ impl Metrics {
             "policy_generation",
             "Policies installed since start",
             metrics.policy_generation.clone(),
+        );
+        r.register(
+            "policy_clients",
+            "Clients in the policy in force",
+            metrics.policy_clients.clone(),
+        );
+        r.register(
+            "policy_last_change_timestamp_seconds",
+            "When the policy in force last changed (Unix seconds)",
+            metrics.policy_changed.clone(),
+        );
+        r.register(
+            "policy_stream_up",
+            "1 while the policy stream is live (its snapshot installed), else 0",
+            metrics.stream_up.clone(),
         );
         r.register(
             "policy_reload_errors",
@@ -134,6 +155,7 @@ impl Sidecar {
     pub fn set_stream_down(&self) {
         self.stream_live
             .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.metrics.stream_up.set(0);
     }
 
     /// Whether the policy stream is live.
@@ -192,6 +214,7 @@ impl Sidecar {
         }))?;
         self.stream_live
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.metrics.stream_up.set(1);
         Ok(())
     }
 
@@ -217,8 +240,15 @@ impl Sidecar {
     fn put(&self, loaded: Result<LoadedPolicy, String>) -> Result<(), String> {
         match loaded {
             Ok(loaded) => {
+                let clients = loaded.client_count();
                 self.policy.store(Some(Arc::new(loaded)));
                 self.metrics.policy_generation.inc();
+                self.metrics
+                    .policy_clients
+                    .set(i64::try_from(clients).unwrap_or(i64::MAX));
+                self.metrics
+                    .policy_changed
+                    .set(i64::try_from(unix_now()).unwrap_or(i64::MAX));
                 self.ready.send_replace(true);
                 Ok(())
             }

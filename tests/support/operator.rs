@@ -1033,7 +1033,7 @@ async fn start_streaming_operator(
 }
 
 /// A `keygate sidecar` process, killed on drop.
-struct SidecarProcess(std::process::Child);
+pub struct SidecarProcess(pub std::process::Child);
 
 impl Drop for SidecarProcess {
     fn drop(&mut self) {
@@ -1043,7 +1043,7 @@ impl Drop for SidecarProcess {
 }
 
 /// An access token for `id` from the token server at `token_url`.
-async fn access_token(
+pub async fn access_token(
     http: &reqwest::Client,
     token_url: &str,
     id: &str,
