@@ -157,6 +157,8 @@ async fn run(n: usize, binary: &str) {
             "none",
         ])
         .arg(format!("--token-listen=127.0.0.1:{token_port}"))
+        // Tokens are asked for at this address, so it is the issuer (and in the certificate).
+        .arg(format!("--issuer=https://127.0.0.1:{token_port}"))
         .arg(format!("--policy-listen=127.0.0.1:{policy_port}"))
         .arg(format!("--admin=127.0.0.1:{}", free_port()))
         .env("KUBECONFIG", &config)
@@ -544,7 +546,12 @@ async fn follow_stream(
         // 1. A new ApiClient: its first token is asked for as soon as its Secret is there.
         let written = Instant::now();
         apply(name.clone(), &["reader"]).await;
+        let deadline = written + Duration::from_secs(120);
         let (id, first) = loop {
+            assert!(
+                Instant::now() < deadline,
+                "no token for {name} within 2 minutes"
+            );
             if let Ok(Some(secret)) = secrets.get_opt(&format!("{name}-credentials")).await {
                 let data = support::secret_data(&secret);
                 if let Some(token) = support::access_token(
