@@ -19,11 +19,10 @@ mod schema;
 pub use client::*;
 pub use policy::*;
 pub use role::*;
-pub use schema::{check_schema, parse_object};
+pub use schema::{check_schema, crd_of, parse_object};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::CustomResourceExt;
 
 /// The API group of every keygate resource.
 pub const GROUP: &str = "keygate.dev";
@@ -32,39 +31,13 @@ pub const VERSION: &str = "v1alpha1";
 /// The `type` of the condition every keygate resource reports.
 pub const READY: &str = "Ready";
 
-/// The CRDs of every keygate resource, in a stable order, with each description's doc-comment
-/// line breaks joined so that `kubectl explain` wraps whole paragraphs.
+/// The CRDs of every keygate resource, in a stable order, as [`crd_of`] makes them.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    [M2MRole::crd(), ApiClient::crd(), ScopePolicy::crd()]
-        .into_iter()
-        .map(|crd| {
-            let mut value = serde_json::to_value(crd).expect("a CRD serialises");
-            join_description_lines(&mut value);
-            serde_json::from_value(value).expect("a CRD deserialises")
-        })
-        .collect()
-}
-
-/// Joins the lines of every paragraph of every `description`; blank lines stay.
-fn join_description_lines(node: &mut serde_json::Value) {
-    match node {
-        serde_json::Value::Object(map) => {
-            for (key, value) in map.iter_mut() {
-                match value {
-                    serde_json::Value::String(text) if key == "description" => {
-                        *text = text
-                            .split("\n\n")
-                            .map(|paragraph| paragraph.split('\n').collect::<Vec<_>>().join(" "))
-                            .collect::<Vec<_>>()
-                            .join("\n\n");
-                    }
-                    _ => join_description_lines(value),
-                }
-            }
-        }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(join_description_lines),
-        _ => {}
-    }
+    vec![
+        crd_of::<M2MRole>(),
+        crd_of::<ApiClient>(),
+        crd_of::<ScopePolicy>(),
+    ]
 }
 
 /// All CRDs as one multi-document YAML stream, exactly as committed in `crds/`.
