@@ -47,7 +47,7 @@ enum Command {
         #[arg(long, env = "KEYGATE_AUDIENCE")]
         audience: Option<String>,
         /// Lifetime of the JWT; at most one hour.
-        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        #[arg(long, default_value = "1h", value_parser = keygate::connections::positive_duration)]
         lifetime: Duration,
     },
 
@@ -147,13 +147,13 @@ struct OperatorArgs {
     #[arg(long, env = "KEYGATE_LEASE_NAME", default_value = "keygate-operator")]
     lease_name: String,
     /// Lifetime of tokens for clients that set none.
-    #[arg(long, env = "KEYGATE_DEFAULT_TOKEN_LIFETIME", default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, env = "KEYGATE_DEFAULT_TOKEN_LIFETIME", default_value = "1h", value_parser = keygate::connections::positive_duration)]
     default_token_lifetime: Duration,
     /// Upper bound on every token's lifetime.
-    #[arg(long, env = "KEYGATE_MAX_TOKEN_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "KEYGATE_MAX_TOKEN_LIFETIME", default_value = "24h", value_parser = keygate::connections::positive_duration)]
     max_token_lifetime: Duration,
     /// How long a signing key stays current.
-    #[arg(long, env = "KEYGATE_SIGNING_KEY_ROTATION", default_value = "720h", value_parser = parse_duration)]
+    #[arg(long, env = "KEYGATE_SIGNING_KEY_ROTATION", default_value = "720h", value_parser = keygate::connections::positive_duration)]
     signing_key_rotation: Duration,
     /// Reconciles of one kind that may run at once (each holds an API connection).
     #[arg(long, env = "KEYGATE_CONCURRENCY", default_value_t = 16)]
@@ -296,7 +296,7 @@ struct DevArgs {
     #[arg(long, env = "KEYGATE_DEV_UPSTREAM")]
     upstream: Option<String>,
     /// How often the configuration directory is checked for changes.
-    #[arg(long, env = "KEYGATE_DEV_RELOAD_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "KEYGATE_DEV_RELOAD_INTERVAL", default_value = "1s", value_parser = keygate::connections::positive_duration)]
     reload_interval: Duration,
     #[command(flatten)]
     connections: keygate::connections::ConnectionArgs,
@@ -349,10 +349,6 @@ struct TokenArgs {
     /// the system's trusted roots.
     #[arg(long, env = "KEYGATE_CA_FILE")]
     ca_file: Option<PathBuf>,
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    keygate::api::parse_duration(text)
 }
 
 /// Prints `text` and a newline; a reader that closed the pipe early (`| head`) is not an error.
@@ -665,6 +661,33 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_are_the_crds_durations_and_never_zero() {
+        let lifetime = |value: &str| {
+            Cli::try_parse_from([
+                "keygate",
+                "keypair-jwt",
+                "--private-key=key.pem",
+                "--client-id=kgc_1",
+                &format!("--lifetime={value}"),
+            ])
+            .map(|cli| match cli.command {
+                Command::KeypairJwt { lifetime, .. } => lifetime,
+                _ => panic!("not keypair-jwt"),
+            })
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(lifetime("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(lifetime("1h30m"), Ok(Duration::from_secs(5400)));
+        for refused in ["0s", "0", "-5m", "15 minutes", "1d"] {
+            let error = lifetime(refused).expect_err(refused);
+            assert!(error.contains("--lifetime"), "{error}");
+        }
+        assert!(lifetime("0s").unwrap_err().contains("longer than zero"));
+        assert!(lifetime("-5m").unwrap_err().contains("negative"));
+        assert!(lifetime("1d").unwrap_err().contains("unknown unit"));
     }
 
     #[test]
