@@ -631,17 +631,11 @@ async fn fetch_token(args: TokenArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("calling {}", args.token_url))?;
     let status = response.status();
-    let body: serde_json::Value = response
-        .json()
+    let text = response
+        .text()
         .await
-        .context("the token endpoint did not answer JSON")?;
-    if !status.is_success() {
-        anyhow::bail!(
-            "token request refused ({status}): {} {}",
-            body["error"].as_str().unwrap_or("?"),
-            body["error_description"].as_str().unwrap_or("")
-        );
-    }
+        .with_context(|| format!("reading the answer of {} ({status})", args.token_url))?;
+    let body = token_response(&args.token_url, status, &text)?;
     if args.json {
         print_line(&body.to_string())?;
     } else {
@@ -653,6 +647,42 @@ async fn fetch_token(args: TokenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The JSON of a successful token response. Anything else is an error that says what came
+/// back: the OAuth error of a refusal, or the HTTP status and the start of a body that is
+/// not a token response (a wrong URL, a proxy's error page).
+fn token_response(
+    url: &str,
+    status: reqwest::StatusCode,
+    text: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let json = serde_json::from_str::<serde_json::Value>(text).ok();
+    match json {
+        Some(body) if status.is_success() && body.is_object() => Ok(body),
+        Some(body) if body["error"].is_string() => anyhow::bail!(
+            "token request refused ({status}): {} {}",
+            body["error"].as_str().unwrap_or_default(),
+            body["error_description"].as_str().unwrap_or_default()
+        ),
+        _ => {
+            const EXCERPT: usize = 200;
+            let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+            let mut excerpt: String = flat.chars().take(EXCERPT).collect();
+            if flat.chars().count() > EXCERPT {
+                excerpt.push('…');
+            }
+            let body = if excerpt.is_empty() {
+                "an empty body".to_owned()
+            } else {
+                format!("{excerpt:?}")
+            };
+            anyhow::bail!(
+                "{url} answered {status} with {body}, not a token response: is it the token \
+                 endpoint (…/oauth2/token of the issuer)?"
+            )
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -661,6 +691,38 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_wrong_token_url_is_reported_with_its_status_and_body() {
+        use reqwest::StatusCode;
+        let url = "http://127.0.0.1:8400/oauth/token";
+        let error = token_response(url, StatusCode::NOT_FOUND, "<html>\n  <h1>Not Found</h1>")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with(&format!(
+                "{url} answered 404 Not Found with \"<html> <h1>Not Found</h1>\", not a token"
+            )),
+            "{error}"
+        );
+        let error = token_response(url, StatusCode::NOT_FOUND, "").unwrap_err();
+        assert!(error.to_string().contains("404 Not Found with an empty body"));
+        let long = "x".repeat(1000);
+        let error = token_response(url, StatusCode::BAD_GATEWAY, &long).unwrap_err();
+        assert!(error.to_string().contains(&format!("{}…", "x".repeat(200))));
+        // JSON that is not a token response is no better than HTML.
+        let error = token_response(url, StatusCode::OK, "[1]").unwrap_err();
+        assert!(error.to_string().contains("200 OK with \"[1]\""), "{error}");
+        // An OAuth refusal keeps its error code.
+        let refused = r#"{"error":"invalid_client","error_description":"unknown client"}"#;
+        let error = token_response(url, StatusCode::UNAUTHORIZED, refused).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "token request refused (401 Unauthorized): invalid_client unknown client"
+        );
+        let ok = token_response(url, StatusCode::OK, r#"{"access_token":"t"}"#).unwrap();
+        assert_eq!(ok["access_token"], "t");
     }
 
     #[test]
