@@ -301,3 +301,27 @@ async fn quickstart_walkthrough_survives_restart_and_bad_config() {
         );
     }
 }
+
+#[test]
+fn a_port_in_use_is_named_with_the_option_that_moves_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let state = tempfile::tempdir().unwrap();
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart");
+    let output = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["dev", "--port", &port.to_string(), "--sidecar-port", "0"])
+        .arg("--config")
+        .arg(&config)
+        .arg("--state")
+        .arg(state.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("127.0.0.1:{port} is already in use")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("another port with --port"), "{stderr}");
+    assert!(!stderr.contains("state directory"), "{stderr}");
+}

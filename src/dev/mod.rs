@@ -14,6 +14,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::registry::Registry as MetricsRegistry;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -65,6 +66,8 @@ pub enum DevError {
     Config(Vec<ConfigError>),
     #[error("state directory: {0}")]
     State(#[from] std::io::Error),
+    #[error("{0}")]
+    Listen(String),
     #[error("credentials: {0}")]
     Credentials(#[from] credentials::Error),
 }
@@ -139,6 +142,22 @@ fn signing_keys(state: &StateDir) -> Result<Arc<IssuerKeys>, DevError> {
     Ok(IssuerKeys::from_stored(&stored)?)
 }
 
+/// Listens on `bind:port`. An address in use is reported with the address and with `flag`,
+/// the option that moves it.
+async fn listen(bind: IpAddr, port: u16, flag: &str) -> Result<TcpListener, DevError> {
+    let addr = SocketAddr::new(bind, port);
+    TcpListener::bind(addr).await.map_err(|e| {
+        DevError::Listen(if e.kind() == std::io::ErrorKind::AddrInUse {
+            format!(
+                "{addr} is already in use (is another keygate dev running?): stop what listens \
+                 there, or choose another port with {flag} (0: any free port)"
+            )
+        } else {
+            format!("cannot listen on {addr}: {e}")
+        })
+    })
+}
+
 /// A fingerprint of the configuration directory's files, to notice edits cheaply.
 fn dir_fingerprint(dir: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
     config::manifest_files(dir)
@@ -168,7 +187,7 @@ pub async fn run(
     let config = load_dir(&options.config).map_err(DevError::Config)?;
     let state = StateDir::open(&options.state)?;
 
-    let token_listener = tokio::net::TcpListener::bind((options.bind, options.port)).await?;
+    let token_listener = listen(options.bind, options.port, "--port").await?;
     let token_addr = token_listener.local_addr()?;
     let issuer = format!("http://{token_addr}");
 
@@ -189,7 +208,7 @@ pub async fn run(
     let upstream = match options.upstream {
         Some(addr) => addr,
         None => {
-            let listener = tokio::net::TcpListener::bind((options.bind, 0)).await?;
+            let listener = listen(options.bind, 0, "--upstream").await?;
             let addr = listener.local_addr()?;
             let stop = wait_shutdown();
             tokio::spawn(async move {
@@ -240,7 +259,7 @@ pub async fn run(
         if next_port != 0 {
             next_port += 1;
         }
-        let listener = tokio::net::TcpListener::bind((options.bind, port)).await?;
+        let listener = listen(options.bind, port, "--sidecar-port").await?;
         let addr = listener.local_addr()?;
         let sidecar = {
             let mut m = metrics.write().unwrap_or_else(|p| p.into_inner());
