@@ -47,7 +47,7 @@ enum Command {
         #[arg(long, env = "KEYGATE_AUDIENCE")]
         audience: Option<String>,
         /// Lifetime of the JWT; at most one hour.
-        #[arg(long, default_value = "1h", value_parser = keygate::connections::positive_duration)]
+        #[arg(long, env = "KEYGATE_KEYPAIR_JWT_LIFETIME", default_value = "1h", value_parser = keygate::connections::positive_duration)]
         lifetime: Duration,
     },
 
@@ -75,14 +75,14 @@ enum Command {
 #[derive(clap::Args, Debug)]
 struct InjectArgs {
     /// The manifest (multi-document YAML), or `-` for standard input.
-    #[arg(short = 'f', long = "filename", default_value = "-")]
+    #[arg(short = 'f', long = "filename", env = "KEYGATE_INJECT_FILE", default_value = "-")]
     file: PathBuf,
     /// Add the sidecar as a regular container, for clusters older than 1.29.
-    #[arg(long, default_value_t = false)]
+    #[arg(long, env = "KEYGATE_INJECT_CLASSIC_SIDECARS", default_value_t = false)]
     classic_sidecars: bool,
     /// Upstream port for pods whose ScopePolicy is not in the manifest (otherwise they are
     /// refused, as the webhook would refuse them).
-    #[arg(long)]
+    #[arg(long, env = "KEYGATE_INJECT_UPSTREAM_PORT")]
     upstream_port: Option<u16>,
     #[command(flatten)]
     sidecar: SidecarTemplateArgs,
@@ -312,7 +312,7 @@ enum DevCommand {
         #[arg(long, env = "KEYGATE_DEV_STATE", default_value = ".keygate-dev")]
         state: PathBuf,
         /// Print only this key, e.g. client_secret or private_key.pem.
-        #[arg(long)]
+        #[arg(long, env = "KEYGATE_DEV_FIELD")]
         field: Option<String>,
     },
 }
@@ -336,13 +336,13 @@ struct TokenArgs {
     #[arg(long, env = "KEYGATE_PRIVATE_KEY_FILE")]
     private_key: Option<PathBuf>,
     /// Space-delimited scopes to request; all allowed scopes when absent.
-    #[arg(long)]
+    #[arg(long, env = "KEYGATE_SCOPE")]
     scope: Option<String>,
     /// The resource (API) the token is for.
-    #[arg(long)]
+    #[arg(long, env = "KEYGATE_RESOURCE")]
     resource: Option<String>,
     /// Print the whole JSON response instead of only the access token.
-    #[arg(long, default_value_t = false)]
+    #[arg(long, env = "KEYGATE_TOKEN_JSON", default_value_t = false)]
     json: bool,
     /// Trust only the CA certificates in this PEM file for an https:// token URL, as
     /// curl's --cacert does (in a cluster: `ca.crt` of the ConfigMap keygate-ca). Without it,
@@ -691,6 +691,29 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    /// The README promises it: every option of every subcommand can come from the
+    /// environment (for containers and CI).
+    #[test]
+    fn every_flag_has_an_environment_variable() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if arg.is_positional() || builtin {
+                    continue;
+                }
+                if arg.get_env().is_none() {
+                    missing.push(format!("{path} --{}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "keygate", &mut missing);
+        assert!(missing.is_empty(), "options without `env`: {missing:#?}");
     }
 
     #[test]
