@@ -315,6 +315,19 @@ enum DevCommand {
         #[arg(long, env = "KEYGATE_DEV_FIELD")]
         field: Option<String>,
     },
+    /// Rotate a client's credentials, as the annotation keygate.dev/rotate does in a cluster:
+    /// new ones now, the current ones valid for the client's rotation.overlap (default 24h).
+    /// A running `keygate dev` serves them within its reload interval.
+    Rotate {
+        /// The ApiClient, as namespace/name or a name unique across namespaces.
+        client: String,
+        /// Directory of M2MRole, ApiClient and ScopePolicy YAML manifests.
+        #[arg(long, env = "KEYGATE_DEV_CONFIG")]
+        config: PathBuf,
+        /// The state directory of `keygate dev`.
+        #[arg(long, env = "KEYGATE_DEV_STATE", default_value = ".keygate-dev")]
+        state: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -527,23 +540,42 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
 }
 
 async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
-    if let Some(DevCommand::Credentials {
-        client,
-        state,
-        field,
-    }) = args.command
-    {
-        let data = keygate::dev::credentials_of(&state, &client).map_err(anyhow::Error::msg)?;
-        match field {
-            Some(field) => {
-                let value = data
-                    .get(&field)
-                    .with_context(|| format!("{client} has no {field:?} credential"))?;
-                print_line(value)?;
+    match args.command {
+        Some(DevCommand::Credentials {
+            client,
+            state,
+            field,
+        }) => {
+            let data =
+                keygate::dev::credentials_of(&state, &client).map_err(anyhow::Error::msg)?;
+            match field {
+                Some(field) => {
+                    let value = data
+                        .get(&field)
+                        .with_context(|| format!("{client} has no {field:?} credential"))?;
+                    print_line(value)?;
+                }
+                None => print_line(&serde_json::to_string_pretty(&data)?)?,
             }
-            None => print_line(&serde_json::to_string_pretty(&data)?)?,
+            return Ok(());
         }
-        return Ok(());
+        Some(DevCommand::Rotate {
+            client,
+            config,
+            state,
+        }) => {
+            let (key, expires) = keygate::dev::rotate_credentials(&config, &state, &client)
+                .map_err(anyhow::Error::msg)?;
+            let until = i64::try_from(expires)
+                .ok()
+                .and_then(|s| jiff::Timestamp::from_second(s).ok())
+                .map_or_else(|| expires.to_string(), |t| t.to_string());
+            print_line(&format!(
+                "rotated the credentials of {key}; the previous ones stay valid until {until}"
+            ))?;
+            return Ok(());
+        }
+        None => {}
     }
     let config = args
         .config

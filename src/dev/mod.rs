@@ -158,11 +158,13 @@ async fn listen(bind: IpAddr, port: u16, flag: &str) -> Result<TcpListener, DevE
     })
 }
 
-/// A fingerprint of the configuration directory's files, to notice edits cheaply.
-fn dir_fingerprint(dir: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+/// A fingerprint of the configuration directory's files and of the stored credentials (which
+/// `keygate dev rotate` writes), to notice edits cheaply.
+fn dir_fingerprint(dir: &Path, state: &StateDir) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
     config::manifest_files(dir)
         .unwrap_or_default()
         .into_iter()
+        .chain(state.client_files())
         .map(|p| {
             let meta = std::fs::metadata(&p).ok();
             let modified = meta.as_ref().and_then(|m| m.modified().ok());
@@ -332,7 +334,7 @@ pub async fn run(
 
     let mut snapshots = registry.subscribe();
     let mut revoked = revocations.subscribe();
-    let mut fingerprint = dir_fingerprint(&options.config);
+    let mut fingerprint = dir_fingerprint(&options.config, &state);
     let mut ticker = tokio::time::interval(options.reload_interval);
     let mut shutdown = Box::pin(shutdown);
     loop {
@@ -347,7 +349,7 @@ pub async fn run(
                 publish(&sidecars);
             }
             _ = ticker.tick() => {
-                let now = dir_fingerprint(&options.config);
+                let now = dir_fingerprint(&options.config, &state);
                 if now == fingerprint {
                     continue;
                 }
@@ -391,6 +393,35 @@ pub async fn run(
         let _ = running.task.await;
     }
     Ok(())
+}
+
+/// Rotates `client`'s stored credentials (`namespace/name` or a unique `name`), as the
+/// annotation `keygate.dev/rotate` does in a cluster: new ones are generated and the current
+/// ones stay valid as `previous_*` for the ApiClient's `rotation.overlap` (a day without
+/// one). A running `keygate dev` serves them within its reload interval. Returns the client
+/// and when its previous credentials expire (Unix seconds).
+pub fn rotate_credentials(
+    config: &Path,
+    state: &Path,
+    client: &str,
+) -> Result<(ObjectKey, u64), String> {
+    let config = load_dir(config).map_err(|errors| DevError::Config(errors).to_string())?;
+    let state =
+        StateDir::open(state).map_err(|e| format!("cannot open {}: {e}", state.display()))?;
+    let key = state.resolve(client)?;
+    let spec = &config
+        .clients
+        .get(&key)
+        .ok_or_else(|| format!("{key} is not an ApiClient of the configuration"))?
+        .spec;
+    let data = state
+        .client(&key)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{key} has no credentials yet: start keygate dev first"))?;
+    let expires = unix_now() + credentials::rotation_overlap_secs(spec);
+    let rotated = credentials::rotate(spec, &data, expires).map_err(|e| e.to_string())?;
+    state.save_client(&key, &rotated).map_err(|e| e.to_string())?;
+    Ok((key, expires))
 }
 
 /// The stored credentials of `client` (`namespace/name` or a unique `name`).
