@@ -75,7 +75,12 @@ enum Command {
 #[derive(clap::Args, Debug)]
 struct InjectArgs {
     /// The manifest (multi-document YAML), or `-` for standard input.
-    #[arg(short = 'f', long = "filename", env = "KEYGATE_INJECT_FILE", default_value = "-")]
+    #[arg(
+        short = 'f',
+        long = "filename",
+        env = "KEYGATE_INJECT_FILE",
+        default_value = "-"
+    )]
     file: PathBuf,
     /// Add the sidecar as a regular container, for clusters older than 1.29.
     #[arg(long, env = "KEYGATE_INJECT_CLASSIC_SIDECARS", default_value_t = false)]
@@ -546,8 +551,7 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
             state,
             field,
         }) => {
-            let data =
-                keygate::dev::credentials_of(&state, &client).map_err(anyhow::Error::msg)?;
+            let data = keygate::dev::credentials_of(&state, &client).map_err(anyhow::Error::msg)?;
             match field {
                 Some(field) => {
                     let value = data
@@ -762,7 +766,11 @@ mod tests {
             "{error}"
         );
         let error = token_response(url, StatusCode::NOT_FOUND, "").unwrap_err();
-        assert!(error.to_string().contains("404 Not Found with an empty body"));
+        assert!(
+            error
+                .to_string()
+                .contains("404 Not Found with an empty body")
+        );
         let long = "x".repeat(1000);
         let error = token_response(url, StatusCode::BAD_GATEWAY, &long).unwrap_err();
         assert!(error.to_string().contains(&format!("{}…", "x".repeat(200))));

@@ -19,6 +19,15 @@ fn schema_of<K: CustomResourceExt + Resource<DynamicType = ()>>() -> Value {
     serde_json::to_value(schema_crd::<K>()).unwrap()["spec"]["versions"][0].clone()
 }
 
+/// The served version of every kind's CRD.
+fn served_versions() -> [Value; 3] {
+    [
+        schema_of::<M2MRole>(),
+        schema_of::<ApiClient>(),
+        schema_of::<ScopePolicy>(),
+    ]
+}
+
 /// Every object node is structural: it has properties, additionalProperties, or explicitly
 /// preserves unknown fields; every node has a type.
 fn assert_structural(node: &Value, path: &str) {
@@ -115,11 +124,7 @@ fn committed_crds_match_the_types() {
 
 #[test]
 fn schemas_are_structural_with_status_subresource() {
-    for version in [
-        schema_of::<M2MRole>(),
-        schema_of::<ApiClient>(),
-        schema_of::<ScopePolicy>(),
-    ] {
+    for version in served_versions() {
         assert_structural(&version["schema"]["openAPIV3Schema"], "");
         assert_eq!(version["subresources"]["status"], serde_json::json!({}));
         assert_eq!(version["served"], true);
@@ -183,11 +188,7 @@ fn printer_columns_make_kubectl_get_useful() {
             "Age"
         ]
     );
-    for version in [
-        schema_of::<M2MRole>(),
-        schema_of::<ApiClient>(),
-        schema_of::<ScopePolicy>(),
-    ] {
+    for version in served_versions() {
         let columns = version["additionalPrinterColumns"].as_array().unwrap();
         let message = columns.iter().find(|c| c["name"] == "Message").unwrap();
         assert_eq!(
@@ -198,7 +199,10 @@ fn printer_columns_make_kubectl_get_useful() {
     }
     let client = schema_of::<ApiClient>();
     let columns = client["additionalPrinterColumns"].as_array().unwrap();
-    let next = columns.iter().find(|c| c["name"] == "Next Rotation").unwrap();
+    let next = columns
+        .iter()
+        .find(|c| c["name"] == "Next Rotation")
+        .unwrap();
     assert_eq!(next["jsonPath"], ".status.nextRotationTime");
     // kubectl shows a future `date` as <invalid>: the timestamp itself is what helps.
     assert_eq!(next["type"], "string");
@@ -206,19 +210,20 @@ fn printer_columns_make_kubectl_get_useful() {
 
 #[test]
 fn conditions_are_a_map_keyed_by_type() {
-    for version in [
-        schema_of::<M2MRole>(),
-        schema_of::<ApiClient>(),
-        schema_of::<ScopePolicy>(),
-    ] {
-        let conditions =
-            &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["conditions"];
+    for version in served_versions() {
+        let conditions = &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+            ["conditions"];
         assert_eq!(conditions["x-kubernetes-list-type"], "map");
         assert_eq!(
             conditions["x-kubernetes-list-map-keys"],
             serde_json::json!(["type"])
         );
-        assert_eq!(conditions["items"]["required"].as_array().map(|r| r.contains(&"type".into())), Some(true));
+        assert_eq!(
+            conditions["items"]["required"]
+                .as_array()
+                .map(|r| r.contains(&"type".into())),
+            Some(true)
+        );
     }
 }
 
@@ -320,11 +325,7 @@ fn cel_rules_stay_within_the_api_servers_cost_budget() {
         }
     }
 
-    for version in [
-        schema_of::<M2MRole>(),
-        schema_of::<ApiClient>(),
-        schema_of::<ScopePolicy>(),
-    ] {
+    for version in served_versions() {
         let mut found = Vec::new();
         walk(
             &version["schema"]["openAPIV3Schema"],

@@ -351,7 +351,9 @@ async fn dev_rotate_gives_new_credentials_and_keeps_the_old_ones_for_the_overlap
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(
-        stdout.starts_with("rotated the credentials of shop/reporting; the previous ones stay valid until "),
+        stdout.starts_with(
+            "rotated the credentials of shop/reporting; the previous ones stay valid until "
+        ),
         "{stdout}"
     );
     let after = credential(&state, "shop/reporting", "client_secret");

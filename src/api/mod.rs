@@ -121,9 +121,8 @@ pub(crate) const TOKEN_LIFETIME_RULE: &str =
 /// duration, in objects and on the command line, goes through here, so what one accepts the
 /// other does too. Negative durations are refused.
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    let refuse = |why: &str| {
-        format!("{text:?} is not a duration such as 90s, 15m, 1h30m or 720h ({why})")
-    };
+    let refuse =
+        |why: &str| format!("{text:?} is not a duration such as 90s, 15m, 1h30m or 720h ({why})");
     let rest = match text.strip_prefix('-') {
         Some(_) => return Err(format!("{text:?}: a duration must not be negative")),
         None => text.strip_prefix('+').unwrap_or(text),
@@ -152,8 +151,16 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
             "s" => 1_000_000_000,
             "m" => 60_000_000_000,
             "h" => 3_600_000_000_000,
-            "" => return Err(refuse("a number without a unit; units are ns, us, ms, s, m and h")),
-            other => return Err(refuse(&format!("unknown unit {other:?}; units are ns, us, ms, s, m and h"))),
+            "" => {
+                return Err(refuse(
+                    "a number without a unit; units are ns, us, ms, s, m and h",
+                ));
+            }
+            other => {
+                return Err(refuse(&format!(
+                    "unknown unit {other:?}; units are ns, us, ms, s, m and h"
+                )));
+            }
         };
         let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
         if (whole.is_empty() && fraction.is_empty()) || fraction.contains('.') {
@@ -203,12 +210,26 @@ mod tests {
             assert_eq!(parse_duration(text), Ok(expected), "{text}");
         }
         for text in [
-            "", "1", "1d", "15 minutes", "1h 30m", "15min", "h", "1.2.3s", "s", "-1s", "1e3s",
+            "",
+            "1",
+            "1d",
+            "15 minutes",
+            "1h 30m",
+            "15min",
+            "h",
+            "1.2.3s",
+            "s",
+            "-1s",
+            "1e3s",
             "99999999999999999999h",
         ] {
             assert!(parse_duration(text).is_err(), "{text:?} accepted");
         }
-        assert!(parse_duration("1d").unwrap_err().contains("unknown unit \"d\""));
+        assert!(
+            parse_duration("1d")
+                .unwrap_err()
+                .contains("unknown unit \"d\"")
+        );
         assert!(parse_duration("-5m").unwrap_err().contains("negative"));
     }
 }

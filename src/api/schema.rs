@@ -4,8 +4,8 @@
 //! through here, so a file it accepts is one the API server accepts.
 
 use jsonschema::error::ValidationErrorKind;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use jsonschema::paths::LocationSegment;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -205,7 +205,9 @@ mod tests {
     #[test]
     fn descriptions_are_whole_paragraphs() {
         assert_eq!(
-            paragraphs("Lifetime of access tokens, a duration\nsuch as `15m`.\n\n  Defaults to 1h;\n  capped.\n"),
+            paragraphs(
+                "Lifetime of access tokens, a duration\nsuch as `15m`.\n\n  Defaults to 1h;\n  capped.\n"
+            ),
             "Lifetime of access tokens, a duration such as `15m`.\n\nDefaults to 1h; capped."
         );
         assert_eq!(paragraphs("one line"), "one line");

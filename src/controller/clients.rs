@@ -88,8 +88,8 @@ pub fn plan_secret(
     let acted_on = existing_annotations.get(ROTATED_FOR);
     // A request made before the credentials existed has nothing to rotate.
     let on_demand = existing.is_some() && requested.is_some() && requested != acted_on;
-    let scheduled = existing.is_some()
-        && every.is_some_and(|every| last_rotation.saturating_add(every) <= now);
+    let scheduled =
+        existing.is_some() && every.is_some_and(|every| last_rotation.saturating_add(every) <= now);
     let rotated = on_demand || scheduled;
     if rotated {
         data = rotate(spec, &data, now + credentials::rotation_overlap_secs(spec))?;

@@ -112,9 +112,7 @@ fn other_key_format(tag: &str, wanted: &str) -> Error {
             "openssl x509 -in key.pem -pubkey -noout > public_key.pem",
         ),
         other => {
-            return Error::KeyFormat(format!(
-                "a PEM {other:?} block, but keygate reads {wanted}"
-            ));
+            return Error::KeyFormat(format!("a PEM {other:?} block, but keygate reads {wanted}"));
         }
     };
     Error::KeyFormat(format!(
@@ -386,10 +384,14 @@ mod tests {
     #[test]
     fn fingerprint_refuses_other_pem_blocks() {
         let block = |tag: &str| format!("-----BEGIN {tag}-----\nAAAA\n-----END {tag}-----\n");
-        let cert = fingerprint_pem(&block("CERTIFICATE")).unwrap_err().to_string();
+        let cert = fingerprint_pem(&block("CERTIFICATE"))
+            .unwrap_err()
+            .to_string();
         assert!(cert.starts_with("a certificate"), "{cert}");
         assert!(matches!(fingerprint_pem("not pem"), Err(Error::Pem(_))));
-        let other = fingerprint_pem(&block("DH PARAMETERS")).unwrap_err().to_string();
+        let other = fingerprint_pem(&block("DH PARAMETERS"))
+            .unwrap_err()
+            .to_string();
         assert!(other.contains("\"DH PARAMETERS\""), "{other}");
     }
 
@@ -404,7 +406,9 @@ mod tests {
              PUBLIC KEY (SubjectPublicKeyInfo) or a PKCS#8 PRIVATE KEY; convert it with: openssl \
              rsa -RSAPublicKey_in -in key.pem -pubout -out public_key.pem"
         );
-        let private = fingerprint_pem(&block("RSA PRIVATE KEY")).unwrap_err().to_string();
+        let private = fingerprint_pem(&block("RSA PRIVATE KEY"))
+            .unwrap_err()
+            .to_string();
         assert!(private.starts_with("a PKCS#1 RSA private key"), "{private}");
         assert!(
             private.ends_with("openssl pkcs8 -topk8 -nocrypt -in key.pem -out private_key.pem"),
@@ -412,9 +416,15 @@ mod tests {
         );
         // keypair-jwt and token --private-key say the same of a PKCS#1 private key.
         let signing = SigningKey::from_pkcs8_pem(&block("RSA PRIVATE KEY")).unwrap_err();
-        assert!(signing.to_string().contains("openssl pkcs8 -topk8"), "{signing}");
+        assert!(
+            signing.to_string().contains("openssl pkcs8 -topk8"),
+            "{signing}"
+        );
         let verifying = VerifyingKey::from_spki_pem(&block("RSA PUBLIC KEY")).unwrap_err();
-        assert!(verifying.to_string().contains("-RSAPublicKey_in"), "{verifying}");
+        assert!(
+            verifying.to_string().contains("-RSAPublicKey_in"),
+            "{verifying}"
+        );
     }
 
     #[test]

@@ -420,7 +420,9 @@ pub fn rotate_credentials(
         .ok_or_else(|| format!("{key} has no credentials yet: start keygate dev first"))?;
     let expires = unix_now() + credentials::rotation_overlap_secs(spec);
     let rotated = credentials::rotate(spec, &data, expires).map_err(|e| e.to_string())?;
-    state.save_client(&key, &rotated).map_err(|e| e.to_string())?;
+    state
+        .save_client(&key, &rotated)
+        .map_err(|e| e.to_string())?;
     Ok((key, expires))
 }
 

@@ -270,7 +270,10 @@ pub fn router(server: Arc<TokenServer>) -> Router {
             "/.well-known/oauth-authorization-server",
             get(authorization_server_metadata),
         )
-        .route("/.well-known/openid-configuration", get(openid_configuration))
+        .route(
+            "/.well-known/openid-configuration",
+            get(openid_configuration),
+        )
         .with_state(server)
 }
 

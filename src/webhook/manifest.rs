@@ -97,8 +97,9 @@ pub fn inject_manifest(
 
 /// Whether `line` starts a document: `---` alone or followed by a space or tab.
 fn is_document_start(line: &str) -> bool {
-    line.strip_prefix("---")
-        .is_some_and(|rest| rest.trim_end_matches(['\r', '\n']).is_empty() || rest.starts_with([' ', '\t']))
+    line.strip_prefix("---").is_some_and(|rest| {
+        rest.trim_end_matches(['\r', '\n']).is_empty() || rest.starts_with([' ', '\t'])
+    })
 }
 
 /// `text` cut into its documents' source text, each from its `---` line (or the start of
@@ -116,7 +117,7 @@ fn split_documents(text: &str) -> Vec<&str> {
     for line in text.split_inclusive('\n') {
         let content = line.trim_end();
         let directive = ended && line.starts_with('%');
-        if (directive && !in_directives) || (is_document_start(line) && !in_directives) {
+        if !in_directives && (directive || is_document_start(line)) {
             if offset > start {
                 chunks.push(&text[start..offset]);
             }

@@ -714,7 +714,9 @@ fn manifest_documents_injection_leaves_alone_are_echoed_byte_for_byte() {
     let head = format!("{untouched}---\n{policy}");
     let text = format!("{head}---  # injected below\n{deployment}");
     let out = inject_manifest(&text, &config(), true, lookup).expect("injected");
-    let injected = out.strip_prefix(&head).expect("the documents before are echoed");
+    let injected = out
+        .strip_prefix(&head)
+        .expect("the documents before are echoed");
     assert!(
         injected.starts_with("---  # injected below\napiVersion: apps/v1\n"),
         "{injected}"
