@@ -57,7 +57,7 @@ pub struct CaptureArgs {
     #[arg(long, env = "KEYGATE_NFT", default_value = "nft")]
     pub nft: PathBuf,
     /// Print the nftables JSON instead of installing it.
-    #[arg(long, default_value_t = false)]
+    #[arg(long, env = "KEYGATE_CAPTURE_DRY_RUN", default_value_t = false)]
     pub dry_run: bool,
 }
 

@@ -47,7 +47,7 @@ enum Command {
         #[arg(long, env = "KEYGATE_AUDIENCE")]
         audience: Option<String>,
         /// Lifetime of the JWT; at most one hour.
-        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        #[arg(long, env = "KEYGATE_KEYPAIR_JWT_LIFETIME", default_value = "1h", value_parser = keygate::connections::positive_duration)]
         lifetime: Duration,
     },
 
@@ -75,14 +75,19 @@ enum Command {
 #[derive(clap::Args, Debug)]
 struct InjectArgs {
     /// The manifest (multi-document YAML), or `-` for standard input.
-    #[arg(short = 'f', long = "filename", default_value = "-")]
+    #[arg(
+        short = 'f',
+        long = "filename",
+        env = "KEYGATE_INJECT_FILE",
+        default_value = "-"
+    )]
     file: PathBuf,
     /// Add the sidecar as a regular container, for clusters older than 1.29.
-    #[arg(long, default_value_t = false)]
+    #[arg(long, env = "KEYGATE_INJECT_CLASSIC_SIDECARS", default_value_t = false)]
     classic_sidecars: bool,
     /// Upstream port for pods whose ScopePolicy is not in the manifest (otherwise they are
     /// refused, as the webhook would refuse them).
-    #[arg(long)]
+    #[arg(long, env = "KEYGATE_INJECT_UPSTREAM_PORT")]
     upstream_port: Option<u16>,
     #[command(flatten)]
     sidecar: SidecarTemplateArgs,
@@ -147,13 +152,13 @@ struct OperatorArgs {
     #[arg(long, env = "KEYGATE_LEASE_NAME", default_value = "keygate-operator")]
     lease_name: String,
     /// Lifetime of tokens for clients that set none.
-    #[arg(long, env = "KEYGATE_DEFAULT_TOKEN_LIFETIME", default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, env = "KEYGATE_DEFAULT_TOKEN_LIFETIME", default_value = "1h", value_parser = keygate::connections::positive_duration)]
     default_token_lifetime: Duration,
     /// Upper bound on every token's lifetime.
-    #[arg(long, env = "KEYGATE_MAX_TOKEN_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "KEYGATE_MAX_TOKEN_LIFETIME", default_value = "24h", value_parser = keygate::connections::positive_duration)]
     max_token_lifetime: Duration,
     /// How long a signing key stays current.
-    #[arg(long, env = "KEYGATE_SIGNING_KEY_ROTATION", default_value = "720h", value_parser = parse_duration)]
+    #[arg(long, env = "KEYGATE_SIGNING_KEY_ROTATION", default_value = "720h", value_parser = keygate::connections::positive_duration)]
     signing_key_rotation: Duration,
     /// Reconciles of one kind that may run at once (each holds an API connection).
     #[arg(long, env = "KEYGATE_CONCURRENCY", default_value_t = 16)]
@@ -296,7 +301,7 @@ struct DevArgs {
     #[arg(long, env = "KEYGATE_DEV_UPSTREAM")]
     upstream: Option<String>,
     /// How often the configuration directory is checked for changes.
-    #[arg(long, env = "KEYGATE_DEV_RELOAD_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "KEYGATE_DEV_RELOAD_INTERVAL", default_value = "1s", value_parser = keygate::connections::positive_duration)]
     reload_interval: Duration,
     #[command(flatten)]
     connections: keygate::connections::ConnectionArgs,
@@ -312,8 +317,21 @@ enum DevCommand {
         #[arg(long, env = "KEYGATE_DEV_STATE", default_value = ".keygate-dev")]
         state: PathBuf,
         /// Print only this key, e.g. client_secret or private_key.pem.
-        #[arg(long)]
+        #[arg(long, env = "KEYGATE_DEV_FIELD")]
         field: Option<String>,
+    },
+    /// Rotate a client's credentials, as the annotation keygate.dev/rotate does in a cluster:
+    /// new ones now, the current ones valid for the client's rotation.overlap (default 24h).
+    /// A running `keygate dev` serves them within its reload interval.
+    Rotate {
+        /// The ApiClient, as namespace/name or a name unique across namespaces.
+        client: String,
+        /// Directory of M2MRole, ApiClient and ScopePolicy YAML manifests.
+        #[arg(long, env = "KEYGATE_DEV_CONFIG")]
+        config: PathBuf,
+        /// The state directory of `keygate dev`.
+        #[arg(long, env = "KEYGATE_DEV_STATE", default_value = ".keygate-dev")]
+        state: PathBuf,
     },
 }
 
@@ -336,23 +354,19 @@ struct TokenArgs {
     #[arg(long, env = "KEYGATE_PRIVATE_KEY_FILE")]
     private_key: Option<PathBuf>,
     /// Space-delimited scopes to request; all allowed scopes when absent.
-    #[arg(long)]
+    #[arg(long, env = "KEYGATE_SCOPE")]
     scope: Option<String>,
     /// The resource (API) the token is for.
-    #[arg(long)]
+    #[arg(long, env = "KEYGATE_RESOURCE")]
     resource: Option<String>,
     /// Print the whole JSON response instead of only the access token.
-    #[arg(long, default_value_t = false)]
+    #[arg(long, env = "KEYGATE_TOKEN_JSON", default_value_t = false)]
     json: bool,
     /// Trust only the CA certificates in this PEM file for an https:// token URL, as
     /// curl's --cacert does (in a cluster: `ca.crt` of the ConfigMap keygate-ca). Without it,
     /// the system's trusted roots.
     #[arg(long, env = "KEYGATE_CA_FILE")]
     ca_file: Option<PathBuf>,
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    keygate::api::parse_duration(text)
 }
 
 /// Prints `text` and a newline; a reader that closed the pipe early (`| head`) is not an error.
@@ -531,23 +545,41 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
 }
 
 async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
-    if let Some(DevCommand::Credentials {
-        client,
-        state,
-        field,
-    }) = args.command
-    {
-        let data = keygate::dev::credentials_of(&state, &client).map_err(anyhow::Error::msg)?;
-        match field {
-            Some(field) => {
-                let value = data
-                    .get(&field)
-                    .with_context(|| format!("{client} has no {field:?} credential"))?;
-                print_line(value)?;
+    match args.command {
+        Some(DevCommand::Credentials {
+            client,
+            state,
+            field,
+        }) => {
+            let data = keygate::dev::credentials_of(&state, &client).map_err(anyhow::Error::msg)?;
+            match field {
+                Some(field) => {
+                    let value = data
+                        .get(&field)
+                        .with_context(|| format!("{client} has no {field:?} credential"))?;
+                    print_line(value)?;
+                }
+                None => print_line(&serde_json::to_string_pretty(&data)?)?,
             }
-            None => print_line(&serde_json::to_string_pretty(&data)?)?,
+            return Ok(());
         }
-        return Ok(());
+        Some(DevCommand::Rotate {
+            client,
+            config,
+            state,
+        }) => {
+            let (key, expires) = keygate::dev::rotate_credentials(&config, &state, &client)
+                .map_err(anyhow::Error::msg)?;
+            let until = i64::try_from(expires)
+                .ok()
+                .and_then(|s| jiff::Timestamp::from_second(s).ok())
+                .map_or_else(|| expires.to_string(), |t| t.to_string());
+            print_line(&format!(
+                "rotated the credentials of {key}; the previous ones stay valid until {until}"
+            ))?;
+            return Ok(());
+        }
+        None => {}
     }
     let config = args
         .config
@@ -635,17 +667,11 @@ async fn fetch_token(args: TokenArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("calling {}", args.token_url))?;
     let status = response.status();
-    let body: serde_json::Value = response
-        .json()
+    let text = response
+        .text()
         .await
-        .context("the token endpoint did not answer JSON")?;
-    if !status.is_success() {
-        anyhow::bail!(
-            "token request refused ({status}): {} {}",
-            body["error"].as_str().unwrap_or("?"),
-            body["error_description"].as_str().unwrap_or("")
-        );
-    }
+        .with_context(|| format!("reading the answer of {} ({status})", args.token_url))?;
+    let body = token_response(&args.token_url, status, &text)?;
     if args.json {
         print_line(&body.to_string())?;
     } else {
@@ -657,6 +683,42 @@ async fn fetch_token(args: TokenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The JSON of a successful token response. Anything else is an error that says what came
+/// back: the OAuth error of a refusal, or the HTTP status and the start of a body that is
+/// not a token response (a wrong URL, a proxy's error page).
+fn token_response(
+    url: &str,
+    status: reqwest::StatusCode,
+    text: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let json = serde_json::from_str::<serde_json::Value>(text).ok();
+    match json {
+        Some(body) if status.is_success() && body.is_object() => Ok(body),
+        Some(body) if body["error"].is_string() => anyhow::bail!(
+            "token request refused ({status}): {} {}",
+            body["error"].as_str().unwrap_or_default(),
+            body["error_description"].as_str().unwrap_or_default()
+        ),
+        _ => {
+            const EXCERPT: usize = 200;
+            let flat = text.split_whitespace().collect::<Vec<_>>().join(" ");
+            let mut excerpt: String = flat.chars().take(EXCERPT).collect();
+            if flat.chars().count() > EXCERPT {
+                excerpt.push('…');
+            }
+            let body = if excerpt.is_empty() {
+                "an empty body".to_owned()
+            } else {
+                format!("{excerpt:?}")
+            };
+            anyhow::bail!(
+                "{url} answered {status} with {body}, not a token response: is it the token \
+                 endpoint (…/oauth2/token of the issuer)?"
+            )
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -665,6 +727,92 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    /// The README promises it: every option of every subcommand can come from the
+    /// environment (for containers and CI).
+    #[test]
+    fn every_flag_has_an_environment_variable() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if arg.is_positional() || builtin {
+                    continue;
+                }
+                if arg.get_env().is_none() {
+                    missing.push(format!("{path} --{}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "keygate", &mut missing);
+        assert!(missing.is_empty(), "options without `env`: {missing:#?}");
+    }
+
+    #[test]
+    fn a_wrong_token_url_is_reported_with_its_status_and_body() {
+        use reqwest::StatusCode;
+        let url = "http://127.0.0.1:8400/oauth/token";
+        let error = token_response(url, StatusCode::NOT_FOUND, "<html>\n  <h1>Not Found</h1>")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with(&format!(
+                "{url} answered 404 Not Found with \"<html> <h1>Not Found</h1>\", not a token"
+            )),
+            "{error}"
+        );
+        let error = token_response(url, StatusCode::NOT_FOUND, "").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("404 Not Found with an empty body")
+        );
+        let long = "x".repeat(1000);
+        let error = token_response(url, StatusCode::BAD_GATEWAY, &long).unwrap_err();
+        assert!(error.to_string().contains(&format!("{}…", "x".repeat(200))));
+        // JSON that is not a token response is no better than HTML.
+        let error = token_response(url, StatusCode::OK, "[1]").unwrap_err();
+        assert!(error.to_string().contains("200 OK with \"[1]\""), "{error}");
+        // An OAuth refusal keeps its error code.
+        let refused = r#"{"error":"invalid_client","error_description":"unknown client"}"#;
+        let error = token_response(url, StatusCode::UNAUTHORIZED, refused).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "token request refused (401 Unauthorized): invalid_client unknown client"
+        );
+        let ok = token_response(url, StatusCode::OK, r#"{"access_token":"t"}"#).unwrap();
+        assert_eq!(ok["access_token"], "t");
+    }
+
+    #[test]
+    fn durations_are_the_crds_durations_and_never_zero() {
+        let lifetime = |value: &str| {
+            Cli::try_parse_from([
+                "keygate",
+                "keypair-jwt",
+                "--private-key=key.pem",
+                "--client-id=kgc_1",
+                &format!("--lifetime={value}"),
+            ])
+            .map(|cli| match cli.command {
+                Command::KeypairJwt { lifetime, .. } => lifetime,
+                _ => panic!("not keypair-jwt"),
+            })
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(lifetime("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(lifetime("1h30m"), Ok(Duration::from_secs(5400)));
+        for refused in ["0s", "0", "-5m", "15 minutes", "1d"] {
+            let error = lifetime(refused).expect_err(refused);
+            assert!(error.contains("--lifetime"), "{error}");
+        }
+        assert!(lifetime("0s").unwrap_err().contains("longer than zero"));
+        assert!(lifetime("-5m").unwrap_err().contains("negative"));
+        assert!(lifetime("1d").unwrap_err().contains("unknown unit"));
     }
 
     #[test]

@@ -5,13 +5,27 @@ use keygate::api::{ApiClient, M2MRole, ScopePolicy, crds, crds_yaml};
 use kube::{CustomResourceExt, Resource};
 use serde_json::Value;
 
-/// The served version of `K`'s CRD, as `keygate crd` prints it.
-fn schema_of<K: CustomResourceExt + Resource<DynamicType = ()>>() -> Value {
-    let crd = crds()
+/// `K`'s CRD, as `keygate crd` prints it.
+fn schema_crd<K: CustomResourceExt + Resource<DynamicType = ()>>()
+-> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    crds()
         .into_iter()
         .find(|crd| crd.spec.names.kind == K::kind(&()))
-        .expect("a CRD for the kind");
-    serde_json::to_value(crd).unwrap()["spec"]["versions"][0].clone()
+        .expect("a CRD for the kind")
+}
+
+/// The served version of `K`'s CRD, as `keygate crd` prints it.
+fn schema_of<K: CustomResourceExt + Resource<DynamicType = ()>>() -> Value {
+    serde_json::to_value(schema_crd::<K>()).unwrap()["spec"]["versions"][0].clone()
+}
+
+/// The served version of every kind's CRD.
+fn served_versions() -> [Value; 3] {
+    [
+        schema_of::<M2MRole>(),
+        schema_of::<ApiClient>(),
+        schema_of::<ScopePolicy>(),
+    ]
 }
 
 /// Every object node is structural: it has properties, additionalProperties, or explicitly
@@ -110,11 +124,7 @@ fn committed_crds_match_the_types() {
 
 #[test]
 fn schemas_are_structural_with_status_subresource() {
-    for version in [
-        schema_of::<M2MRole>(),
-        schema_of::<ApiClient>(),
-        schema_of::<ScopePolicy>(),
-    ] {
+    for version in served_versions() {
         assert_structural(&version["schema"]["openAPIV3Schema"], "");
         assert_eq!(version["subresources"]["status"], serde_json::json!({}));
         assert_eq!(version["served"], true);
@@ -128,9 +138,9 @@ fn schemas_are_structural_with_status_subresource() {
 #[test]
 fn names_are_namespaced_with_short_names_and_category() {
     for (crd, short) in [
-        (M2MRole::crd(), "m2mr"),
-        (ApiClient::crd(), "kgc"),
-        (ScopePolicy::crd(), "sp"),
+        (schema_crd::<M2MRole>(), "kgrole"),
+        (schema_crd::<ApiClient>(), "kgclient"),
+        (schema_crd::<ScopePolicy>(), "kgpolicy"),
     ] {
         assert_eq!(crd.spec.group, "keygate.dev");
         assert_eq!(crd.spec.scope, "Namespaced");
@@ -157,17 +167,64 @@ fn printer_columns_make_kubectl_get_useful() {
             "Secret",
             "Fingerprint",
             "Disabled",
+            "Next Rotation",
+            "Message",
             "Age"
         ]
     );
     assert_eq!(
         column_names(&schema_of::<M2MRole>()),
-        ["Resources", "Ready", "Age"]
+        ["Resources", "Ready", "Message", "Age"]
     );
     assert_eq!(
         column_names(&schema_of::<ScopePolicy>()),
-        ["Resource", "Ready", "Rules", "Clients", "ConfigMap", "Age"]
+        [
+            "Resource",
+            "Ready",
+            "Rules",
+            "Clients",
+            "ConfigMap",
+            "Message",
+            "Age"
+        ]
     );
+    for version in served_versions() {
+        let columns = version["additionalPrinterColumns"].as_array().unwrap();
+        let message = columns.iter().find(|c| c["name"] == "Message").unwrap();
+        assert_eq!(
+            message["jsonPath"],
+            r#".status.conditions[?(@.type=="Ready")].message"#
+        );
+        assert_eq!(message["priority"], 1, "Message is for -o wide");
+    }
+    let client = schema_of::<ApiClient>();
+    let columns = client["additionalPrinterColumns"].as_array().unwrap();
+    let next = columns
+        .iter()
+        .find(|c| c["name"] == "Next Rotation")
+        .unwrap();
+    assert_eq!(next["jsonPath"], ".status.nextRotationTime");
+    // kubectl shows a future `date` as <invalid>: the timestamp itself is what helps.
+    assert_eq!(next["type"], "string");
+}
+
+#[test]
+fn conditions_are_a_map_keyed_by_type() {
+    for version in served_versions() {
+        let conditions = &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+            ["conditions"];
+        assert_eq!(conditions["x-kubernetes-list-type"], "map");
+        assert_eq!(
+            conditions["x-kubernetes-list-map-keys"],
+            serde_json::json!(["type"])
+        );
+        assert_eq!(
+            conditions["items"]["required"]
+                .as_array()
+                .map(|r| r.contains(&"type".into())),
+            Some(true)
+        );
+    }
 }
 
 #[test]
@@ -268,11 +325,7 @@ fn cel_rules_stay_within_the_api_servers_cost_budget() {
         }
     }
 
-    for version in [
-        schema_of::<M2MRole>(),
-        schema_of::<ApiClient>(),
-        schema_of::<ScopePolicy>(),
-    ] {
+    for version in served_versions() {
         let mut found = Vec::new();
         walk(
             &version["schema"]["openAPIV3Schema"],

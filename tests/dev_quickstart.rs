@@ -301,3 +301,82 @@ async fn quickstart_walkthrough_survives_restart_and_bad_config() {
         );
     }
 }
+
+#[test]
+fn a_port_in_use_is_named_with_the_option_that_moves_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let state = tempfile::tempdir().unwrap();
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart");
+    let output = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["dev", "--port", &port.to_string(), "--sidecar-port", "0"])
+        .arg("--config")
+        .arg(&config)
+        .arg("--state")
+        .arg(state.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("127.0.0.1:{port} is already in use")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("another port with --port"), "{stderr}");
+    assert!(!stderr.contains("state directory"), "{stderr}");
+}
+
+#[tokio::test]
+async fn dev_rotate_gives_new_credentials_and_keeps_the_old_ones_for_the_overlap() {
+    let config = tempfile::tempdir().unwrap();
+    copy_quickstart(config.path());
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path().join("state");
+    let dev = start(config.path(), &state);
+    let http = reqwest::Client::new();
+    let id = credential(&state, "shop/reporting", "client_id");
+    let before = credential(&state, "shop/reporting", "client_secret");
+
+    let output = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["dev", "rotate", "reporting", "--config"])
+        .arg(config.path())
+        .arg("--state")
+        .arg(&state)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.starts_with(
+            "rotated the credentials of shop/reporting; the previous ones stay valid until "
+        ),
+        "{stdout}"
+    );
+    let after = credential(&state, "shop/reporting", "client_secret");
+    assert_ne!(after, before);
+    assert_eq!(credential(&state, "shop/reporting", "client_id"), id);
+    assert_eq!(
+        credential(&state, "shop/reporting", "previous_client_secret"),
+        before
+    );
+
+    // The running keygate dev picks the rotation up within its reload interval.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while token(&http, &dev, &id, &after).await.status() != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the new secret is refused:\n{}",
+            dev.stderr.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        token(&http, &dev, &id, &before).await.status(),
+        200,
+        "the previous secret is refused during the overlap"
+    );
+}

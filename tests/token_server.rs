@@ -1469,7 +1469,34 @@ async fn metadata_and_jwks_are_published() {
         assert!(scopes.contains(&json!("orders.read")) && scopes.contains(&json!("invoices.read")));
         documents.push(doc);
     }
-    assert_eq!(documents[0], documents[1]);
+    // RFC 8414 metadata states only what is true: no authorization endpoint, so no response
+    // types, and no ID tokens.
+    let (oauth, mut openid) = (documents[0].clone(), documents[1].clone());
+    let oidc_only = [
+        "response_types_supported",
+        "subject_types_supported",
+        "id_token_signing_alg_values_supported",
+    ];
+    for member in oidc_only {
+        assert!(oauth.get(member).is_none(), "{member} in {oauth}");
+    }
+    assert!(oauth.get("authorization_endpoint").is_none());
+    assert_eq!(
+        oauth["access_token_signing_alg_values_supported"],
+        json!(["ES256", "EdDSA", "RS256"])
+    );
+    // OpenID Connect discovery keeps the members its clients require (go-oidc reads the
+    // token algorithms there), and is otherwise the same document.
+    assert_eq!(openid["subject_types_supported"], json!(["public"]));
+    assert_eq!(
+        openid["id_token_signing_alg_values_supported"],
+        json!(["ES256", "EdDSA", "RS256"])
+    );
+    assert!(openid["response_types_supported"].is_array());
+    for member in oidc_only {
+        openid.as_object_mut().unwrap().remove(member);
+    }
+    assert_eq!(oauth, openid);
 
     let response = fx
         .http

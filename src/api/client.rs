@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
     kind = "ApiClient",
     plural = "apiclients",
     singular = "apiclient",
-    shortname = "kgc",
+    shortname = "kgclient",
     category = "keygate",
     doc = "An ApiClient is one machine identity; the operator keeps its credentials in a Secret and the token server issues it access tokens.",
     namespaced,
@@ -44,6 +44,18 @@ use serde::{Deserialize, Serialize};
         name = "Disabled",
         type_ = "boolean",
         json_path = ".spec.disabled",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Next Rotation",
+        type_ = "string",
+        json_path = ".status.nextRotationTime",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message",
         priority = 1
     ),
     printcolumn(
@@ -230,6 +242,7 @@ pub struct ApiClientStatus {
     pub next_rotation_time: Option<Time>,
     /// Kubernetes-style conditions; `Ready` is true when the credentials Secret is in place.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 

@@ -19,11 +19,10 @@ mod schema;
 pub use client::*;
 pub use policy::*;
 pub use role::*;
-pub use schema::{check_schema, parse_object};
+pub use schema::{check_schema, crd_of, parse_object};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::CustomResourceExt;
 
 /// The API group of every keygate resource.
 pub const GROUP: &str = "keygate.dev";
@@ -32,39 +31,13 @@ pub const VERSION: &str = "v1alpha1";
 /// The `type` of the condition every keygate resource reports.
 pub const READY: &str = "Ready";
 
-/// The CRDs of every keygate resource, in a stable order, with each description's doc-comment
-/// line breaks joined so that `kubectl explain` wraps whole paragraphs.
+/// The CRDs of every keygate resource, in a stable order, as [`crd_of`] makes them.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    [M2MRole::crd(), ApiClient::crd(), ScopePolicy::crd()]
-        .into_iter()
-        .map(|crd| {
-            let mut value = serde_json::to_value(crd).expect("a CRD serialises");
-            join_description_lines(&mut value);
-            serde_json::from_value(value).expect("a CRD deserialises")
-        })
-        .collect()
-}
-
-/// Joins the lines of every paragraph of every `description`; blank lines stay.
-fn join_description_lines(node: &mut serde_json::Value) {
-    match node {
-        serde_json::Value::Object(map) => {
-            for (key, value) in map.iter_mut() {
-                match value {
-                    serde_json::Value::String(text) if key == "description" => {
-                        *text = text
-                            .split("\n\n")
-                            .map(|paragraph| paragraph.split('\n').collect::<Vec<_>>().join(" "))
-                            .collect::<Vec<_>>()
-                            .join("\n\n");
-                    }
-                    _ => join_description_lines(value),
-                }
-            }
-        }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(join_description_lines),
-        _ => {}
-    }
+    vec![
+        crd_of::<M2MRole>(),
+        crd_of::<ApiClient>(),
+        crd_of::<ScopePolicy>(),
+    ]
 }
 
 /// All CRDs as one multi-document YAML stream, exactly as committed in `crds/`.
@@ -142,8 +115,121 @@ pub(crate) const RULE_NAME_PATTERN: &str = r"^[A-Za-z0-9][A-Za-z0-9_-]*$";
 pub(crate) const TOKEN_LIFETIME_RULE: &str =
     "duration(self) >= duration('1m') && duration(self) <= duration('24h')";
 
-/// Parses a duration in the Go/Kubernetes form the CRDs use (`90s`, `15m`, `1h30m`, `720h`).
+/// Parses a duration in the one syntax the CRDs accept (their CEL rules call `duration()`,
+/// which is Go's `time.ParseDuration`): numbers with a unit each, `ns`, `us`, `ms`, `s`, `m`
+/// or `h`, e.g. `90s`, `15m`, `1h30m`, `1.5h`, `720h`; `0` alone is zero. Every keygate
+/// duration, in objects and on the command line, goes through here, so what one accepts the
+/// other does too. Negative durations are refused.
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(text)
-        .map_err(|e| format!("{text:?} is not a duration such as 15m or 1h30m: {e}"))
+    let refuse =
+        |why: &str| format!("{text:?} is not a duration such as 90s, 15m, 1h30m or 720h ({why})");
+    let rest = match text.strip_prefix('-') {
+        Some(_) => return Err(format!("{text:?}: a duration must not be negative")),
+        None => text.strip_prefix('+').unwrap_or(text),
+    };
+    if rest == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    if rest.is_empty() {
+        return Err(refuse("empty"));
+    }
+    let mut nanos: u128 = 0;
+    let mut rest = rest;
+    while !rest.is_empty() {
+        let number_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| refuse("a number without a unit; units are ns, us, ms, s, m and h"))?;
+        let (number, tail) = rest.split_at(number_end);
+        let unit_end = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_end);
+        let scale: u128 = match unit {
+            "ns" => 1,
+            "us" | "\u{b5}s" | "\u{3bc}s" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            "" => {
+                return Err(refuse(
+                    "a number without a unit; units are ns, us, ms, s, m and h",
+                ));
+            }
+            other => {
+                return Err(refuse(&format!(
+                    "unknown unit {other:?}; units are ns, us, ms, s, m and h"
+                )));
+            }
+        };
+        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+        if (whole.is_empty() && fraction.is_empty()) || fraction.contains('.') {
+            return Err(refuse(&format!("{number:?} is not a number")));
+        }
+        let whole: u128 = if whole.is_empty() {
+            0
+        } else {
+            whole.parse().map_err(|_| refuse("too long"))?
+        };
+        // Digits beyond nanoseconds do not count, as in Go.
+        let mut part = whole.checked_mul(scale).ok_or_else(|| refuse("too long"))?;
+        let mut divisor = 1u128;
+        for digit in fraction.bytes().take(30) {
+            divisor *= 10;
+            part += u128::from(digit - b'0') * scale / divisor;
+        }
+        nanos = nanos.checked_add(part).ok_or_else(|| refuse("too long"))?;
+        rest = tail;
+    }
+    let nanos = u64::try_from(nanos).map_err(|_| refuse("too long"))?;
+    Ok(std::time::Duration::from_nanos(nanos))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_are_go_durations_as_the_crds_cel_rules_parse_them() {
+        let secs = Duration::from_secs;
+        for (text, expected) in [
+            ("90s", secs(90)),
+            ("15m", secs(900)),
+            ("1h30m", secs(5400)),
+            ("720h", secs(720 * 3600)),
+            ("1.5h", secs(5400)),
+            (".5s", Duration::from_millis(500)),
+            ("1h0m0s", secs(3600)),
+            ("300ms", Duration::from_millis(300)),
+            ("2us", Duration::from_micros(2)),
+            ("+5s", secs(5)),
+            ("0", Duration::ZERO),
+            ("0s", Duration::ZERO),
+        ] {
+            assert_eq!(parse_duration(text), Ok(expected), "{text}");
+        }
+        for text in [
+            "",
+            "1",
+            "1d",
+            "15 minutes",
+            "1h 30m",
+            "15min",
+            "h",
+            "1.2.3s",
+            "s",
+            "-1s",
+            "1e3s",
+            "99999999999999999999h",
+        ] {
+            assert!(parse_duration(text).is_err(), "{text:?} accepted");
+        }
+        assert!(
+            parse_duration("1d")
+                .unwrap_err()
+                .contains("unknown unit \"d\"")
+        );
+        assert!(parse_duration("-5m").unwrap_err().contains("negative"));
+    }
 }

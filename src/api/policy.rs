@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
     kind = "ScopePolicy",
     plural = "scopepolicies",
     singular = "scopepolicy",
-    shortname = "sp",
+    shortname = "kgpolicy",
     category = "keygate",
     doc = "A ScopePolicy declares one API resource, the scopes it defines, who may get tokens for it and which scopes each route needs.",
     namespaced,
@@ -31,6 +31,12 @@ use serde::{Deserialize, Serialize};
         name = "ConfigMap",
         type_ = "string",
         json_path = ".status.configMap",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message",
         priority = 1
     ),
     printcolumn(
@@ -269,5 +275,6 @@ pub struct ScopePolicyStatus {
     pub rule_errors: Vec<String>,
     /// Kubernetes-style conditions; `Ready` is true when the ConfigMap is up to date.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }

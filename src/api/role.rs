@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
     kind = "M2MRole",
     plural = "m2mroles",
     singular = "m2mrole",
-    shortname = "m2mr",
+    shortname = "kgrole",
     category = "keygate",
     doc = "An M2MRole is a named set of permissions: scopes on API resources, granted to the ApiClients that list it.",
     namespaced,
@@ -27,6 +27,12 @@ use serde::{Deserialize, Serialize};
         name = "Ready",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Message",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message",
+        priority = 1
     ),
     printcolumn(
         name = "Age",
@@ -80,6 +86,7 @@ pub struct M2MRoleStatus {
     /// Kubernetes-style conditions; `Ready` is true when every permission resolves to a
     /// ScopePolicy that defines all of its scopes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 

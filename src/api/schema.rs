@@ -5,6 +5,7 @@
 
 use jsonschema::error::ValidationErrorKind;
 use jsonschema::paths::LocationSegment;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -31,7 +32,7 @@ where
 
 /// Checks `object` against the OpenAPI schema of `K`'s CRD, with unknown fields refused.
 pub fn check_schema<K: CustomResourceExt>(object: &Value) -> Result<(), Vec<String>> {
-    let crd = K::crd();
+    let crd = crd_of::<K>();
     let schema = crd.spec.versions[0]
         .schema
         .as_ref()
@@ -58,6 +59,54 @@ pub fn check_schema<K: CustomResourceExt>(object: &Value) -> Result<(), Vec<Stri
     } else {
         Err(errors)
     }
+}
+
+/// `K`'s CRD as keygate publishes it (`keygate crd`, `crds/`, the API server, `keygate dev`):
+/// the derived CRD with every `description` made of whole paragraphs. Doc comments are
+/// wrapped at 100 columns, and `kubectl explain` would show those line breaks mid-sentence.
+pub fn crd_of<K: CustomResourceExt>() -> CustomResourceDefinition {
+    let mut value = serde_json::to_value(K::crd()).expect("a CRD serialises");
+    join_description_lines(&mut value);
+    serde_json::from_value(value).expect("a CRD deserialises")
+}
+
+/// Makes every `description` below `node` single-line paragraphs: the lines of a paragraph
+/// are joined with one space, paragraphs stay apart by one blank line.
+fn join_description_lines(node: &mut Value) {
+    match node {
+        Value::Object(map) => {
+            for (key, value) in map.iter_mut() {
+                match value {
+                    Value::String(text) if key == "description" => *text = paragraphs(text),
+                    _ => join_description_lines(value),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(join_description_lines),
+        _ => {}
+    }
+}
+
+/// `text` with the lines of each paragraph joined: `"a\nb\n\nc"` becomes `"a b\n\nc"`.
+fn paragraphs(text: &str) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut current = String::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() {
+            if !current.is_empty() {
+                out.push(std::mem::take(&mut current));
+            }
+        } else {
+            if !current.is_empty() {
+                current.push(' ');
+            }
+            current.push_str(line);
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out.join("\n\n")
 }
 
 /// The root of a CRD schema leaves out what every object has; the API server adds it.
@@ -151,6 +200,43 @@ mod tests {
         K: DeserializeOwned + CustomResourceExt + Serialize,
     {
         parse_object::<K>(object).err().expect("refused")
+    }
+
+    #[test]
+    fn descriptions_are_whole_paragraphs() {
+        assert_eq!(
+            paragraphs(
+                "Lifetime of access tokens, a duration\nsuch as `15m`.\n\n  Defaults to 1h;\n  capped.\n"
+            ),
+            "Lifetime of access tokens, a duration such as `15m`.\n\nDefaults to 1h; capped."
+        );
+        assert_eq!(paragraphs("one line"), "one line");
+        assert_eq!(paragraphs("a\n\n\n\nb"), "a\n\nb");
+        // Every description of every CRD, as published.
+        fn walk(node: &Value, path: &str) {
+            match node {
+                Value::Object(map) => {
+                    for (key, value) in map {
+                        if let (true, Some(text)) = (key == "description", value.as_str()) {
+                            let no_wrap = text.split("\n\n").all(|p| !p.contains('\n'));
+                            assert!(no_wrap, "{path}: a line break inside a paragraph: {text:?}");
+                        }
+                        walk(value, &format!("{path}.{key}"));
+                    }
+                }
+                Value::Array(items) => items.iter().for_each(|item| walk(item, path)),
+                _ => {}
+            }
+        }
+        for crd in crate::api::crds() {
+            let value = serde_json::to_value(&crd).unwrap();
+            walk(&value, &crd.spec.names.kind);
+        }
+        let raw = serde_json::to_value(ApiClient::crd()).unwrap().to_string();
+        assert!(
+            raw.contains("such as `15m` or `1h`,\\nbetween 1m and 24h"),
+            "the derived CRD is wrapped; this test would prove nothing"
+        );
     }
 
     #[test]

@@ -79,22 +79,20 @@ pub fn plan_secret(
         .and_then(|t| t.parse().ok())
         .unwrap_or(now);
 
-    let rotation = spec.rotation.as_ref().and_then(|r| {
-        Some((
-            parse_duration(&r.every).ok()?.as_secs(),
-            parse_duration(&r.overlap).ok()?.as_secs(),
-        ))
-    });
+    let every = spec
+        .rotation
+        .as_ref()
+        .and_then(|r| parse_duration(&r.every).ok())
+        .map(|every| every.as_secs());
     let requested = client_annotations.get(ROTATE_ANNOTATION);
     let acted_on = existing_annotations.get(ROTATED_FOR);
     // A request made before the credentials existed has nothing to rotate.
     let on_demand = existing.is_some() && requested.is_some() && requested != acted_on;
-    let scheduled = existing.is_some()
-        && rotation.is_some_and(|(every, _)| last_rotation.saturating_add(every) <= now);
+    let scheduled =
+        existing.is_some() && every.is_some_and(|every| last_rotation.saturating_add(every) <= now);
     let rotated = on_demand || scheduled;
     if rotated {
-        let overlap = rotation.map(|(_, overlap)| overlap).unwrap_or(24 * 3600);
-        data = rotate(spec, &data, now + overlap)?;
+        data = rotate(spec, &data, now + credentials::rotation_overlap_secs(spec))?;
         last_rotation = now;
     }
     prune_expired_previous(&mut data, now);
@@ -111,7 +109,7 @@ pub fn plan_secret(
         annotations.insert(REVOKED_FOR.to_owned(), value.clone());
     }
 
-    let next_rotation = rotation.map(|(every, _)| last_rotation + every);
+    let next_rotation = every.map(|every| last_rotation + every);
     let previous_end = data
         .get(key::PREVIOUS_EXPIRES_AT)
         .and_then(|t| t.parse::<u64>().ok());

@@ -71,9 +71,10 @@ pub fn fingerprint_pem(pem_text: &str) -> Result<String> {
             Ok(fingerprint_spki_der(block.contents()))
         }
         "PRIVATE KEY" => Ok(SigningKey::from_pkcs8_pem(pem_text)?.fingerprint),
-        other => Err(Error::Pem(format!(
-            "expected a PUBLIC KEY or PRIVATE KEY (PKCS#8) block, found {other:?}"
-        ))),
+        other => Err(other_key_format(
+            other,
+            "a PUBLIC KEY (SubjectPublicKeyInfo) or a PKCS#8 PRIVATE KEY",
+        )),
     }
 }
 
@@ -82,13 +83,41 @@ pub fn fingerprint_pem(pem_text: &str) -> Result<String> {
 pub fn spki_der_from_pem(pem_text: &str) -> Result<(KeyAlgorithm, Vec<u8>)> {
     let block = pem::parse(pem_text).map_err(|e| Error::Pem(e.to_string()))?;
     if block.tag() != "PUBLIC KEY" {
-        return Err(Error::Pem(format!(
-            "expected a PUBLIC KEY block, found {:?}",
-            block.tag()
-        )));
+        return Err(other_key_format(
+            block.tag(),
+            "a PUBLIC KEY (SubjectPublicKeyInfo)",
+        ));
     }
     let algorithm = spki_algorithm(block.contents())?;
     Ok((algorithm, block.into_contents()))
+}
+
+/// The error for a PEM block tagged `tag` where keygate reads `wanted`: what the block is
+/// and, for the formats openssl writes, the openssl command that converts it.
+fn other_key_format(tag: &str, wanted: &str) -> Error {
+    const TO_PKCS8: &str = "openssl pkcs8 -topk8 -nocrypt -in key.pem -out private_key.pem";
+    let (what, convert) = match tag {
+        "RSA PUBLIC KEY" => (
+            "a PKCS#1 RSA public key",
+            "openssl rsa -RSAPublicKey_in -in key.pem -pubout -out public_key.pem",
+        ),
+        "RSA PRIVATE KEY" => ("a PKCS#1 RSA private key", TO_PKCS8),
+        "EC PRIVATE KEY" => ("a SEC1 EC private key", TO_PKCS8),
+        "ENCRYPTED PRIVATE KEY" => (
+            "an encrypted PKCS#8 private key",
+            "openssl pkcs8 -in key.pem -out private_key.pem",
+        ),
+        "CERTIFICATE" => (
+            "a certificate",
+            "openssl x509 -in key.pem -pubkey -noout > public_key.pem",
+        ),
+        other => {
+            return Error::KeyFormat(format!("a PEM {other:?} block, but keygate reads {wanted}"));
+        }
+    };
+    Error::KeyFormat(format!(
+        "{what} (-----BEGIN {tag}-----), but keygate reads {wanted}; convert it with: {convert}"
+    ))
 }
 
 /// The algorithm of a DER SubjectPublicKeyInfo, refusing curves and sizes keygate does not use.
@@ -163,7 +192,10 @@ impl SigningKey {
     /// Parses a PKCS#8 PEM private key of a supported algorithm.
     pub fn from_pkcs8_pem(pem_text: &str) -> Result<Self> {
         let pair = KeyPair::from_pem(pem_text).map_err(|e| {
-            Error::UnsupportedKey(format!("not a PKCS#8 ES256, EdDSA or RS256 key: {e}"))
+            match pem::parse(pem_text).map(|block| block.tag().to_owned()) {
+                Ok(tag) if tag != "PRIVATE KEY" => other_key_format(&tag, "a PKCS#8 PRIVATE KEY"),
+                _ => Error::UnsupportedKey(format!("not a PKCS#8 ES256, EdDSA or RS256 key: {e}")),
+            }
         })?;
         let algorithm = if pair.algorithm() == &PKCS_ECDSA_P256_SHA256 {
             KeyAlgorithm::ES256
@@ -351,9 +383,48 @@ mod tests {
 
     #[test]
     fn fingerprint_refuses_other_pem_blocks() {
-        let cert = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
-        assert!(matches!(fingerprint_pem(cert), Err(Error::Pem(_))));
+        let block = |tag: &str| format!("-----BEGIN {tag}-----\nAAAA\n-----END {tag}-----\n");
+        let cert = fingerprint_pem(&block("CERTIFICATE"))
+            .unwrap_err()
+            .to_string();
+        assert!(cert.starts_with("a certificate"), "{cert}");
         assert!(matches!(fingerprint_pem("not pem"), Err(Error::Pem(_))));
+        let other = fingerprint_pem(&block("DH PARAMETERS"))
+            .unwrap_err()
+            .to_string();
+        assert!(other.contains("\"DH PARAMETERS\""), "{other}");
+    }
+
+    #[test]
+    fn pkcs1_keys_are_named_with_the_openssl_command_that_converts_them() {
+        let block = |tag: &str| format!("-----BEGIN {tag}-----\nAAAA\n-----END {tag}-----\n");
+        let public = fingerprint_pem(&block("RSA PUBLIC KEY")).unwrap_err();
+        assert!(matches!(public, Error::KeyFormat(_)));
+        assert_eq!(
+            public.to_string(),
+            "a PKCS#1 RSA public key (-----BEGIN RSA PUBLIC KEY-----), but keygate reads a \
+             PUBLIC KEY (SubjectPublicKeyInfo) or a PKCS#8 PRIVATE KEY; convert it with: openssl \
+             rsa -RSAPublicKey_in -in key.pem -pubout -out public_key.pem"
+        );
+        let private = fingerprint_pem(&block("RSA PRIVATE KEY"))
+            .unwrap_err()
+            .to_string();
+        assert!(private.starts_with("a PKCS#1 RSA private key"), "{private}");
+        assert!(
+            private.ends_with("openssl pkcs8 -topk8 -nocrypt -in key.pem -out private_key.pem"),
+            "{private}"
+        );
+        // keypair-jwt and token --private-key say the same of a PKCS#1 private key.
+        let signing = SigningKey::from_pkcs8_pem(&block("RSA PRIVATE KEY")).unwrap_err();
+        assert!(
+            signing.to_string().contains("openssl pkcs8 -topk8"),
+            "{signing}"
+        );
+        let verifying = VerifyingKey::from_spki_pem(&block("RSA PUBLIC KEY")).unwrap_err();
+        assert!(
+            verifying.to_string().contains("-RSAPublicKey_in"),
+            "{verifying}"
+        );
     }
 
     #[test]

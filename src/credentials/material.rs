@@ -102,6 +102,18 @@ pub fn ensure_material(
     Ok((data, generated))
 }
 
+/// How long the previous credentials stay valid after a rotation when the ApiClient's
+/// `rotation.overlap` does not say: one day.
+pub const DEFAULT_ROTATION_OVERLAP_SECS: u64 = 24 * 3600;
+
+/// The overlap of a rotation of `spec`'s credentials, in seconds.
+pub fn rotation_overlap_secs(spec: &ApiClientSpec) -> u64 {
+    spec.rotation
+        .as_ref()
+        .and_then(|r| crate::api::parse_duration(&r.overlap).ok())
+        .map_or(DEFAULT_ROTATION_OVERLAP_SECS, |d| d.as_secs())
+}
+
 /// Rotates every credential in `data`: the current ones become `previous_*`, valid until
 /// `previous_expires_at` (Unix seconds), and new ones are generated. A rotation during an
 /// overlap drops the older previous credentials.

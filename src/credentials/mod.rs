@@ -16,6 +16,9 @@ pub use secret::*;
 pub enum Error {
     #[error("not a PEM document: {0}")]
     Pem(String),
+    /// A PEM document of a key format keygate does not read; the message says how to convert.
+    #[error("{0}")]
+    KeyFormat(String),
     #[error("unsupported key: {0}")]
     UnsupportedKey(String),
     #[error("key generation failed: {0}")]

@@ -14,6 +14,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::registry::Registry as MetricsRegistry;
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -65,6 +66,8 @@ pub enum DevError {
     Config(Vec<ConfigError>),
     #[error("state directory: {0}")]
     State(#[from] std::io::Error),
+    #[error("{0}")]
+    Listen(String),
     #[error("credentials: {0}")]
     Credentials(#[from] credentials::Error),
 }
@@ -139,11 +142,29 @@ fn signing_keys(state: &StateDir) -> Result<Arc<IssuerKeys>, DevError> {
     Ok(IssuerKeys::from_stored(&stored)?)
 }
 
-/// A fingerprint of the configuration directory's files, to notice edits cheaply.
-fn dir_fingerprint(dir: &Path) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+/// Listens on `bind:port`. An address in use is reported with the address and with `flag`,
+/// the option that moves it.
+async fn listen(bind: IpAddr, port: u16, flag: &str) -> Result<TcpListener, DevError> {
+    let addr = SocketAddr::new(bind, port);
+    TcpListener::bind(addr).await.map_err(|e| {
+        DevError::Listen(if e.kind() == std::io::ErrorKind::AddrInUse {
+            format!(
+                "{addr} is already in use (is another keygate dev running?): stop what listens \
+                 there, or choose another port with {flag} (0: any free port)"
+            )
+        } else {
+            format!("cannot listen on {addr}: {e}")
+        })
+    })
+}
+
+/// A fingerprint of the configuration directory's files and of the stored credentials (which
+/// `keygate dev rotate` writes), to notice edits cheaply.
+fn dir_fingerprint(dir: &Path, state: &StateDir) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
     config::manifest_files(dir)
         .unwrap_or_default()
         .into_iter()
+        .chain(state.client_files())
         .map(|p| {
             let meta = std::fs::metadata(&p).ok();
             let modified = meta.as_ref().and_then(|m| m.modified().ok());
@@ -168,7 +189,7 @@ pub async fn run(
     let config = load_dir(&options.config).map_err(DevError::Config)?;
     let state = StateDir::open(&options.state)?;
 
-    let token_listener = tokio::net::TcpListener::bind((options.bind, options.port)).await?;
+    let token_listener = listen(options.bind, options.port, "--port").await?;
     let token_addr = token_listener.local_addr()?;
     let issuer = format!("http://{token_addr}");
 
@@ -189,7 +210,7 @@ pub async fn run(
     let upstream = match options.upstream {
         Some(addr) => addr,
         None => {
-            let listener = tokio::net::TcpListener::bind((options.bind, 0)).await?;
+            let listener = listen(options.bind, 0, "--upstream").await?;
             let addr = listener.local_addr()?;
             let stop = wait_shutdown();
             tokio::spawn(async move {
@@ -240,7 +261,7 @@ pub async fn run(
         if next_port != 0 {
             next_port += 1;
         }
-        let listener = tokio::net::TcpListener::bind((options.bind, port)).await?;
+        let listener = listen(options.bind, port, "--sidecar-port").await?;
         let addr = listener.local_addr()?;
         let sidecar = {
             let mut m = metrics.write().unwrap_or_else(|p| p.into_inner());
@@ -313,7 +334,7 @@ pub async fn run(
 
     let mut snapshots = registry.subscribe();
     let mut revoked = revocations.subscribe();
-    let mut fingerprint = dir_fingerprint(&options.config);
+    let mut fingerprint = dir_fingerprint(&options.config, &state);
     let mut ticker = tokio::time::interval(options.reload_interval);
     let mut shutdown = Box::pin(shutdown);
     loop {
@@ -328,7 +349,7 @@ pub async fn run(
                 publish(&sidecars);
             }
             _ = ticker.tick() => {
-                let now = dir_fingerprint(&options.config);
+                let now = dir_fingerprint(&options.config, &state);
                 if now == fingerprint {
                     continue;
                 }
@@ -372,6 +393,37 @@ pub async fn run(
         let _ = running.task.await;
     }
     Ok(())
+}
+
+/// Rotates `client`'s stored credentials (`namespace/name` or a unique `name`), as the
+/// annotation `keygate.dev/rotate` does in a cluster: new ones are generated and the current
+/// ones stay valid as `previous_*` for the ApiClient's `rotation.overlap` (a day without
+/// one). A running `keygate dev` serves them within its reload interval. Returns the client
+/// and when its previous credentials expire (Unix seconds).
+pub fn rotate_credentials(
+    config: &Path,
+    state: &Path,
+    client: &str,
+) -> Result<(ObjectKey, u64), String> {
+    let config = load_dir(config).map_err(|errors| DevError::Config(errors).to_string())?;
+    let state =
+        StateDir::open(state).map_err(|e| format!("cannot open {}: {e}", state.display()))?;
+    let key = state.resolve(client)?;
+    let spec = &config
+        .clients
+        .get(&key)
+        .ok_or_else(|| format!("{key} is not an ApiClient of the configuration"))?
+        .spec;
+    let data = state
+        .client(&key)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{key} has no credentials yet: start keygate dev first"))?;
+    let expires = unix_now() + credentials::rotation_overlap_secs(spec);
+    let rotated = credentials::rotate(spec, &data, expires).map_err(|e| e.to_string())?;
+    state
+        .save_client(&key, &rotated)
+        .map_err(|e| e.to_string())?;
+    Ok((key, expires))
 }
 
 /// The stored credentials of `client` (`namespace/name` or a unique `name`).

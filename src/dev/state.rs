@@ -54,37 +54,51 @@ impl StateDir {
         write_json(&self.client_path(key), data)
     }
 
-    /// Finds a client's credentials by `namespace/name`, or by `name` when only one
-    /// namespace has a client of that name.
-    pub fn find_client(&self, reference: &str) -> Result<CredentialData, String> {
-        let matches: Vec<PathBuf> = match reference.split_once('/') {
-            Some((ns, name)) => vec![self.client_path(&ObjectKey::new(ns, name))],
-            None => std::fs::read_dir(self.root.join("clients"))
-                .map_err(|e| format!("cannot read {}: {e}", self.root.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .and_then(|n| n.strip_suffix(".json"))
-                        .and_then(|n| n.split_once('.'))
-                        .is_some_and(|(_, name)| name == reference)
-                })
-                .collect(),
-        };
-        match matches.as_slice() {
-            [path] => read_json(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-                .ok_or_else(|| {
-                    format!("no credentials for {reference} in {}", self.root.display())
-                }),
-            [] => Err(format!(
+    /// The client a reference names: `namespace/name`, or `name` when only one namespace
+    /// has stored credentials for a client of that name.
+    pub fn resolve(&self, reference: &str) -> Result<ObjectKey, String> {
+        if let Some((ns, name)) = reference.split_once('/') {
+            return Ok(ObjectKey::new(ns, name));
+        }
+        let matches: Vec<ObjectKey> = std::fs::read_dir(self.root.join("clients"))
+            .map_err(|e| format!("cannot read {}: {e}", self.root.display()))?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter_map(|n| {
+                let (ns, name) = n.strip_suffix(".json")?.split_once('.')?;
+                (name == reference).then(|| ObjectKey::new(ns, name))
+            })
+            .collect();
+        match <[ObjectKey; 1]>::try_from(matches) {
+            Ok([key]) => Ok(key),
+            Err(matches) if matches.is_empty() => Err(format!(
                 "no credentials for {reference} in {}",
                 self.root.display()
             )),
-            _ => Err(format!(
+            Err(_) => Err(format!(
                 "{reference} is ambiguous: name it as namespace/name"
             )),
         }
+    }
+
+    /// Finds a client's credentials by reference, as [`StateDir::resolve`] does.
+    pub fn find_client(&self, reference: &str) -> Result<CredentialData, String> {
+        let key = self.resolve(reference)?;
+        let path = self.client_path(&key);
+        read_json(&path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            .ok_or_else(|| format!("no credentials for {reference} in {}", self.root.display()))
+    }
+
+    /// The files of every client's stored credentials.
+    pub fn client_files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.root.join("clients"))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| Some(e.ok()?.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .collect();
+        files.sort();
+        files
     }
 
     pub fn signing_keys(&self) -> std::io::Result<Option<StoredKeySet>> {

@@ -43,6 +43,19 @@ fn allows(spec: &ScopePolicySpec, rule: &RouteRule, held: &[String]) -> bool {
     }
 }
 
+/// The state directory as the walkthrough's commands name it: absolute, so that they work
+/// from any directory, and quoted for the shell when it needs to be.
+fn state_argument(state: &Path) -> String {
+    let path = std::path::absolute(state).unwrap_or_else(|_| state.to_owned());
+    let text = path.display().to_string();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+,:@%".contains(c);
+    if text.chars().all(plain) {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
+}
+
 /// The walkthrough text.
 pub fn walkthrough(
     endpoints: &Endpoints,
@@ -66,7 +79,8 @@ pub fn walkthrough(
         );
     }
     let _ = writeln!(out, "  upstream      http://{}", endpoints.upstream);
-    let _ = writeln!(out, "  state         {}", state.display());
+    let state = state_argument(state);
+    let _ = writeln!(out, "  state         {state}");
 
     for (key, (addr, resource)) in &endpoints.sidecars {
         let Some(policy) = config.policies.get(key) else {
@@ -104,7 +118,6 @@ pub fn walkthrough(
         let Some(ok_rule) = protected(scopes, true) else {
             continue;
         };
-        let state = state.display();
         let _ = writeln!(
             out,
             "\nTry it with client {client_key} (scopes: {}):",
@@ -162,7 +175,23 @@ pub fn walkthrough(
 
 #[cfg(test)]
 mod tests {
-    use super::demo_path;
+    use super::{demo_path, state_argument};
+    use std::path::Path;
+
+    #[test]
+    fn the_state_directory_is_named_absolute_and_quoted() {
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            state_argument(Path::new(".keygate-dev")),
+            cwd.join(".keygate-dev").display().to_string()
+        );
+        assert!(state_argument(Path::new(".keygate-dev")).starts_with('/'));
+        assert_eq!(state_argument(Path::new("/tmp/dev")), "/tmp/dev");
+        assert_eq!(
+            state_argument(Path::new("/home/o'neil/my dev")),
+            r"'/home/o'\''neil/my dev'"
+        );
+    }
 
     #[test]
     fn demo_paths() {

@@ -266,8 +266,14 @@ pub fn router(server: Arc<TokenServer>) -> Router {
         .route("/oauth2/revoke", post(revoke))
         .route("/oauth2/introspect", post(introspect))
         .route("/.well-known/jwks.json", get(jwks))
-        .route("/.well-known/oauth-authorization-server", get(metadata))
-        .route("/.well-known/openid-configuration", get(metadata))
+        .route(
+            "/.well-known/oauth-authorization-server",
+            get(authorization_server_metadata),
+        )
+        .route(
+            "/.well-known/openid-configuration",
+            get(openid_configuration),
+        )
         .with_state(server)
 }
 
@@ -598,17 +604,20 @@ async fn introspect(
 
 async fn jwks(State(server): State<Arc<TokenServer>>) -> Response {
     let keys = server.keys.borrow().clone();
-    let mut response = axum::Json(&keys.jwks).into_response();
-    // Short enough that a new key, published a whole rotation interval before use, is
-    // picked up long before it signs anything.
-    response.headers_mut().insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("public, max-age=300"),
-    );
-    response
+    // Five minutes is short enough that a new key, published a whole rotation interval
+    // before use, is picked up long before it signs anything.
+    cached_json(&keys.jwks)
 }
 
-async fn metadata(State(server): State<Arc<TokenServer>>) -> Response {
+/// RFC 8414 authorization server metadata, with only what is true of keygate: a token
+/// endpoint for the client credentials grant, revocation, introspection and the JWKS.
+///
+/// `response_types_supported` is left out. RFC 8414 §2 calls it REQUIRED, but it lists the
+/// `response_type` values of the authorization endpoint, which keygate does not have, and §3.2
+/// says that members with zero elements MUST be omitted; erratum 7793 asks to require it only
+/// of servers with grants that use that endpoint. The `["token"]` served before claimed the
+/// implicit grant.
+fn metadata(server: &TokenServer) -> serde_json::Map<String, serde_json::Value> {
     let issuer = &server.config.issuer;
     let snapshot = server.registry.borrow().clone();
     let scopes: BTreeSet<&String> = snapshot
@@ -621,7 +630,6 @@ async fn metadata(State(server): State<Arc<TokenServer>>) -> Response {
         "client_secret_post",
         "private_key_jwt",
     ];
-    let algs = ["ES256", "EdDSA", "RS256"];
     let body = json!({
         "issuer": issuer,
         "token_endpoint": server.config.token_endpoint(),
@@ -629,16 +637,50 @@ async fn metadata(State(server): State<Arc<TokenServer>>) -> Response {
         "revocation_endpoint": format!("{issuer}/oauth2/revoke"),
         "introspection_endpoint": format!("{issuer}/oauth2/introspect"),
         "grant_types_supported": ["client_credentials"],
-        "response_types_supported": ["token"],
         "token_endpoint_auth_methods_supported": auth_methods,
-        "token_endpoint_auth_signing_alg_values_supported": algs,
+        "token_endpoint_auth_signing_alg_values_supported": SIGNING_ALGORITHMS,
         "revocation_endpoint_auth_methods_supported": auth_methods,
         "introspection_endpoint_auth_methods_supported": auth_methods,
-        "scopes_supported": scopes,
-        "subject_types_supported": ["public"],
-        "id_token_signing_alg_values_supported": algs,
-        "access_token_signing_alg_values_supported": algs,
+        "access_token_signing_alg_values_supported": SIGNING_ALGORITHMS,
     });
+    let serde_json::Value::Object(mut map) = body else {
+        unreachable!("a JSON object literal")
+    };
+    // RFC 8414 §3.2: no empty members (a registry without ScopePolicies defines no scope).
+    if !scopes.is_empty() {
+        map.insert("scopes_supported".into(), json!(scopes));
+    }
+    map
+}
+
+/// The JWS algorithms keygate signs and verifies with.
+const SIGNING_ALGORITHMS: [&str; 3] = ["ES256", "EdDSA", "RS256"];
+
+async fn authorization_server_metadata(State(server): State<Arc<TokenServer>>) -> Response {
+    cached_json(metadata(&server))
+}
+
+/// The same document at the OpenID Connect discovery path, for clients that only look
+/// there, with the three members OpenID Connect Discovery 1.0 §3 requires of every
+/// document. They are about ID tokens, which keygate never issues; clients read them all
+/// the same (go-oidc verifies access tokens with the algorithms of
+/// `id_token_signing_alg_values_supported`, RS256 only without it), so they state what a
+/// JWT of this issuer is signed with.
+async fn openid_configuration(State(server): State<Arc<TokenServer>>) -> Response {
+    let mut body = metadata(&server);
+    // As served before: OpenID Connect has no value that is true without an authorization
+    // endpoint either.
+    body.insert("response_types_supported".into(), json!(["token"]));
+    body.insert("subject_types_supported".into(), json!(["public"]));
+    body.insert(
+        "id_token_signing_alg_values_supported".into(),
+        json!(SIGNING_ALGORITHMS),
+    );
+    cached_json(body)
+}
+
+/// A JSON response that caches may keep for five minutes.
+fn cached_json(body: impl serde::Serialize) -> Response {
     let mut response = axum::Json(body).into_response();
     response.headers_mut().insert(
         header::CACHE_CONTROL,

@@ -29,8 +29,10 @@ fn template_path(kind: &str) -> Option<&'static [&'static str]> {
 
 /// Adds the sidecar to every opted-in Pod and pod template (Deployment, StatefulSet,
 /// DaemonSet, ReplicaSet, Job, CronJob, ReplicationController, PodTemplate, and the items of
-/// a `List`) in `yaml_text`, a multi-document YAML stream, and returns the stream with every
-/// document re-emitted (key order kept, comments dropped).
+/// a `List`) in `yaml_text`, a multi-document YAML stream. A document the injection does not
+/// change is returned byte for byte as it came (comments, quoting, flow style and all), so
+/// that a GitOps diff shows only what injection did; a changed one is re-emitted with its
+/// key order kept and its leading comments, but other comments dropped.
 ///
 /// ScopePolicies are looked up first among the documents of the stream itself, then with
 /// `policy_upstream(namespace, name)`. Objects without a namespace are taken to be in
@@ -41,17 +43,24 @@ pub fn inject_manifest(
     native_sidecars: bool,
     policy_upstream: impl Fn(&str, &str) -> Option<u16>,
 ) -> Result<String, String> {
-    let mut documents = Vec::new();
-    for (index, document) in serde_yaml_ng::Deserializer::from_str(yaml_text).enumerate() {
-        let value = Yaml::deserialize(document)
-            .map_err(|e| format!("document {}: invalid YAML: {e}", index + 1))?;
-        if !value.is_null() {
-            documents.push(value);
+    // Each source document with what it parses to (nothing for comments alone).
+    let mut chunks: Vec<(&str, Vec<Yaml>)> = Vec::new();
+    let mut number = 0;
+    for chunk in split_documents(yaml_text) {
+        let mut values = Vec::new();
+        for document in serde_yaml_ng::Deserializer::from_str(chunk) {
+            number += 1;
+            let value = Yaml::deserialize(document)
+                .map_err(|e| format!("document {number}: invalid YAML: {e}"))?;
+            if !value.is_null() {
+                values.push(value);
+            }
         }
+        chunks.push((chunk, values));
     }
 
     let mut local_policies: BTreeMap<(String, String), u16> = BTreeMap::new();
-    for document in &documents {
+    for document in chunks.iter().flat_map(|(_, values)| values) {
         collect_policies(document, &mut local_policies);
     }
     let lookup = |namespace: &str, name: &str| {
@@ -62,18 +71,92 @@ pub fn inject_manifest(
     };
 
     let mut errors = Vec::new();
-    for document in &mut documents {
-        inject_document(document, config, native_sidecars, &lookup, &mut errors);
+    let mut out = String::new();
+    for (chunk, mut values) in chunks {
+        let before = values.clone();
+        for document in &mut values {
+            inject_document(document, config, native_sidecars, &lookup, &mut errors);
+        }
+        if values == before {
+            out.push_str(chunk);
+            continue;
+        }
+        out.push_str(&leading_comments(chunk));
+        for (index, document) in values.iter().enumerate() {
+            if index > 0 {
+                out.push_str("---\n");
+            }
+            out.push_str(&serde_yaml_ng::to_string(document).map_err(|e| e.to_string())?);
+        }
     }
     if !errors.is_empty() {
         return Err(errors.join("\n"));
     }
-    let mut out = String::new();
-    for document in &documents {
-        out.push_str("---\n");
-        out.push_str(&serde_yaml_ng::to_string(document).map_err(|e| e.to_string())?);
-    }
     Ok(out)
+}
+
+/// Whether `line` starts a document: `---` alone or followed by a space or tab.
+fn is_document_start(line: &str) -> bool {
+    line.strip_prefix("---").is_some_and(|rest| {
+        rest.trim_end_matches(['\r', '\n']).is_empty() || rest.starts_with([' ', '\t'])
+    })
+}
+
+/// `text` cut into its documents' source text, each from its `---` line (or the start of
+/// the text) to the next; concatenated, they are `text` again. A document marker is never
+/// part of a scalar at column 0 (YAML 1.2 §9.1.2), so cutting at these lines is exact;
+/// directives (`%YAML`) after a `...` go with the document they precede.
+fn split_documents(text: &str) -> Vec<&str> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    let mut offset = 0;
+    // Whether the current chunk ended with `...` (or has no content yet): `%` lines then
+    // are directives of the next document.
+    let mut ended = true;
+    let mut in_directives = false;
+    for line in text.split_inclusive('\n') {
+        let content = line.trim_end();
+        let directive = ended && line.starts_with('%');
+        if !in_directives && (directive || is_document_start(line)) {
+            if offset > start {
+                chunks.push(&text[start..offset]);
+            }
+            start = offset;
+        }
+        in_directives = directive || (in_directives && !is_document_start(line));
+        if content == "..." {
+            ended = true;
+        } else if !(content.is_empty() || content.starts_with('#') || directive) {
+            ended = false;
+        }
+        offset += line.len();
+    }
+    if offset > start {
+        chunks.push(&text[start..]);
+    }
+    chunks
+}
+
+/// What is kept of a document that is re-emitted: its `---` line (a plain one if it carried
+/// more than a comment) and the comment and blank lines before its content.
+fn leading_comments(chunk: &str) -> String {
+    let mut out = String::new();
+    for (index, line) in chunk.split_inclusive('\n').enumerate() {
+        let content = line.trim();
+        if index == 0 && is_document_start(line) {
+            let rest = content.trim_start_matches('-').trim();
+            let bare = rest.is_empty() || rest.starts_with('#');
+            out.push_str(if bare { line } else { "---\n" });
+        } else if content.is_empty() || content.starts_with('#') {
+            out.push_str(line);
+        } else {
+            break;
+        }
+    }
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out
 }
 
 fn str_at<'v>(value: &'v Yaml, path: &[&str]) -> Option<&'v str> {

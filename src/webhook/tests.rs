@@ -679,12 +679,50 @@ fn manifest_workloads_get_the_sidecar_once() {
     );
     assert_eq!(docs[3]["kind"], "Service");
     // Key order of the input is kept: apiVersion, kind, metadata, spec.
-    let deployment_text = out.split("---\n").nth(2).expect("deployment");
+    let deployment_text = out.split("---\n").nth(1).expect("deployment");
     assert!(deployment_text.starts_with("apiVersion: apps/v1\nkind: Deployment\n"));
 
     // Injecting the output again changes nothing.
     let again = inject_manifest(&out, &config(), true, lookup).expect("injected");
     assert_eq!(again, out);
+}
+
+#[test]
+fn manifest_documents_injection_leaves_alone_are_echoed_byte_for_byte() {
+    // Flow style, quoting, comments, a document end marker and directives: nothing of it
+    // survives a YAML round trip, all of it must survive `keygate inject`.
+    let untouched = "# shop services\n\
+        apiVersion: v1\n\
+        kind: Service\n\
+        metadata: {name: orders, namespace: shop, labels: {'app': \"orders\"}}   # flow\n\
+        spec:\n  ports: [{port: 80, targetPort: 8080}]\n\
+        ---   # a ConfigMap\n\
+        apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n\
+        data:\n  text: |\n    --- not a marker: indented\n  quoted: 'yes'\n\
+        ...\n\
+        %YAML 1.2\n\
+        ---\n\
+        apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: plain, namespace: shop}\n\
+        spec:\n  template:\n    metadata: {labels: {app: plain}}\n\
+        \x20   spec: {containers: [{name: app, image: \"nginx:1\"}]}\n";
+    let out = inject_manifest(untouched, &config(), true, lookup).expect("nothing to inject");
+    assert_eq!(out, untouched);
+
+    // With a ScopePolicy and an opted-in workload: only the workload's document changes.
+    let mut manifest = MANIFEST.split("---\n");
+    let (policy, deployment) = (manifest.next().unwrap(), manifest.next().unwrap());
+    let head = format!("{untouched}---\n{policy}");
+    let text = format!("{head}---  # injected below\n{deployment}");
+    let out = inject_manifest(&text, &config(), true, lookup).expect("injected");
+    let injected = out
+        .strip_prefix(&head)
+        .expect("the documents before are echoed");
+    assert!(
+        injected.starts_with("---  # injected below\napiVersion: apps/v1\n"),
+        "{injected}"
+    );
+    assert!(injected.contains(SIDECAR_NAME), "{injected}");
+    assert_eq!(serde_yaml_ng::Deserializer::from_str(&out).count(), 5);
 }
 
 #[test]

@@ -432,6 +432,17 @@ pub async fn scenario_rotation(client: Client, ns: &str) {
     let operator = start_operator(client.clone(), ns).await;
     let before = secret_data(&ready_secret(&client, ns, "rotating").await);
     let clients: Api<ApiClient> = Api::namespaced(client.clone(), ns);
+    // The reconcile shows when the schedule rotates next (`kubectl get apiclients -o wide`).
+    let (last, next) = eventually("status.nextRotationTime", WAIT, || async {
+        let status = clients.get("rotating").await.ok()?.status?;
+        Some((status.last_rotation_time?, status.next_rotation_time?))
+    })
+    .await;
+    assert_eq!(
+        next.0.as_second() - last.0.as_second(),
+        720 * 3600,
+        "rotation.every after the last rotation"
+    );
     let annotate = json!({"metadata": {"annotations": {"keygate.dev/rotate": "now-1"}}});
     clients
         .patch(
