@@ -308,7 +308,14 @@ pub async fn run_with_limits(
                     issuer: config.issuer.clone(),
                 });
             let reviewer = Arc::new(controller::policy_stream::Reviewer::new(client.clone()));
-            let router = controller::policy_stream::router(hub, reviewer);
+            let router = controller::policy_stream::router(hub.clone(), reviewer);
+            // Streams never end by themselves: end them at shutdown, so that the server's
+            // drain does not wait for them and their sidecars move to another replica now.
+            let closing = stopped();
+            tokio::spawn(async move {
+                closing.await;
+                hub.close();
+            });
             let listener = tokio::net::TcpListener::bind(listen).await?;
             tracing::info!(policy = %listen, "policy stream listening");
             let (policy_limits, stop) = (limits.policy, stopped());

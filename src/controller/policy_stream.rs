@@ -15,12 +15,13 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -45,6 +46,13 @@ const MAX_CACHED_REVIEWS: usize = 10_000;
 /// TokenReviews in flight at once; further requests wait for a slot, at most
 /// [`REVIEW_QUEUE_WAIT`], then get 503.
 const MAX_REVIEWS_IN_FLIGHT: usize = 16;
+/// TokenReviews one address may cause: a burst, then one per [`REVIEW_REFILL`]. A sidecar
+/// needs one per connection at most (answers are cached for [`REVIEW_TTL`]), so this only
+/// slows down a caller that sends token after token to make the API server do the work.
+const REVIEW_BURST: u32 = 20;
+const REVIEW_REFILL: Duration = Duration::from_millis(500);
+/// Addresses whose budgets are remembered; idle ones are forgotten first when full.
+const MAX_BUDGETS: usize = 10_000;
 const REVIEW_QUEUE_WAIT: Duration = Duration::from_secs(5);
 /// The longest bearer token looked at (a projected token is about 1 KiB).
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
@@ -123,6 +131,7 @@ struct Channel {
 pub struct PolicyHub {
     inputs: Inputs,
     channels: Mutex<HashMap<ObjectKey, Arc<Channel>>>,
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl PolicyHub {
@@ -131,6 +140,7 @@ impl PolicyHub {
         let hub = Arc::new(Self {
             inputs,
             channels: Mutex::default(),
+            closed: std::sync::atomic::AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&hub);
         let mut inputs = hub.inputs.clone();
@@ -150,7 +160,14 @@ impl PolicyHub {
                 inputs.keys.mark_unchanged();
                 revocations.mark_unchanged();
                 let Some(hub) = weak.upgrade() else { return };
-                hub.rebuild();
+                // Building and comparing documents of many clients takes a while: not on a
+                // worker that serves the streams.
+                if tokio::task::spawn_blocking(move || hub.rebuild())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
             }
         });
         hub
@@ -205,6 +222,9 @@ impl PolicyHub {
     fn follow(&self, key: &ObjectKey) -> Option<(Line, broadcast::Receiver<Line>)> {
         let channel = {
             let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+            if self.is_closed() {
+                return None;
+            }
             match channels.get(key) {
                 Some(channel) => channel.clone(),
                 None => {
@@ -227,6 +247,19 @@ impl PolicyHub {
         let mut current = channel.current.lock().unwrap_or_else(|p| p.into_inner());
         let receiver = channel.changes.subscribe();
         Some((current.snapshot(), receiver))
+    }
+
+    /// Ends every stream (at shutdown): their followers reconnect to another replica. No
+    /// new stream starts.
+    pub fn close(&self) {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        channels.clear();
+    }
+
+    /// Whether [`PolicyHub::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The current snapshot of `key`, for a follower that fell behind.
@@ -270,6 +303,50 @@ pub enum Refusal {
     Unauthenticated,
     /// Too many TokenReviews in flight, or the API server did not answer.
     Unavailable,
+    /// This address caused too many TokenReviews lately.
+    Throttled,
+}
+
+/// How many TokenReviews each address may still cause: a token bucket per address, in a
+/// table of bounded size.
+#[derive(Default)]
+struct ReviewBudgets {
+    /// Address → (tokens left, when they were counted).
+    buckets: HashMap<IpAddr, (u32, Instant)>,
+}
+
+impl ReviewBudgets {
+    /// Takes one review from `address`'s budget at `now`, or says there is none left.
+    fn take(&mut self, address: IpAddr, now: Instant) -> bool {
+        let refilled = |(left, at): (u32, Instant)| {
+            let earned = now.saturating_duration_since(at).as_millis() / REVIEW_REFILL.as_millis();
+            let earned = u32::try_from(earned).unwrap_or(u32::MAX);
+            if earned == 0 {
+                (left, at)
+            } else {
+                (left.saturating_add(earned).min(REVIEW_BURST), now)
+            }
+        };
+        if self.buckets.len() >= MAX_BUDGETS && !self.buckets.contains_key(&address) {
+            self.buckets
+                .retain(|_, bucket| refilled(*bucket).0 < REVIEW_BURST);
+            if self.buckets.len() >= MAX_BUDGETS {
+                // Bounded memory first: every address starts again with a full budget.
+                self.buckets.clear();
+            }
+        }
+        let bucket = self
+            .buckets
+            .get(&address)
+            .copied()
+            .map_or((REVIEW_BURST, now), refilled);
+        let Some(left) = bucket.0.checked_sub(1) else {
+            self.buckets.insert(address, bucket);
+            return false;
+        };
+        self.buckets.insert(address, (left, bucket.1));
+        true
+    }
 }
 
 /// A TokenReview's answer (`None`: not vouched for) and when it came, by token digest.
@@ -279,6 +356,7 @@ type ReviewCache = HashMap<[u8; 32], (Instant, Option<Reviewed>)>;
 pub struct Reviewer {
     client: Client,
     cache: Mutex<ReviewCache>,
+    budgets: Mutex<ReviewBudgets>,
     in_flight: Semaphore,
 }
 
@@ -287,12 +365,13 @@ impl Reviewer {
         Self {
             client,
             cache: Mutex::default(),
+            budgets: Mutex::default(),
             in_flight: Semaphore::new(MAX_REVIEWS_IN_FLIGHT),
         }
     }
 
-    /// Who `token` belongs to.
-    pub async fn review(&self, token: &str) -> Result<Reviewed, Refusal> {
+    /// Who `token`, shown by `peer`, belongs to.
+    pub async fn review(&self, token: &str, peer: IpAddr) -> Result<Reviewed, Refusal> {
         if token.len() > MAX_TOKEN_BYTES || !looks_like_a_jwt(token) {
             return Err(Refusal::Unauthenticated);
         }
@@ -310,6 +389,14 @@ impl Reviewer {
             && at.elapsed() < REVIEW_TTL
         {
             return answer.ok_or(Refusal::Unauthenticated);
+        }
+        let allowed = self
+            .budgets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(peer, Instant::now());
+        if !allowed {
+            return Err(Refusal::Throttled);
         }
         // After an operator restart every sidecar reconnects at once: wait a little for a
         // slot rather than turn a burst into refusals; a flood still gets 503s.
@@ -385,6 +472,7 @@ fn refuse(status: StatusCode, error: &'static str, description: &'static str) ->
 async fn follow(
     State(state): State<ServerState>,
     Path((namespace, name)): Path<(String, String)>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
     let token = headers
@@ -393,7 +481,7 @@ async fn follow(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .unwrap_or_default();
-    let reviewed = match state.reviewer.review(token).await {
+    let reviewed = match state.reviewer.review(token, peer.ip()).await {
         Ok(reviewed) => reviewed,
         Err(Refusal::Unauthenticated) => {
             return refuse(
@@ -409,6 +497,14 @@ async fn follow(
                 "the token could not be checked; retry",
             );
         }
+        Err(Refusal::Throttled) => {
+            tracing::warn!(%peer, "too many token checks from one address");
+            return refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "slow_down",
+                "too many token checks from this address; retry later",
+            );
+        }
     };
     if reviewed.namespace != namespace {
         tracing::warn!(username = %reviewed.username, %namespace, %name, "a ServiceAccount asked to follow a ScopePolicy of another namespace");
@@ -419,6 +515,13 @@ async fn follow(
         );
     }
     let key = ObjectKey::new(&namespace, &name);
+    if state.hub.is_closed() {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            "this replica is shutting down; another one serves the stream",
+        );
+    }
     let Some((snapshot, changes)) = state.hub.follow(&key) else {
         return refuse(
             StatusCode::NOT_FOUND,
@@ -470,6 +573,26 @@ async fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_address_may_cause_a_burst_of_reviews_then_one_per_refill() {
+        let mut budgets = ReviewBudgets::default();
+        let (one, other) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
+        let start = Instant::now();
+        for _ in 0..REVIEW_BURST {
+            assert!(budgets.take(one, start));
+        }
+        assert!(!budgets.take(one, start), "the burst is spent");
+        assert!(budgets.take(other, start), "another address has its own");
+        assert!(!budgets.take(one, start + REVIEW_REFILL / 2));
+        assert!(budgets.take(one, start + REVIEW_REFILL), "one refilled");
+        assert!(!budgets.take(one, start + REVIEW_REFILL));
+        // Bounded: a flood of addresses does not grow the table past its size.
+        for i in 0..(MAX_BUDGETS as u32 + 10) {
+            budgets.take(IpAddr::from(i.to_be_bytes()), start);
+        }
+        assert!(budgets.buckets.len() <= MAX_BUDGETS);
+    }
 
     #[test]
     fn only_jwt_shaped_tokens_are_reviewed() {

@@ -27,9 +27,17 @@ pub struct Operator {
     pub token_url: String,
     token_port: u16,
     https: bool,
+    /// Set to ask for a graceful shutdown (dropping it asks too).
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Operator {
+    /// Stops it as SIGTERM would, and waits until it has.
+    pub async fn shut_down(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+
     /// Stops it abruptly, as a crash or a node loss would.
     pub fn kill(self) {
         self.task.abort();
@@ -126,8 +134,12 @@ fn spawn_operator(client: Client, options: OperatorOptions) -> Operator {
     let token_port = options.token_listen.port();
     let https = options.token_tls != TokenTls::Disabled;
     let token_url = format!("{}/oauth2/token", options.config.issuer);
+    let (stop, mut stopping) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        let _ = stopping.wait_for(|s| *s).await;
+    };
     let task = tokio::spawn(async move {
-        if let Err(error) = run(client, options, std::future::pending()).await {
+        if let Err(error) = run(client, options, shutdown).await {
             eprintln!("operator stopped: {error}");
         }
     });
@@ -136,6 +148,7 @@ fn spawn_operator(client: Client, options: OperatorOptions) -> Operator {
         token_url,
         token_port,
         https,
+        stop,
     }
 }
 
@@ -1301,5 +1314,24 @@ pub async fn scenario_policy_stream_as(
         || async { (status_with(late_token.clone()).await == 200).then_some(()) },
     )
     .await;
-    operator.kill();
+
+    // A replica that shuts down ends its streams (so its followers move to another replica
+    // now, and its drain does not wait for them) rather than having them cut.
+    let mut follower = https
+        .get(&own_url)
+        .bearer_auth(&own_token)
+        .send()
+        .await
+        .expect("the policy stream");
+    assert_eq!(follower.status(), 200);
+    follower.chunk().await.expect("the snapshot");
+    let stopping = tokio::spawn(operator.shut_down());
+    loop {
+        match follower.chunk().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => break,
+            Err(error) => panic!("the stream was cut at shutdown, not ended: {error}"),
+        }
+    }
+    stopping.await.expect("the operator stopped");
 }
