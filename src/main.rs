@@ -816,6 +816,20 @@ mod tests {
     }
 
     #[test]
+    fn a_zero_sidecar_reload_interval_is_refused() {
+        let reload = |value: &str| {
+            Cli::try_parse_from(["keygate", "sidecar", &format!("--reload-interval={value}")])
+                .map(|cli| match cli.command {
+                    Command::Sidecar(args) => args.reload_interval,
+                    _ => panic!("not the sidecar"),
+                })
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(reload("500ms"), Ok(Duration::from_millis(500)));
+        assert!(reload("0s").unwrap_err().contains("longer than zero"));
+    }
+
+    #[test]
     fn the_helm_charts_operator_arguments_parse() {
         let cli = Cli::try_parse_from([
             "keygate",
