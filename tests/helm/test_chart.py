@@ -288,6 +288,10 @@ def test_crds_disabled_renders_none():
     ({"image": {"tga": "latest"}}, "tga"),
     ({"webhook": {"validating": {"failurePolicy": "Maybe"}}}, "failurePolicy"),
     ({"token": {"maxLifetime": "one day"}}, "maxLifetime"),
+    # The operator refuses zero durations at start (--default-token-lifetime and friends).
+    ({"token": {"defaultLifetime": "0s"}}, "defaultLifetime"),
+    ({"token": {"maxLifetime": "0h0m"}}, "maxLifetime"),
+    ({"signingKeys": {"rotation": "0"}}, "rotation"),
     ({"watchNamespaces": "shop"}, "watchNamespaces"),
     ({"monitoring": {"serviceMonitor": {"enabeld": True}}}, "enabeld"),
 ])
@@ -306,6 +310,12 @@ def test_schema_accepts_the_defaults_and_every_variant():
         chart.validate_schema({})
         for values in VARIANTS.values():
             chart.validate_schema(values)
+
+
+def test_schema_accepts_nonzero_durations():
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema({"token": {"defaultLifetime": "0.5h", "maxLifetime": "1h30m"},
+                               "signingKeys": {"rotation": "10m"}})
 
 
 def _schema_objects(schema, path="$"):
