@@ -294,6 +294,9 @@ async fn webhook_scenario(client: Client, ns: String, host: String) {
             ..keygate::webhook::InjectConfig::new("ghcr.io/keygate/keygate:0.1.0", "e2e")
         }),
         native_sidecars: false,
+        metrics: keygate::webhook::WebhookMetrics::register(
+            &mut prometheus_client::registry::Registry::default(),
+        ),
     });
     let server = tokio::spawn(keygate::webhook::serve_tls(
         listener,

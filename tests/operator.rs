@@ -202,3 +202,92 @@ async fn a_sidecar_follows_the_policy_stream() {
     let foreign = server.service_account_token("elsewhere", "default", &["keygate"]);
     operator::scenario_policy_stream(server.client(), NS, own, foreign).await;
 }
+
+/// The value of the series `series` (name and labels) in the metrics `text`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `/metrics` of an operator: its build, leadership, signing key and certificate, and each
+/// ApiClient's readiness and next rotation, removed when the ApiClient is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_of_the_replica_and_of_each_client() {
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    operator::apply_basics(&client, NS).await;
+    operator::apply_client(
+        &client,
+        NS,
+        "rotating",
+        serde_json::json!({"roles": ["reader"], "rotation": {"every": "720h", "overlap": "24h"}}),
+    )
+    .await;
+    let operator = operator::start_operator_https(client.clone(), NS).await;
+    operator::ready_secret(&client, NS, "rotating").await;
+    let ready =
+        r#"keygate_apiclient_ready_status{namespace="shop",name="rotating",condition="True"}"#;
+    let text = operator::eventually("the ApiClient's metrics", operator::WAIT, || async {
+        let text = operator.metrics().await;
+        (sample(&text, ready) == Some(1.0)).then_some(text)
+    })
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let version = format!(
+        r#"keygate_build_info{{version="{}"}}"#,
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(sample(&text, &version), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "keygate_controller_leader"), Some(1.0));
+    let created = sample(&text, "keygate_signing_key_created_timestamp_seconds").unwrap();
+    assert!((now - 120.0..=now).contains(&created), "{created}");
+    assert_eq!(
+        sample(&text, "keygate_signing_key_next_rotation_timestamp_seconds"),
+        Some(created + 720.0 * 3600.0)
+    );
+    let expiry = sample(
+        &text,
+        r#"keygate_certificate_expiration_timestamp_seconds{certificate="token_server"}"#,
+    )
+    .unwrap();
+    assert!(expiry > now + 24.0 * 3600.0, "{expiry}");
+    for condition in ["False", "Unknown"] {
+        let series = format!(
+            r#"keygate_apiclient_ready_status{{namespace="shop",name="rotating",condition="{condition}"}}"#
+        );
+        assert_eq!(sample(&text, &series), Some(0.0), "{series}");
+    }
+    let next_rotation = sample(
+        &text,
+        r#"keygate_apiclient_next_rotation_timestamp_seconds{namespace="shop",name="rotating"}"#,
+    )
+    .unwrap();
+    assert!((now + 719.0 * 3600.0..=now + 720.0 * 3600.0).contains(&next_rotation));
+    // Without scheduled rotation, there is no next rotation.
+    assert_eq!(
+        sample(
+            &text,
+            r#"keygate_apiclient_next_rotation_timestamp_seconds{namespace="shop",name="reporting"}"#
+        ),
+        None
+    );
+
+    let clients: kube::Api<keygate::api::ApiClient> = kube::Api::namespaced(client.clone(), NS);
+    clients
+        .delete("rotating", &Default::default())
+        .await
+        .expect("delete");
+    operator::eventually(
+        "the deleted ApiClient's series gone",
+        operator::WAIT,
+        || async {
+            let text = operator.metrics().await;
+            (!text.contains(r#"name="rotating""#)).then_some(())
+        },
+    )
+    .await;
+    operator.kill();
+}
