@@ -291,3 +291,70 @@ async fn metrics_of_the_replica_and_of_each_client() {
     .await;
     operator.kill();
 }
+
+/// `keygate check` against the in-process API server. The token server check retries until
+/// the operator serves its metadata with the CA it publishes in `keygate-ca`. This API server
+/// calls no admission webhooks, so the webhook check can only be seen failing here, naming
+/// what does not answer; the refusal it passes on is tested in `keygate::check`'s unit tests
+/// and against a real cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_waits_for_the_token_server_and_names_what_does_not_answer() {
+    use keygate::check::{CheckArgs, run};
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    operator::create_namespace(&client, NS).await;
+    let operator = operator::start_operator_https(client.clone(), NS).await;
+    let issuer = operator
+        .token_url
+        .trim_end_matches("/oauth2/token")
+        .to_owned();
+    let args = CheckArgs {
+        timeout: Duration::from_secs(90),
+        interval: Duration::from_millis(200),
+        namespace: NS.to_owned(),
+        webhook_namespace: String::new(),
+        webhook: false,
+        webhook_name: keygate::webhook::validate::VALIDATING_WEBHOOK.to_owned(),
+        metadata_url: format!("{issuer}/.well-known/openid-configuration"),
+        issuer: issuer.clone(),
+        ca_configmap: "keygate-ca".to_owned(),
+        ca_file: None,
+    };
+    run(client.clone(), &args)
+        .await
+        .expect("the token server answers");
+
+    // Another issuer: refused, naming both.
+    let wrong = CheckArgs {
+        timeout: Duration::from_millis(500),
+        issuer: "https://elsewhere.example".to_owned(),
+        ..args.clone()
+    };
+    let failed = run(client.clone(), &wrong).await.unwrap_err();
+    assert_eq!(failed.failing.len(), 1);
+    assert_eq!(failed.failing[0].0, "the token server");
+    assert!(
+        failed.failing[0].1.contains("https://elsewhere.example"),
+        "{failed}"
+    );
+
+    // The dry run is admitted without a webhook: the check fails and says why.
+    let webhook = CheckArgs {
+        timeout: Duration::from_millis(500),
+        webhook: true,
+        metadata_url: String::new(),
+        ..args
+    };
+    let failed = run(client.clone(), &webhook).await.unwrap_err();
+    let message = failed.to_string();
+    assert!(message.contains("the admission webhook: "), "{message}");
+    assert!(
+        message.contains("without calling the webhook validate.keygate.dev"),
+        "{message}"
+    );
+    assert!(
+        server.objects("apiclients", Some(NS)).is_empty(),
+        "a dry run persists nothing"
+    );
+    operator.kill();
+}
