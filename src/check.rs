@@ -20,6 +20,7 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 
 use crate::api::{ApiClient, ApiClientSpec};
+use crate::sidecar::forward::error_chain;
 use crate::webhook::validate::{STARTUP_CHECK_CLIENT, VALIDATING_WEBHOOK};
 
 /// How long one attempt of one check may take.
@@ -242,18 +243,6 @@ async fn published_ca(client: &Client, namespace: &str, name: &str) -> Result<St
         .data
         .and_then(|mut data| data.remove("ca.crt"))
         .ok_or_else(|| format!("the ConfigMap {namespace}/{name} has no ca.crt"))
-}
-
-/// An error with its causes: reqwest's own message hides why a connection failed.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
