@@ -356,6 +356,24 @@ async fn webhook_scenario(client: Client, ns: String, host: String) {
     )
     .await;
 
+    // keygate check passes on the refusal of its reserved ApiClient that the API server
+    // relays from this webhook (the in-process API server calls no webhooks).
+    let check = keygate::check::CheckArgs {
+        timeout: Duration::from_secs(60),
+        interval: Duration::from_secs(1),
+        namespace: ns.clone(),
+        webhook_namespace: String::new(),
+        webhook: true,
+        webhook_name: keygate::webhook::validate::VALIDATING_WEBHOOK.to_owned(),
+        metadata_url: String::new(),
+        issuer: String::new(),
+        ca_configmap: "keygate-ca".to_owned(),
+        ca_file: None,
+    };
+    keygate::check::run(client.clone(), &check)
+        .await
+        .expect("keygate check sees the webhook's refusal");
+
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let dry_run = PostParams {
         dry_run: true,
