@@ -1061,7 +1061,9 @@ def test_network_policy(variant):
     if "policy" in ports:
         assert "from" not in ports["policy"], "sidecars in every namespace follow the policy stream"
     if np.get("tokenFrom"):
-        assert ports["token"]["from"] == np["tokenFrom"]
+        # ... and the startup check's Pod, which reads the metadata document.
+        check_pod = one(objects, "Job")["spec"]["template"]["metadata"]["labels"]
+        assert ports["token"]["from"] == np["tokenFrom"] + [{"podSelector": {"matchLabels": check_pod}}]
     if np.get("egress"):
         assert "Egress" in policy["spec"]["policyTypes"]
         assert policy["spec"]["egress"] == np["egress"]
@@ -1279,3 +1281,11 @@ def test_startup_check_values():
     assert job["spec"]["template"]["spec"]["containers"][0]["resources"] == {
         "requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "32Mi"}}
     assert hooks(render({"startupCheck": {"enabled": False}})) == []
+
+
+def test_without_the_startup_check_the_token_server_admits_only_token_from():
+    peers = [{"namespaceSelector": {"matchLabels": {"keygate.dev/clients": "true"}}}]
+    objects = render({"networkPolicy": {"enabled": True, "tokenFrom": peers}, "startupCheck": {"enabled": False}})
+    ingress = one(objects, "NetworkPolicy")["spec"]["ingress"]
+    token = next(r for r in ingress if r["ports"][0]["port"] == "token")
+    assert token["from"] == peers

@@ -278,6 +278,13 @@ pod-name: the chart sets it through POD_NAME to each replica's Pod name, its ide
 {{- end }}
 {{- end }}
 
+{{/* Labels of the startup check's Pod (startupCheck.enabled). */}}
+{{- define "keygate.startupCheckSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "keygate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: startupcheck
+{{- end }}
+
 {{/*
 Annotations of the startup check's objects (startupCheck.enabled): a post-install and
 post-upgrade hook of the weight given (the ServiceAccount and its grants before the Job),
