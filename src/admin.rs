@@ -12,6 +12,9 @@ use axum::routing::get;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tower::ServiceExt;
@@ -28,8 +31,42 @@ pub struct AdminState {
     pub ready: watch::Receiver<bool>,
 }
 
-/// `/healthz`, `/readyz` and `/metrics`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+/// `keygate_build_info{version}`, always 1: which keygate a process runs, to join on.
+struct BuildMetrics {
+    info: Family<BuildLabels, Gauge>,
+}
+
+impl BuildMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let metrics = Self {
+            info: Family::default(),
+        };
+        let r = registry.sub_registry_with_prefix("keygate");
+        r.register(
+            "build_info",
+            "The keygate version this process runs (always 1)",
+            metrics.info.clone(),
+        );
+        metrics
+            .info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        metrics
+    }
+}
+
+/// `/healthz`, `/readyz` and `/metrics`. Registers `keygate_build_info` in `state.metrics`:
+/// every keygate process (operator, sidecar, dev) serves its metrics through this router,
+/// once.
 pub fn router(state: AdminState) -> Router {
+    BuildMetrics::register(&mut state.metrics.write().unwrap_or_else(|p| p.into_inner()));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -126,5 +163,33 @@ pub(crate) async fn serve_connection<I>(
         .into_owned();
     if let Err(error) = watcher.watch(connection).await {
         tracing::debug!(%error, %peer, "connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_process_exports_its_build() {
+        let (_ready_tx, ready) = watch::channel(true);
+        let router = router(AdminState {
+            metrics: Arc::new(RwLock::new(Registry::default())),
+            ready,
+        });
+        let request = Request::get("/metrics")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = router.oneshot(request).await.unwrap();
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        let line = format!(
+            "keygate_build_info{{version=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&line), "{text}");
     }
 }

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod api;
 pub mod capture;
+pub mod check;
 pub mod cli;
 pub mod connections;
 pub mod controller;

@@ -70,6 +70,11 @@ enum Command {
     /// Print a manifest with the sidecar added to every opted-in pod (template), with the
     /// same patch the admission webhook applies: for GitOps and clusters without the webhook.
     Inject(InjectArgs),
+
+    /// Wait until the admission webhook (through the API server, in a dry run) and the token
+    /// server answer; exit 1 naming what does not after --timeout. The Helm chart's
+    /// post-install check.
+    Check(keygate::check::CheckArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -401,6 +406,13 @@ async fn main() -> anyhow::Result<()> {
         Command::Capture(args) => keygate::capture::run(&args)?,
         Command::Dev(args) => run_dev(args).await?,
         Command::Token(args) => fetch_token(args).await?,
+        Command::Check(args) => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API")?;
+            keygate::check::run(client, &args).await?;
+            print_line("keygate answers: the admission webhook and the token server are up")?;
+        }
         Command::Inject(args) => {
             let manifest = read_input(&args.file)?;
             let injected = keygate::webhook::inject_manifest(
@@ -629,9 +641,7 @@ async fn fetch_token(args: TokenArgs) -> anyhow::Result<()> {
     let mut http = reqwest::Client::builder();
     if let Some(path) = &args.ca_file {
         let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let roots = reqwest::Certificate::from_pem_bundle(&pem)
-            .ok()
-            .filter(|roots| !roots.is_empty())
+        let roots = keygate::tls::pem_roots(&pem)
             .with_context(|| format!("{}: no PEM certificate", path.display()))?;
         http = http.tls_certs_only(roots);
     }
@@ -813,6 +823,46 @@ mod tests {
         assert!(lifetime("0s").unwrap_err().contains("longer than zero"));
         assert!(lifetime("-5m").unwrap_err().contains("negative"));
         assert!(lifetime("1d").unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn a_zero_sidecar_reload_interval_is_refused() {
+        let reload = |value: &str| {
+            Cli::try_parse_from(["keygate", "sidecar", &format!("--reload-interval={value}")])
+                .map(|cli| match cli.command {
+                    Command::Sidecar(args) => args.reload_interval,
+                    _ => panic!("not the sidecar"),
+                })
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(reload("500ms"), Ok(Duration::from_millis(500)));
+        assert!(reload("0s").unwrap_err().contains("longer than zero"));
+    }
+
+    #[test]
+    fn the_helm_charts_check_arguments_parse() {
+        let cli = Cli::try_parse_from([
+            "keygate",
+            "check",
+            "--timeout=5m",
+            "--interval=2s",
+            "--namespace=keygate-system",
+            "--webhook=false",
+            "--webhook-namespace=shop",
+            "--metadata-url=https://keygate.keygate-system.svc/.well-known/openid-configuration",
+            "--issuer=https://keygate.example.com",
+            "--ca-configmap=keygate-ca",
+            "--log-format=json",
+        ])
+        .expect("the chart's arguments parse");
+        let Command::Check(args) = cli.command else {
+            panic!("not check")
+        };
+        assert_eq!(args.timeout, Duration::from_secs(300));
+        assert!(!args.webhook);
+        assert_eq!(args.webhook_name, "validate.keygate.dev");
+        assert_eq!(args.issuer, "https://keygate.example.com");
+        assert!(Cli::try_parse_from(["keygate", "check", "--timeout=0s"]).is_err());
     }
 
     #[test]

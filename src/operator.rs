@@ -186,6 +186,17 @@ pub fn changed_clients(
         .collect()
 }
 
+/// ApiClients in `before` that `after` no longer has: deleted (or no longer watched).
+pub fn removed_clients<'a>(
+    before: &'a Snapshot,
+    after: &'a Snapshot,
+) -> impl Iterator<Item = &'a crate::registry::ObjectKey> {
+    before
+        .clients_by_key
+        .keys()
+        .filter(|key| !after.clients_by_key.contains_key(*key))
+}
+
 /// Runs the operator until `shutdown` resolves or a critical task fails, with the default
 /// [`ListenerLimits`].
 pub async fn run(
@@ -210,6 +221,9 @@ pub async fn run_with_limits(
         ..options.config.clone()
     };
     let metrics = Arc::new(RwLock::new(prometheus_client::registry::Registry::default()));
+    let replica = controller::ReplicaMetrics::register(
+        &mut metrics.write().unwrap_or_else(|p| p.into_inner()),
+    );
     let registry = Arc::new(Registry::default());
     let revocations = Arc::new(Revocations::default());
     let mut synced = controller::watch::spawn_feeds(&client, &config, &registry);
@@ -229,6 +243,7 @@ pub async fn run_with_limits(
         options.lease_name.clone(),
         options.identity.clone(),
         leading_tx,
+        replica.leader.clone(),
     ));
     let rotation = RotationPolicy {
         algorithm: crate::api::KeyAlgorithm::ES256,
@@ -264,7 +279,12 @@ pub async fn run_with_limits(
     ));
     tracing::info!(admin = %options.admin_listen, "waiting for the signing keys");
     let keys = tokio::select! {
-        keys = controller::signing::watch_keys(client.clone(), config.namespace.clone()) => keys,
+        keys = controller::signing::watch_keys(
+            client.clone(),
+            config.namespace.clone(),
+            rotation.every_secs,
+            replica.clone(),
+        ) => keys,
         result = &mut election => {
             return Err(match result {
                 Ok(Err(e)) => e.into(),
@@ -295,6 +315,7 @@ pub async fn run_with_limits(
         crate::token::router(token_server),
         leading.clone(),
         limits.token,
+        replica.certificate("token_server"),
         stopped(),
     )
     .await?;
@@ -343,7 +364,10 @@ pub async fn run_with_limits(
     };
 
     let webhook_task = match &options.webhook {
-        Some(webhook) => Some(
+        Some(webhook) => Some({
+            let admissions = crate::webhook::WebhookMetrics::register(
+                &mut metrics.write().unwrap_or_else(|p| p.into_inner()),
+            );
             start_webhook(
                 &client,
                 &config,
@@ -351,10 +375,12 @@ pub async fn run_with_limits(
                 &registry,
                 leading.clone(),
                 limits.webhook,
+                replica.certificate("webhook"),
+                admissions,
                 stopped(),
             )
-            .await?,
-        ),
+            .await?
+        }),
         None => None,
     };
     // Ready once the registry has seen every watch's first list: before that an empty
@@ -400,7 +426,9 @@ pub async fn run_with_limits(
 }
 
 /// Starts the token server: over HTTPS once its certificate is there (nothing is served
-/// before, never plain HTTP instead), or over plain HTTP when TLS is disabled.
+/// before, never plain HTTP instead), or over plain HTTP when TLS is disabled. `expiry`
+/// follows its certificate's `notAfter`.
+#[allow(clippy::too_many_arguments)]
 async fn start_token_server(
     client: &Client,
     config: &OperatorConfig,
@@ -408,6 +436,7 @@ async fn start_token_server(
     router: axum::Router,
     leading: watch::Receiver<bool>,
     limits: ConnectionLimits,
+    expiry: prometheus_client::metrics::gauge::Gauge,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<
     (
@@ -436,12 +465,13 @@ async fn start_token_server(
                     config.namespace.clone(),
                     token_tls::TOKEN_TLS_SECRET,
                     "token server",
+                    expiry,
                 )
                 .await,
             )
         }
         TokenTls::Files(dir) => {
-            let resolver = controller::certs::watch_files(dir.clone(), "token server")
+            let resolver = controller::certs::watch_files(dir.clone(), "token server", expiry)
                 .map_err(OperatorError::Config)?;
             tokio::spawn(token_tls::publish_ca_file_while_leading(
                 client.clone(),
@@ -474,7 +504,9 @@ async fn start_token_server(
     Ok((task, shared))
 }
 
-/// Starts the HTTPS admission webhook with its certificate source.
+/// Starts the HTTPS admission webhook with its certificate source; `expiry` follows its
+/// certificate's `notAfter`, `metrics` count its answers.
+#[allow(clippy::too_many_arguments)]
 async fn start_webhook(
     client: &Client,
     config: &OperatorConfig,
@@ -482,6 +514,8 @@ async fn start_webhook(
     registry: &Arc<Registry>,
     leading: watch::Receiver<bool>,
     limits: ConnectionLimits,
+    expiry: prometheus_client::metrics::gauge::Gauge,
+    metrics: crate::webhook::WebhookMetrics,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<tokio::task::JoinHandle<()>, OperatorError> {
     let resolver = match &options.tls {
@@ -497,10 +531,10 @@ async fn start_webhook(
                 leading,
             ));
             tracing::info!("waiting for the webhook certificate");
-            webhook_tls::watch_secret(client.clone(), config.namespace.clone()).await
+            webhook_tls::watch_secret(client.clone(), config.namespace.clone(), expiry).await
         }
         WebhookTls::Files(dir) => {
-            webhook_tls::watch_files(dir.clone()).map_err(OperatorError::Config)?
+            webhook_tls::watch_files(dir.clone(), expiry).map_err(OperatorError::Config)?
         }
     };
     let native_sidecars = match client.apiserver_version().await {
@@ -521,6 +555,7 @@ async fn start_webhook(
         snapshot: registry.subscribe(),
         inject: Arc::new(inject),
         native_sidecars,
+        metrics,
     });
     let listener = tokio::net::TcpListener::bind(options.listen).await?;
     tracing::info!(listen = %options.listen, native_sidecars, "admission webhook listening");
@@ -579,12 +614,14 @@ async fn run_controllers_when_leading(
     let client = ctx.client.clone();
     let secret_selector = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
 
-    // ApiClients are reconciled again when their resolved grants change in the registry.
+    // ApiClients are reconciled again when their resolved grants change in the registry; the
+    // metrics of deleted ones go with them.
     let (refs_tx, _) =
         tokio::sync::broadcast::channel::<ObjectRef<DeserializeGuard<ApiClient>>>(4096);
     {
         let refs_tx = refs_tx.clone();
         let mut snapshots = ctx.registry.subscribe();
+        let ctx = ctx.clone();
         tokio::spawn(async move {
             let mut before = snapshots.borrow_and_update().clone();
             while snapshots.changed().await.is_ok() {
@@ -592,6 +629,9 @@ async fn run_controllers_when_leading(
                 let after = snapshots.borrow_and_update().clone();
                 for r in changed_clients(&before, &after) {
                     let _ = refs_tx.send(r);
+                }
+                for key in removed_clients(&before, &after) {
+                    ctx.metrics.clients.forget(&key.namespace, &key.name);
                 }
                 before = after;
             }

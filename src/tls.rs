@@ -294,6 +294,14 @@ fn first_der(pem: &str) -> Option<CertificateDer<'static>> {
     CertificateDer::pem_slice_iter(pem.as_bytes()).next()?.ok()
 }
 
+/// The certificates of a PEM bundle, as an HTTP client's only trusted roots; `None` when it
+/// holds none.
+pub fn pem_roots(pem: &[u8]) -> Option<Vec<reqwest::Certificate>> {
+    reqwest::Certificate::from_pem_bundle(pem)
+        .ok()
+        .filter(|roots| !roots.is_empty())
+}
+
 /// The `notAfter` of the first certificate in `cert_pem`.
 pub fn not_after(cert_pem: &str) -> Option<SystemTime> {
     let der = first_der(cert_pem)?;

@@ -294,6 +294,9 @@ async fn webhook_scenario(client: Client, ns: String, host: String) {
             ..keygate::webhook::InjectConfig::new("ghcr.io/keygate/keygate:0.1.0", "e2e")
         }),
         native_sidecars: false,
+        metrics: keygate::webhook::WebhookMetrics::register(
+            &mut prometheus_client::registry::Registry::default(),
+        ),
     });
     let server = tokio::spawn(keygate::webhook::serve_tls(
         listener,
@@ -352,6 +355,24 @@ async fn webhook_scenario(client: Client, ns: String, host: String) {
         || async { (!registry.snapshot().policies.is_empty()).then_some(()) },
     )
     .await;
+
+    // keygate check passes on the refusal of its reserved ApiClient that the API server
+    // relays from this webhook (the in-process API server calls no webhooks).
+    let check = keygate::check::CheckArgs {
+        timeout: Duration::from_secs(60),
+        interval: Duration::from_secs(1),
+        namespace: ns.clone(),
+        webhook_namespace: String::new(),
+        webhook: true,
+        webhook_name: keygate::webhook::validate::VALIDATING_WEBHOOK.to_owned(),
+        metadata_url: String::new(),
+        issuer: String::new(),
+        ca_configmap: "keygate-ca".to_owned(),
+        ca_file: None,
+    };
+    keygate::check::run(client.clone(), &check)
+        .await
+        .expect("keygate check sees the webhook's refusal");
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     let dry_run = PostParams {

@@ -202,3 +202,159 @@ async fn a_sidecar_follows_the_policy_stream() {
     let foreign = server.service_account_token("elsewhere", "default", &["keygate"]);
     operator::scenario_policy_stream(server.client(), NS, own, foreign).await;
 }
+
+/// The value of the series `series` (name and labels) in the metrics `text`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `/metrics` of an operator: its build, leadership, signing key and certificate, and each
+/// ApiClient's readiness and next rotation, removed when the ApiClient is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_of_the_replica_and_of_each_client() {
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    operator::apply_basics(&client, NS).await;
+    operator::apply_client(
+        &client,
+        NS,
+        "rotating",
+        serde_json::json!({"roles": ["reader"], "rotation": {"every": "720h", "overlap": "24h"}}),
+    )
+    .await;
+    let operator = operator::start_operator_https(client.clone(), NS).await;
+    operator::ready_secret(&client, NS, "rotating").await;
+    let ready =
+        r#"keygate_apiclient_ready_status{namespace="shop",name="rotating",condition="True"}"#;
+    let text = operator::eventually("the ApiClient's metrics", operator::WAIT, || async {
+        let text = operator.metrics().await;
+        (sample(&text, ready) == Some(1.0)).then_some(text)
+    })
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let version = format!(
+        r#"keygate_build_info{{version="{}"}}"#,
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(sample(&text, &version), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "keygate_controller_leader"), Some(1.0));
+    let created = sample(&text, "keygate_signing_key_created_timestamp_seconds").unwrap();
+    assert!((now - 120.0..=now).contains(&created), "{created}");
+    assert_eq!(
+        sample(&text, "keygate_signing_key_next_rotation_timestamp_seconds"),
+        Some(created + 720.0 * 3600.0)
+    );
+    let expiry = sample(
+        &text,
+        r#"keygate_certificate_expiration_timestamp_seconds{certificate="token_server"}"#,
+    )
+    .unwrap();
+    assert!(expiry > now + 24.0 * 3600.0, "{expiry}");
+    for condition in ["False", "Unknown"] {
+        let series = format!(
+            r#"keygate_apiclient_ready_status{{namespace="shop",name="rotating",condition="{condition}"}}"#
+        );
+        assert_eq!(sample(&text, &series), Some(0.0), "{series}");
+    }
+    let next_rotation = sample(
+        &text,
+        r#"keygate_apiclient_next_rotation_timestamp_seconds{namespace="shop",name="rotating"}"#,
+    )
+    .unwrap();
+    assert!((now + 719.0 * 3600.0..=now + 720.0 * 3600.0).contains(&next_rotation));
+    // Without scheduled rotation, there is no next rotation.
+    assert_eq!(
+        sample(
+            &text,
+            r#"keygate_apiclient_next_rotation_timestamp_seconds{namespace="shop",name="reporting"}"#
+        ),
+        None
+    );
+
+    let clients: kube::Api<keygate::api::ApiClient> = kube::Api::namespaced(client.clone(), NS);
+    clients
+        .delete("rotating", &Default::default())
+        .await
+        .expect("delete");
+    operator::eventually(
+        "the deleted ApiClient's series gone",
+        operator::WAIT,
+        || async {
+            let text = operator.metrics().await;
+            (!text.contains(r#"name="rotating""#)).then_some(())
+        },
+    )
+    .await;
+    operator.kill();
+}
+
+/// `keygate check` against the in-process API server. The token server check retries until
+/// the operator serves its metadata with the CA it publishes in `keygate-ca`. This API server
+/// calls no admission webhooks, so the webhook check can only be seen failing here, naming
+/// what does not answer; the refusal it passes on is tested in `keygate::check`'s unit tests
+/// and against a real cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_waits_for_the_token_server_and_names_what_does_not_answer() {
+    use keygate::check::{CheckArgs, run};
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    operator::create_namespace(&client, NS).await;
+    let operator = operator::start_operator_https(client.clone(), NS).await;
+    let issuer = operator
+        .token_url
+        .trim_end_matches("/oauth2/token")
+        .to_owned();
+    let args = CheckArgs {
+        timeout: Duration::from_secs(90),
+        interval: Duration::from_millis(200),
+        namespace: NS.to_owned(),
+        webhook_namespace: String::new(),
+        webhook: false,
+        webhook_name: keygate::webhook::validate::VALIDATING_WEBHOOK.to_owned(),
+        metadata_url: format!("{issuer}/.well-known/openid-configuration"),
+        issuer: issuer.clone(),
+        ca_configmap: "keygate-ca".to_owned(),
+        ca_file: None,
+    };
+    run(client.clone(), &args)
+        .await
+        .expect("the token server answers");
+
+    // Another issuer: refused, naming both.
+    let wrong = CheckArgs {
+        timeout: Duration::from_millis(500),
+        issuer: "https://elsewhere.example".to_owned(),
+        ..args.clone()
+    };
+    let failed = run(client.clone(), &wrong).await.unwrap_err();
+    assert_eq!(failed.failing.len(), 1);
+    assert_eq!(failed.failing[0].0, "the token server");
+    assert!(
+        failed.failing[0].1.contains("https://elsewhere.example"),
+        "{failed}"
+    );
+
+    // The dry run is admitted without a webhook: the check fails and says why.
+    let webhook = CheckArgs {
+        timeout: Duration::from_millis(500),
+        webhook: true,
+        metadata_url: String::new(),
+        ..args
+    };
+    let failed = run(client.clone(), &webhook).await.unwrap_err();
+    let message = failed.to_string();
+    assert!(message.contains("the admission webhook: "), "{message}");
+    assert!(
+        message.contains("without calling the webhook validate.keygate.dev"),
+        "{message}"
+    );
+    assert!(
+        server.objects("apiclients", Some(NS)).is_empty(),
+        "a dry run persists nothing"
+    );
+    operator.kill();
+}

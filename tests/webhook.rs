@@ -10,7 +10,7 @@ use base64::Engine;
 use keygate::api::{ScopePolicySpec, UpstreamSpec};
 use keygate::registry::{ObjectKey, PolicyInput, Snapshot};
 use keygate::webhook::tls::{self, CertResolver, Renewal, WebhookCerts};
-use keygate::webhook::{InjectConfig, WebhookState, router, serve_tls};
+use keygate::webhook::{InjectConfig, WebhookMetrics, WebhookState, router, serve_tls};
 use serde_json::Value;
 use tokio::sync::{oneshot, watch};
 
@@ -32,6 +32,7 @@ struct Server {
     url: String,
     resolver: Arc<CertResolver>,
     certs: WebhookCerts,
+    metrics: prometheus_client::registry::Registry,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -56,10 +57,12 @@ impl Server {
             },
         );
         let (_tx, rx) = watch::channel(Arc::new(snapshot));
+        let mut metrics = prometheus_client::registry::Registry::default();
         let state = WebhookState {
             snapshot: rx,
             inject: Arc::new(InjectConfig::new("ghcr.io/keygate/keygate:0.1.0", "0.1.0")),
             native_sidecars: true,
+            metrics: WebhookMetrics::register(&mut metrics),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -78,9 +81,22 @@ impl Server {
             url: format!("https://localhost:{port}"),
             resolver,
             certs,
+            metrics,
             stop: Some(stop),
             task,
         }
+    }
+
+    /// The count of admissions by `webhook` and `outcome`, as `/metrics` shows it.
+    fn admissions(&self, webhook: &str, outcome: &str) -> u64 {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.metrics).unwrap();
+        let series = format!(
+            "keygate_webhook_admissions_total{{webhook=\"{webhook}\",outcome=\"{outcome}\"}} "
+        );
+        text.lines()
+            .find_map(|line| line.strip_prefix(&series)?.parse().ok())
+            .unwrap_or(0)
     }
 
     async fn stop(mut self) {
@@ -222,6 +238,13 @@ async fn injects_and_validates_over_https_trusting_only_the_generated_ca() {
             .is_err()
     );
 
+    // keygate_webhook_admissions_total counts each answer once; refused handshakes none.
+    assert_eq!(server.admissions("mutating", "allowed"), 2);
+    assert_eq!(server.admissions("mutating", "denied"), 1);
+    assert_eq!(server.admissions("validating", "denied"), 1);
+    assert_eq!(server.admissions("validating", "allowed"), 0);
+    assert_eq!(server.admissions("mutating", "error"), 0);
+
     server.stop().await;
 }
 
@@ -243,6 +266,9 @@ async fn malformed_bodies_get_200_and_an_invalid_review() {
             assert_eq!(review["response"]["status"]["reason"], "InvalidRequest");
         }
     }
+    assert_eq!(server.admissions("mutating", "error"), 4);
+    assert_eq!(server.admissions("validating", "error"), 4);
+    assert_eq!(server.admissions("validating", "denied"), 0);
     server.stop().await;
 }
 

@@ -20,6 +20,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
 use super::{Error, MANAGER, Result, timed};
@@ -142,22 +143,36 @@ pub async fn create_secret_if_absent(
     Ok(created.then_some(certs))
 }
 
+/// Sets `expiry` (`keygate_certificate_expiration_timestamp_seconds`) to the `notAfter` of
+/// the certificate now served.
+fn record_expiry(expiry: &Gauge, cert_pem: &str) {
+    if let Some(seconds) = tls::not_after(cert_pem)
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .and_then(|d| i64::try_from(d.as_secs()).ok())
+    {
+        expiry.set(seconds);
+    }
+}
+
 /// Watches the certificate Secret: resolves with a resolver once the first valid pair
 /// arrives, and swaps every later one into it. Until then nothing is served: a listener
-/// that waits for this never falls back to plain HTTP.
+/// that waits for this never falls back to plain HTTP. `expiry` follows the served
+/// certificate's `notAfter`.
 pub async fn watch_secret(
     client: Client,
     namespace: String,
     secret: &'static str,
     what: &'static str,
+    expiry: Gauge,
 ) -> Arc<CertResolver> {
     let mut events = super::watch_named::<Secret>(client, &namespace, secret);
     let resolver = loop {
         match events.next().await {
             Some(Ok(object)) => {
-                if let Some(Ok(resolver)) =
-                    parse(&object).map(|c| CertResolver::from_pem(&c.tls_crt, &c.tls_key))
+                if let Some(certs) = parse(&object)
+                    && let Ok(resolver) = CertResolver::from_pem(&certs.tls_crt, &certs.tls_key)
                 {
+                    record_expiry(&expiry, &certs.tls_crt);
                     break resolver;
                 }
                 tracing::warn!(
@@ -175,8 +190,11 @@ pub async fn watch_secret(
     tokio::spawn(async move {
         while let Some(event) = events.next().await {
             if let Ok(object) = event {
-                match parse(&object).map(|c| swapper.swap(&c.tls_crt, &c.tls_key)) {
-                    Some(Ok(())) => tracing::info!(secret, "{what} certificate swapped"),
+                match parse(&object).map(|c| (swapper.swap(&c.tls_crt, &c.tls_key), c)) {
+                    Some((Ok(()), certs)) => {
+                        record_expiry(&expiry, &certs.tls_crt);
+                        tracing::info!(secret, "{what} certificate swapped")
+                    }
                     _ => tracing::error!(
                         secret,
                         "invalid {what} certificate; keeping the current one"
@@ -196,10 +214,12 @@ pub fn read_mounted(dir: &Path, name: &str) -> std::result::Result<String, Strin
 
 /// Loads `tls.crt`/`tls.key` from `dir` (a cert-manager Secret mount) and reloads them every
 /// minute, so a renewed certificate is served without a restart. Fails when they are missing
-/// or unusable: the listener then does not start.
+/// or unusable: the listener then does not start. `expiry` follows the served certificate's
+/// `notAfter`.
 pub fn watch_files(
     dir: PathBuf,
     what: &'static str,
+    expiry: Gauge,
 ) -> std::result::Result<Arc<CertResolver>, String> {
     let read = |dir: &Path| -> std::result::Result<(String, String), String> {
         Ok((
@@ -210,6 +230,7 @@ pub fn watch_files(
     let (cert, key) = read(&dir).map_err(|e| format!("{what} certificate: {e}"))?;
     let resolver = CertResolver::from_pem(&cert, &key)
         .map_err(|e| format!("{what} certificate in {}: {e}", dir.display()))?;
+    record_expiry(&expiry, &cert);
     let swapper = resolver.clone();
     tokio::spawn(async move {
         let mut last = (cert, key);
@@ -220,6 +241,7 @@ pub fn watch_files(
                 Ok(current) if current != last => match swapper.swap(&current.0, &current.1) {
                     Ok(()) => {
                         tracing::info!("{what} certificate reloaded from files");
+                        record_expiry(&expiry, &current.0);
                         last = current;
                     }
                     Err(error) => {

@@ -17,6 +17,9 @@ use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 
 use super::{
     CLIENT_LABEL, Context, Error, MANAGED_BY, MANAGER, REVOKE_ANNOTATION, ROTATE_ANNOTATION,
@@ -34,6 +37,102 @@ pub const LAST_ROTATION: &str = "keygate.dev/last-rotation";
 pub const ROTATED_FOR: &str = "keygate.dev/rotated-for";
 /// Secret annotation: the `keygate.dev/revoke-tokens` value last acted on.
 pub const REVOKED_FOR: &str = "keygate.dev/revoked-for";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientConditionLabels {
+    pub namespace: String,
+    pub name: String,
+    /// `True`, `False` or `Unknown`.
+    pub condition: &'static str,
+}
+
+/// The values of a condition's status, one series each (as cert-manager's
+/// `certmanager_certificate_ready_status`).
+const CONDITION_VALUES: [&str; 3] = ["True", "False", "Unknown"];
+
+/// Per-ApiClient metrics: one series set per existing ApiClient, removed with it.
+#[derive(Debug)]
+pub struct ClientMetrics {
+    /// 1 for the value of the Ready condition, 0 for the others.
+    pub ready: Family<ClientConditionLabels, Gauge>,
+    /// When the credentials rotate next (Unix seconds); absent without scheduled rotation.
+    pub next_rotation: Family<ClientLabels, Gauge>,
+}
+
+impl ClientMetrics {
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let metrics = Self {
+            ready: Family::default(),
+            next_rotation: Family::default(),
+        };
+        let r = registry.sub_registry_with_prefix("keygate_apiclient");
+        r.register(
+            "ready_status",
+            "The Ready condition of an ApiClient: 1 for its status, 0 for the others",
+            metrics.ready.clone(),
+        );
+        r.register(
+            "next_rotation_timestamp_seconds",
+            "When an ApiClient's credentials rotate next",
+            metrics.next_rotation.clone(),
+        );
+        metrics
+    }
+
+    /// Records the Ready condition and next rotation of `namespace/name` from `status`.
+    pub fn record(&self, namespace: &str, name: &str, status: &ApiClientStatus) {
+        let ready = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == crate::api::READY)
+            .map_or("Unknown", |c| c.status.as_str());
+        for condition in CONDITION_VALUES {
+            self.ready
+                .get_or_create(&condition_labels(namespace, name, condition))
+                .set(i64::from(condition == ready));
+        }
+        let labels = ClientLabels {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        match &status.next_rotation_time {
+            Some(time) => {
+                self.next_rotation
+                    .get_or_create(&labels)
+                    .set(time.0.as_second());
+            }
+            None => {
+                self.next_rotation.remove(&labels);
+            }
+        }
+    }
+
+    /// Removes the series of an ApiClient that no longer exists.
+    pub fn forget(&self, namespace: &str, name: &str) {
+        for condition in CONDITION_VALUES {
+            self.ready
+                .remove(&condition_labels(namespace, name, condition));
+        }
+        self.next_rotation.remove(&ClientLabels {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        });
+    }
+}
+
+fn condition_labels(namespace: &str, name: &str, condition: &'static str) -> ClientConditionLabels {
+    ClientConditionLabels {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        condition,
+    }
+}
 
 /// The Secret name of an ApiClient.
 pub fn secret_name(client: &ApiClient) -> String {
@@ -395,13 +494,25 @@ fn status_with(
     }
 }
 
-async fn patch_status(
+/// Writes `status` and records it in the ApiClient's metrics once written.
+async fn patch_status(ctx: &Context, client: &ApiClient, status: ApiClientStatus) -> Result<()> {
+    let status = write_status(ctx, client, status).await?;
+    ctx.metrics.clients.record(
+        &client.namespace().unwrap_or_default(),
+        &client.name_any(),
+        &status,
+    );
+    Ok(())
+}
+
+/// Writes `status` when it differs from the stored one; returns it as stored.
+async fn write_status(
     ctx: &Context,
     client: &ApiClient,
     mut status: ApiClientStatus,
-) -> Result<()> {
+) -> Result<ApiClientStatus> {
     if client.status.as_ref() == Some(&status) {
-        return Ok(());
+        return Ok(status);
     }
     let api: Api<ApiClient> =
         Api::namespaced(ctx.client.clone(), &client.namespace().unwrap_or_default());
@@ -414,7 +525,7 @@ async fn patch_status(
         crate::api::keep_transition_times(&mut status.conditions, &stored.conditions);
     }
     if stored.as_ref() == Some(&status) {
-        return Ok(());
+        return Ok(status);
     }
     let patch = serde_json::json!({
         "apiVersion": "keygate.dev/v1alpha1",
@@ -428,7 +539,7 @@ async fn patch_status(
     ))
     .await?;
     ctx.wrote("apiclient");
-    Ok(())
+    Ok(status)
 }
 
 #[cfg(test)]
@@ -531,6 +642,45 @@ mod tests {
             after_overlap.data[key::CLIENT_SECRET],
             due.data[key::CLIENT_SECRET]
         );
+    }
+
+    #[test]
+    fn client_metrics_follow_the_status_and_go_with_the_client() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = ClientMetrics::register(&mut registry);
+        let text = |registry: &prometheus_client::registry::Registry| {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+            text
+        };
+        let mut status = ApiClientStatus {
+            next_rotation_time: time(NOW),
+            conditions: vec![ready_condition(
+                false,
+                "RoleNotFound",
+                "",
+                Some(1),
+                &[],
+                Time(jiff::Timestamp::now()),
+            )],
+            ..ApiClientStatus::default()
+        };
+        metrics.record("shop", "a", &status);
+        let scraped = text(&registry);
+        for (condition, value) in [("True", 0), ("False", 1), ("Unknown", 0)] {
+            let line = format!(
+                "keygate_apiclient_ready_status{{namespace=\"shop\",name=\"a\",condition=\"{condition}\"}} {value}\n"
+            );
+            assert!(scraped.contains(&line), "{line} in {scraped}");
+        }
+        assert!(scraped.contains(&format!(
+            "keygate_apiclient_next_rotation_timestamp_seconds{{namespace=\"shop\",name=\"a\"}} {NOW}\n"
+        )));
+        status.next_rotation_time = None;
+        metrics.record("shop", "a", &status);
+        assert!(!text(&registry).contains("keygate_apiclient_next_rotation_timestamp_seconds{"));
+        metrics.forget("shop", "a");
+        assert!(!text(&registry).contains("name=\"a\""));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::PostParams;
 use kube::{Api, Client};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
 use super::{Result, timed};
@@ -75,14 +76,16 @@ async fn try_acquire(api: &Api<Lease>, name: &str, identity: &str) -> Result<boo
     }
 }
 
-/// Campaigns for and renews the lease forever, publishing whether this replica leads.
-/// Returns an error when a held lease could not be renewed in time.
+/// Campaigns for and renews the lease forever, publishing whether this replica leads (and
+/// in the `keygate_controller_leader` gauge `leader`). Returns an error when a held lease
+/// could not be renewed in time.
 pub async fn run(
     client: Client,
     namespace: String,
     name: String,
     identity: String,
     leading: watch::Sender<bool>,
+    leader: Gauge,
 ) -> Result<()> {
     let api: Api<Lease> = Api::namespaced(client, &namespace);
     let mut last_renewal = tokio::time::Instant::now();
@@ -94,9 +97,11 @@ pub async fn run(
                 if !held {
                     tracing::info!(%identity, "became the leader");
                     leading.send_replace(true);
+                    leader.set(1);
                 }
             }
             Ok(false) if held => {
+                leader.set(0);
                 return Err(super::Error::Invalid(
                     "lost the leader lease to another replica".into(),
                 ));
@@ -105,6 +110,7 @@ pub async fn run(
             Err(error) => {
                 tracing::warn!(%error, "lease renewal failed");
                 if held && last_renewal.elapsed() > Duration::from_secs(LEASE_SECONDS as u64) {
+                    leader.set(0);
                     return Err(super::Error::Invalid(
                         "could not renew the leader lease in time".into(),
                     ));

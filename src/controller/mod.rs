@@ -187,6 +187,8 @@ pub struct Metrics {
     pub duration: Family<ReconcileLabels, Histogram>,
     pub writes: Family<ReconcileLabels, Counter>,
     pub managed: Family<ReconcileLabels, Gauge>,
+    /// Readiness and next rotation of each ApiClient (`keygate_apiclient_*`).
+    pub clients: clients::ClientMetrics,
 }
 
 impl Metrics {
@@ -199,6 +201,7 @@ impl Metrics {
             }),
             writes: Family::default(),
             managed: Family::default(),
+            clients: clients::ClientMetrics::register(registry),
         };
         let r = registry.sub_registry_with_prefix("keygate_controller");
         r.register(
@@ -227,6 +230,65 @@ impl Metrics {
             metrics.managed.clone(),
         );
         metrics
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabels {
+    /// `webhook` or `token_server`.
+    pub certificate: &'static str,
+}
+
+/// Metrics of every operator replica, leader or not: what it serves and signs with.
+#[derive(Clone, Debug)]
+pub struct ReplicaMetrics {
+    /// 1 while this replica holds the leader lease.
+    pub leader: Gauge,
+    /// `notAfter` of the certificate each HTTPS listener serves (Unix seconds).
+    pub certificate_expiration: Family<CertificateLabels, Gauge>,
+    /// When the current signing key became current (Unix seconds).
+    pub signing_key_created: Gauge,
+    /// When the leader is due to rotate the current signing key (Unix seconds).
+    pub signing_key_next_rotation: Gauge,
+}
+
+impl ReplicaMetrics {
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let metrics = Self {
+            leader: Gauge::default(),
+            certificate_expiration: Family::default(),
+            signing_key_created: Gauge::default(),
+            signing_key_next_rotation: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("keygate");
+        r.register(
+            "controller_leader",
+            "1 while this replica holds the leader lease and runs the controllers",
+            metrics.leader.clone(),
+        );
+        r.register(
+            "certificate_expiration_timestamp_seconds",
+            "When the certificate a listener serves expires",
+            metrics.certificate_expiration.clone(),
+        );
+        r.register(
+            "signing_key_created_timestamp_seconds",
+            "When the current token signing key became current",
+            metrics.signing_key_created.clone(),
+        );
+        r.register(
+            "signing_key_next_rotation_timestamp_seconds",
+            "When the current token signing key is due to be rotated",
+            metrics.signing_key_next_rotation.clone(),
+        );
+        metrics
+    }
+
+    /// The expiry gauge of `certificate`, for the watcher that loads it.
+    pub fn certificate(&self, certificate: &'static str) -> Gauge {
+        self.certificate_expiration
+            .get_or_create(&CertificateLabels { certificate })
+            .clone()
     }
 }
 

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use super::{MANAGER, Result, timed};
 use crate::credentials::unix_now;
-use crate::token::keys::{IssuerKeys, RotationPolicy, StoredKeySet};
+use crate::token::keys::{IssuerKeys, KeyState, RotationPolicy, StoredKeySet};
 
 /// The Secret holding the signing keys.
 pub const SIGNING_SECRET: &str = "keygate-signing-keys";
@@ -68,13 +68,51 @@ pub async fn maintain_while_leading(
     .await;
 }
 
+/// When the current key of `keys` became current, and when it is due for rotation under a
+/// rotation every `every_secs`.
+fn current_key_times(keys: &StoredKeySet, every_secs: u64) -> Option<(u64, u64)> {
+    let since = keys
+        .keys
+        .iter()
+        .find(|k| k.state == KeyState::Current)?
+        .since;
+    Some((since, since.saturating_add(every_secs)))
+}
+
+/// Parses the key set of `secret`, recording its current key's times in `metrics`.
+fn load(
+    secret: &Secret,
+    every_secs: u64,
+    metrics: &super::ReplicaMetrics,
+) -> Option<crate::credentials::Result<Arc<IssuerKeys>>> {
+    let stored = stored(secret)?;
+    let keys = IssuerKeys::from_stored(&stored);
+    if keys.is_ok()
+        && let Some((since, due)) = current_key_times(&stored, every_secs)
+    {
+        metrics
+            .signing_key_created
+            .set(i64::try_from(since).unwrap_or(i64::MAX));
+        metrics
+            .signing_key_next_rotation
+            .set(i64::try_from(due).unwrap_or(i64::MAX));
+    }
+    Some(keys)
+}
+
 /// Watches the signing keys Secret; resolves with a receiver once the first valid key set
-/// arrives, and keeps it current afterwards.
-pub async fn watch_keys(client: Client, namespace: String) -> watch::Receiver<Arc<IssuerKeys>> {
+/// arrives, and keeps it current afterwards. The current key's times go to `metrics`
+/// (`keygate_signing_key_*`), its rotation due `every_secs` after it became current.
+pub async fn watch_keys(
+    client: Client,
+    namespace: String,
+    every_secs: u64,
+    metrics: super::ReplicaMetrics,
+) -> watch::Receiver<Arc<IssuerKeys>> {
     let mut events = super::watch_named::<Secret>(client, &namespace, SIGNING_SECRET);
     let first = loop {
         match events.next().await {
-            Some(Ok(secret)) => match stored(&secret).map(|s| IssuerKeys::from_stored(&s)) {
+            Some(Ok(secret)) => match load(&secret, every_secs, &metrics) {
                 Some(Ok(keys)) => break keys,
                 _ => {
                     tracing::warn!("the signing keys Secret is malformed; waiting for a valid one")
@@ -89,7 +127,7 @@ pub async fn watch_keys(client: Client, namespace: String) -> watch::Receiver<Ar
     let (tx, rx) = watch::channel(first);
     tokio::spawn(async move {
         while let Some(event) = events.next().await {
-            match event.map(|s| stored(&s).map(|k| IssuerKeys::from_stored(&k))) {
+            match event.map(|s| load(&s, every_secs, &metrics)) {
                 Ok(Some(Ok(keys))) => {
                     tx.send_replace(keys);
                 }
@@ -101,4 +139,37 @@ pub async fn watch_keys(client: Client, namespace: String) -> watch::Receiver<Ar
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_current_keys_times_are_recorded() {
+        let policy = RotationPolicy {
+            algorithm: crate::api::KeyAlgorithm::ES256,
+            every_secs: 3600,
+            max_token_lifetime_secs: 60,
+        };
+        let mut keys = StoredKeySet::default();
+        keys.maintain(policy, 1000).unwrap();
+        // An hour later the next key became current.
+        keys.maintain(policy, 4600).unwrap();
+        assert_eq!(current_key_times(&keys, 3600), Some((4600, 8200)));
+        let secret = Secret {
+            data: Some(BTreeMap::from([(
+                KEYS_KEY.into(),
+                ByteString(serde_json::to_vec(&keys).unwrap()),
+            )])),
+            ..Secret::default()
+        };
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = super::super::ReplicaMetrics::register(&mut registry);
+        assert!(matches!(load(&secret, 3600, &metrics), Some(Ok(_))));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("keygate_signing_key_created_timestamp_seconds 4600\n"));
+        assert!(text.contains("keygate_signing_key_next_rotation_timestamp_seconds 8200\n"));
+    }
 }

@@ -15,6 +15,7 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
+use prometheus_client::metrics::gauge::Gauge;
 use serde_json::json;
 use tokio::sync::watch;
 
@@ -167,11 +168,11 @@ pub async fn maintain_while_leading(
 }
 
 /// Watches the certificate Secret ([`certs::watch_secret`]).
-pub async fn watch_secret(client: Client, namespace: String) -> Arc<CertResolver> {
-    certs::watch_secret(client, namespace, WEBHOOK_TLS_SECRET, "webhook").await
+pub async fn watch_secret(client: Client, namespace: String, expiry: Gauge) -> Arc<CertResolver> {
+    certs::watch_secret(client, namespace, WEBHOOK_TLS_SECRET, "webhook", expiry).await
 }
 
 /// Loads and reloads the certificate files cert-manager mounts ([`certs::watch_files`]).
-pub fn watch_files(dir: PathBuf) -> std::result::Result<Arc<CertResolver>, String> {
-    certs::watch_files(dir, "webhook")
+pub fn watch_files(dir: PathBuf, expiry: Gauge) -> std::result::Result<Arc<CertResolver>, String> {
+    certs::watch_files(dir, "webhook", expiry)
 }

@@ -38,7 +38,7 @@ pub struct SidecarArgs {
     #[arg(long, env = "KEYGATE_LEEWAY", default_value = "30s", value_parser = parse_duration)]
     pub leeway: Duration,
     /// How often the policy file is checked for changes.
-    #[arg(long, env = "KEYGATE_RELOAD_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "KEYGATE_RELOAD_INTERVAL", default_value = "1s", value_parser = crate::connections::positive_duration)]
     pub reload_interval: Duration,
     /// How long in-flight requests may take to finish on shutdown.
     #[arg(long, env = "KEYGATE_DRAIN", default_value = "20s", value_parser = parse_duration)]

@@ -512,8 +512,8 @@ fn classify_client_error(error: &hyper_util::client::legacy::Error) -> ForwardEr
 }
 
 /// Flattens an error and its sources for logging (upstream errors only; they never
-/// contain request data).
-fn error_chain(error: &dyn StdError) -> String {
+/// contain request data; `keygate check` reports its HTTP errors with it too).
+pub(crate) fn error_chain(error: &dyn StdError) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(current) = source {

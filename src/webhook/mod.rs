@@ -18,7 +18,7 @@ pub mod validate;
 
 pub use inject::{CaptureMode, Deny, InjectConfig, inject};
 pub use manifest::inject_manifest;
-pub use server::{WebhookState, mutate_review, router, validate_review};
+pub use server::{WebhookMetrics, WebhookState, mutate_review, router, validate_review};
 pub use tls::{CertResolver, WebhookCerts, serve_tls};
 
 #[cfg(test)]

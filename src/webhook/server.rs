@@ -19,6 +19,9 @@ use http_body_util::BodyExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde_json::Value;
 use tokio::sync::watch;
 
@@ -39,6 +42,56 @@ pub struct WebhookState {
     pub inject: Arc<InjectConfig>,
     /// The API server supports native sidecars (Kubernetes 1.29+).
     pub native_sidecars: bool,
+    pub metrics: WebhookMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabels {
+    /// `mutating` or `validating`.
+    pub webhook: &'static str,
+    /// `allowed`, `denied` (refused by policy) or `error` (a request the webhook could not
+    /// read).
+    pub outcome: &'static str,
+}
+
+/// Webhook metrics.
+#[derive(Clone, Debug)]
+pub struct WebhookMetrics {
+    pub admissions: Family<AdmissionLabels, Counter>,
+}
+
+impl WebhookMetrics {
+    pub fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let metrics = Self {
+            admissions: Family::default(),
+        };
+        let r = registry.sub_registry_with_prefix("keygate_webhook");
+        r.register(
+            "admissions",
+            "Admission requests answered, by webhook and outcome",
+            metrics.admissions.clone(),
+        );
+        metrics
+    }
+
+    fn count(&self, webhook: &'static str, review: &AdmissionReview<DynamicObject>) {
+        self.admissions
+            .get_or_create(&AdmissionLabels {
+                webhook,
+                outcome: outcome(review),
+            })
+            .inc();
+    }
+}
+
+/// The outcome label of an answer: [`AdmissionResponse::invalid`] answers carry the reason
+/// `InvalidRequest`, denials keep the request's.
+fn outcome(review: &AdmissionReview<DynamicObject>) -> &'static str {
+    match &review.response {
+        Some(response) if response.allowed => "allowed",
+        Some(response) if response.result.reason != "InvalidRequest" => "denied",
+        _ => "error",
+    }
 }
 
 /// `POST /mutate-pods` and `POST /validate`.
@@ -59,14 +112,16 @@ async fn mutate_handler(State(state): State<WebhookState>, body: Body) -> Respon
         }
         Err(message) => AdmissionResponse::invalid(message).into_review(),
     };
+    state.metrics.count("mutating", &review);
     respond(&review)
 }
 
-async fn validate_handler(body: Body) -> Response {
+async fn validate_handler(State(state): State<WebhookState>, body: Body) -> Response {
     let review = match read_body(body).await {
         Ok(bytes) => validate_review(&bytes),
         Err(message) => AdmissionResponse::invalid(message).into_review(),
     };
+    state.metrics.count("validating", &review);
     respond(&review)
 }
 

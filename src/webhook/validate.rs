@@ -19,6 +19,14 @@ use crate::policy::CompiledPolicy;
 /// The longest Kubernetes object name (a DNS subdomain).
 const MAX_NAME: usize = 253;
 
+/// The name of the validating webhook in keygate's ValidatingWebhookConfiguration; the API
+/// server names it in every refusal it relays.
+pub const VALIDATING_WEBHOOK: &str = "validate.keygate.dev";
+
+/// An ApiClient name this webhook always refuses: `keygate check` asks for one in a
+/// server-side dry run, and a refusal from the webhook proves that the API server reaches it.
+pub const STARTUP_CHECK_CLIENT: &str = "keygate-startupcheck";
+
 /// What validation found: errors refuse the object, warnings are shown to the client
 /// (`kubectl` prints them) and admit it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -59,6 +67,11 @@ pub fn validate_scope_policy(name: &str, spec: &ScopePolicySpec) -> Result<(), V
 /// Secret name is a valid name.
 pub fn validate_api_client(name: &str, spec: &ApiClientSpec) -> Result<(), Vec<String>> {
     let mut errors = Vec::new();
+    if name == STARTUP_CHECK_CLIENT {
+        errors.push(format!(
+            "metadata.name: {STARTUP_CHECK_CLIENT} is reserved for `keygate check`, which asks for it in a dry run to see that the API server reaches this webhook"
+        ));
+    }
     if let Some(lifetime) = &spec.token_lifetime {
         match parse_duration(lifetime) {
             Ok(d) if d < Duration::from_secs(60) || d > Duration::from_secs(24 * 3600) => errors
@@ -272,6 +285,15 @@ mod tests {
 
         let long = client(json!({"tokenLifetime": "48h"}));
         assert_eq!(validate_object("ApiClient", &long).errors.len(), 1);
+    }
+
+    #[test]
+    fn the_startup_check_name_is_always_refused() {
+        let object =
+            json!({"kind": "ApiClient", "metadata": {"name": STARTUP_CHECK_CLIENT}, "spec": {}});
+        let errors = validate_object("ApiClient", &object).errors;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("reserved for `keygate check`"));
     }
 
     #[test]

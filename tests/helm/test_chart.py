@@ -166,6 +166,15 @@ def one(objects, kind):
     return found[0]
 
 
+def not_hooks(objects):
+    """The release's own objects, without the Helm hooks (the startup check's)."""
+    return [o for o in objects if "helm.sh/hook" not in (o["metadata"].get("annotations") or {})]
+
+
+def hooks(objects):
+    return [o for o in objects if "helm.sh/hook" in (o["metadata"].get("annotations") or {})]
+
+
 def deployment_args(objects) -> list[str]:
     return one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
 
@@ -288,6 +297,12 @@ def test_crds_disabled_renders_none():
     ({"image": {"tga": "latest"}}, "tga"),
     ({"webhook": {"validating": {"failurePolicy": "Maybe"}}}, "failurePolicy"),
     ({"token": {"maxLifetime": "one day"}}, "maxLifetime"),
+    # The operator refuses zero durations at start (--default-token-lifetime and friends).
+    ({"token": {"defaultLifetime": "0s"}}, "defaultLifetime"),
+    ({"token": {"maxLifetime": "0h0m"}}, "maxLifetime"),
+    ({"signingKeys": {"rotation": "0"}}, "rotation"),
+    ({"startupCheck": {"timeoutSeconds": "3m"}}, "timeoutSeconds"),
+    ({"startupCheck": {"enabeld": False}}, "enabeld"),
     ({"watchNamespaces": "shop"}, "watchNamespaces"),
     ({"monitoring": {"serviceMonitor": {"enabeld": True}}}, "enabeld"),
 ])
@@ -331,7 +346,7 @@ def test_schema_is_closed_at_every_level_and_matches_values_yaml():
         assert set(values) <= declared, f"{path}: values.yaml {sorted(values)} vs schema {sorted(declared)}"
         # The schema declares no value that values.yaml leaves undocumented (optional
         # Kubernetes fields such as resources.requests.ephemeral-storage aside).
-        if not path.startswith("$.resources"):
+        if not path.startswith(("$.resources", "$.startupCheck.resources")):
             assert set(values) == declared, f"{path}: values.yaml {sorted(values)} vs schema {sorted(declared)}"
         for key, value in values.items():
             sub = node["properties"][key]
@@ -381,7 +396,7 @@ def test_leases_only_through_a_role_in_the_release_namespace(variant):
     binding = next(b for b in of_kind(objects, "RoleBinding")
                    if b["roleRef"]["name"] == lease_rules[0][0]["metadata"]["name"]
                    and b["metadata"]["namespace"] == NAMESPACE)
-    sa = one(objects, "ServiceAccount")["metadata"]["name"]
+    sa = one(not_hooks(objects), "ServiceAccount")["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
 
 
@@ -427,11 +442,11 @@ def test_secrets_and_configmaps_cluster_wide_only_without_watch_namespaces(varia
                                  "tokenreviews"}
     assert flag(deployment_args(objects), "watch-namespaces") == ",".join(watched)
     for ns in watched:
-        roles = [o for o in of_kind(objects, "Role") if o["metadata"]["namespace"] == ns]
+        roles = [o for o in of_kind(not_hooks(objects), "Role") if o["metadata"]["namespace"] == ns]
         assert len(roles) == 1, (name, ns)
         granted = {res for r in roles[0]["rules"] for res in r["resources"]}
         assert {"secrets", "configmaps", "apiclients", "apiclients/status", "events"} <= granted
-        bindings = [b for b in of_kind(objects, "RoleBinding") if b["metadata"]["namespace"] == ns]
+        bindings = [b for b in of_kind(not_hooks(objects), "RoleBinding") if b["metadata"]["namespace"] == ns]
         assert [b["roleRef"]["name"] for b in bindings] == [roles[0]["metadata"]["name"]]
         assert bindings[0]["subjects"][0]["namespace"] == NAMESPACE
     # in its own namespace, writes to existing Secrets/ConfigMaps name the operator's objects
@@ -735,7 +750,7 @@ def test_deployment_is_hardened(variant):
         assert sc["capabilities"] == {"drop": ["ALL"]}
         assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
         assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
-    sa = one(objects, "ServiceAccount")
+    sa = one(not_hooks(objects), "ServiceAccount")
     assert sa["automountServiceAccountToken"] is False
     assert pod["serviceAccountName"] == sa["metadata"]["name"]
 
@@ -1046,7 +1061,9 @@ def test_network_policy(variant):
     if "policy" in ports:
         assert "from" not in ports["policy"], "sidecars in every namespace follow the policy stream"
     if np.get("tokenFrom"):
-        assert ports["token"]["from"] == np["tokenFrom"]
+        # ... and the startup check's Pod, which reads the metadata document.
+        check_pod = one(objects, "Job")["spec"]["template"]["metadata"]["labels"]
+        assert ports["token"]["from"] == np["tokenFrom"] + [{"podSelector": {"matchLabels": check_pod}}]
     if np.get("egress"):
         assert "Egress" in policy["spec"]["policyTypes"]
         assert policy["spec"]["egress"] == np["egress"]
@@ -1167,3 +1184,108 @@ def test_the_operator_may_write_every_revocation_shard():
     }
     expected = {f"keygate-revocations-{i}" for i in range(shards)} | {"keygate-revocations"}
     assert expected <= named, sorted(expected - named)
+
+
+# -------------------------------------------------------------------------- startup check
+
+
+def test_schema_accepts_nonzero_durations():
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema({"token": {"defaultLifetime": "0.5h", "maxLifetime": "1h30m"},
+                               "signingKeys": {"rotation": "10m"}})
+
+
+def check_args(objects) -> list[str]:
+    job = one(objects, "Job")
+    return job["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_startup_check_is_a_hook_job_with_its_own_least_privilege(variant):
+    name, values, objects = variant
+    job = one(objects, "Job")
+    checks = hooks(objects)
+    assert {o["kind"] for o in checks} <= {"Job", "ServiceAccount", "Role", "RoleBinding"}, name
+    for obj in checks:
+        annotations = obj["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == "post-install,post-upgrade"
+        assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+        # The ServiceAccount and its grants exist before the Job runs.
+        assert int(annotations["helm.sh/hook-weight"]) < 0 or obj["kind"] == "Job"
+    spec = job["spec"]
+    assert spec["backoffLimit"] == 1
+    assert spec["activeDeadlineSeconds"] == 240
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    sa = one([o for o in checks if o["kind"] == "ServiceAccount"], "ServiceAccount")
+    assert pod["serviceAccountName"] == sa["metadata"]["name"] == "keygate-check"
+    assert sa["automountServiceAccountToken"] is False and pod["automountServiceAccountToken"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    [container] = pod["containers"]
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["runAsNonRoot"] is True
+    assert container["resources"]["limits"]["memory"]
+    assert container["image"] == one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
+
+    # Exactly: create ApiClients where the webhook sees them, get keygate-ca by name.
+    webhook = values.get("webhook", {}).get("validating", {}).get("enabled", True)
+    tls = token_tls(values) != "disabled"
+    watched = values.get("watchNamespaces") or []
+    check_ns = NAMESPACE if not watched or NAMESPACE in watched else watched[0]
+    grants = set()
+    for role in (o for o in checks if o["kind"] == "Role"):
+        ns = role["metadata"]["namespace"]
+        binding = next(b for b in checks if b["kind"] == "RoleBinding" and b["metadata"]["namespace"] == ns)
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": role["metadata"]["name"]}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "keygate-check", "namespace": NAMESPACE}]
+        for rule in role["rules"]:
+            for res in rule["resources"]:
+                grants.add((ns, rule["apiGroups"][0], res, tuple(rule["verbs"]),
+                            tuple(rule.get("resourceNames", []))))
+    expected = set()
+    if webhook:
+        expected.add((check_ns, "keygate.dev", "apiclients", ("create",), ()))
+    if tls:
+        expected.add((NAMESPACE, "", "configmaps", ("get",), ("keygate-ca",)))
+    assert grants == expected, name
+
+    args = check_args(objects)
+    assert args[0] == "check"
+    assert flag(args, "timeout") == "180s"
+    assert flag(args, "webhook") == str(webhook).lower()
+    assert flag(args, "webhook-namespace") == check_ns
+    assert flag(args, "namespace") == NAMESPACE
+    issuer = flag(deployment_args(objects), "issuer")
+    assert flag(args, "issuer") == issuer
+    scheme = "https" if tls else "http"
+    assert flag(args, "metadata-url").startswith(f"{scheme}://keygate.{NAMESPACE}.svc")
+    assert flag(args, "metadata-url").endswith("/.well-known/openid-configuration")
+
+
+def test_the_check_refusal_name_is_the_validating_webhooks():
+    # keygate check passes on a refusal from the webhook the chart names validate.keygate.dev.
+    source = (REPO / "src/webhook/validate.rs").read_text()
+    name = re.search(r'pub const VALIDATING_WEBHOOK: &str = "([^"]+)";', source).group(1)
+    config = one(render(), "ValidatingWebhookConfiguration")
+    assert [w["name"] for w in config["webhooks"]] == [name]
+
+
+def test_startup_check_values():
+    objects = render({"startupCheck": {"timeoutSeconds": 600, "backoffLimit": 0,
+                                       "resources": {"limits": {"memory": "32Mi"}}}})
+    job = one(objects, "Job")
+    assert (job["spec"]["activeDeadlineSeconds"], job["spec"]["backoffLimit"]) == (660, 0)
+    assert flag(check_args(objects), "timeout") == "600s"
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"] == {
+        "requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "32Mi"}}
+    assert hooks(render({"startupCheck": {"enabled": False}})) == []
+
+
+def test_without_the_startup_check_the_token_server_admits_only_token_from():
+    peers = [{"namespaceSelector": {"matchLabels": {"keygate.dev/clients": "true"}}}]
+    objects = render({"networkPolicy": {"enabled": True, "tokenFrom": peers}, "startupCheck": {"enabled": False}})
+    ingress = one(objects, "NetworkPolicy")["spec"]["ingress"]
+    token = next(r for r in ingress if r["ports"][0]["port"] == "token")
+    assert token["from"] == peers

@@ -74,7 +74,13 @@ def test_the_metric_list_is_read_from_the_source():
         assert any(m.startswith(prefix) for m in metrics), prefix
     assert {"keygate_token_issued_total", "keygate_token_request_duration_seconds_bucket",
             "keygate_controller_failures_total", "keygate_controller_managed_objects",
-            "keygate_sidecar_decisions_total", "keygate_sidecar_policy_generation"} <= set(metrics)
+            "keygate_sidecar_decisions_total", "keygate_sidecar_policy_generation",
+            "keygate_build_info", "keygate_webhook_admissions_total", "keygate_controller_leader",
+            "keygate_certificate_expiration_timestamp_seconds",
+            "keygate_signing_key_created_timestamp_seconds",
+            "keygate_signing_key_next_rotation_timestamp_seconds",
+            "keygate_apiclient_ready_status",
+            "keygate_apiclient_next_rotation_timestamp_seconds"} <= set(metrics)
     assert len(metrics) >= 20, sorted(metrics)
 
 
@@ -247,6 +253,8 @@ def test_rules_cover_the_documented_alerts_and_scope_namespaces():
     assert set(rules) == {
         "KeygateTokenServerErrors", "KeygateTokenRefusalsHigh", "KeygateTokenLatencyHigh",
         "KeygateOperatorDown", "KeygateReconcileErrors", "KeygateControllersStalled",
+        "KeygateNoLeader", "KeygateCertificateExpiresSoon", "KeygateSigningKeyRotationOverdue",
+        "KeygateApiClientNotReady",
         "KeygateSidecarWithoutPolicy", "KeygateSidecarPolicyReloadFailing",
         "KeygateSidecarRefusalSpike", "KeygateSidecarUpstreamErrors"}
     for alert, rule in rules.items():
@@ -354,6 +362,72 @@ def test_promtool_unit_tests_of_alerts(tmp_path):
                 ],
                 "alert_rule_test": [
                     {"eval_time": "4h", "alertname": "KeygateControllersStalled", "exp_alerts": []},
+                ],
+            },
+            {   # the leader is gone and no replica takes over: fires after 10 minutes
+                "interval": "1m",
+                "input_series": [
+                    {"series": f'keygate_controller_leader{{namespace="{ns}",pod="a"}}', "values": "1 1 0x30"},
+                    {"series": f'keygate_controller_leader{{namespace="{ns}",pod="b"}}', "values": "0x32"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "8m", "alertname": "KeygateNoLeader", "exp_alerts": []},
+                    {"eval_time": "20m", "alertname": "KeygateNoLeader", "exp_alerts": [
+                        {"exp_labels": {"severity": "critical", "namespace": ns}}]},
+                ],
+            },
+            {   # ... and a handover to another replica keeps it quiet
+                "interval": "1m",
+                "input_series": [
+                    {"series": f'keygate_controller_leader{{namespace="{ns}",pod="a"}}', "values": "1 1 0x30"},
+                    {"series": f'keygate_controller_leader{{namespace="{ns}",pod="b"}}', "values": "0 0 0 1x30"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "20m", "alertname": "KeygateNoLeader", "exp_alerts": []},
+                ],
+            },
+            {   # the webhook's certificate expires in under a week (promtool's clock starts at
+                # 0): fires after an hour; the token server's, 30 days away, does not
+                "interval": "5m",
+                "input_series": [
+                    {"series": f'keygate_certificate_expiration_timestamp_seconds{{namespace="{ns}",pod="a",certificate="webhook"}}',
+                     "values": f"{6 * 86400}x40"},
+                    {"series": f'keygate_certificate_expiration_timestamp_seconds{{namespace="{ns}",pod="a",certificate="token_server"}}',
+                     "values": f"{30 * 86400}x40"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "30m", "alertname": "KeygateCertificateExpiresSoon", "exp_alerts": []},
+                    {"eval_time": "2h", "alertname": "KeygateCertificateExpiresSoon", "exp_alerts": [
+                        {"exp_labels": {"severity": "warning", "namespace": ns, "certificate": "webhook"}}]},
+                ],
+            },
+            {   # the signing key was due for rotation at 0: overdue by an hour at 1h
+                "interval": "5m",
+                "input_series": [
+                    {"series": f'keygate_signing_key_next_rotation_timestamp_seconds{{namespace="{ns}",pod="a"}}',
+                     "values": "0x40"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "50m", "alertname": "KeygateSigningKeyRotationOverdue", "exp_alerts": []},
+                    {"eval_time": "2h", "alertname": "KeygateSigningKeyRotationOverdue", "exp_alerts": [
+                        {"exp_labels": {"severity": "warning", "namespace": ns}}]},
+                ],
+            },
+            {   # an ApiClient Ready=False for 15 minutes fires, named by its own namespace
+                "interval": "1m",
+                "input_series": [
+                    {"series": f'keygate_apiclient_ready_status{{namespace="{ns}",pod="a",exported_namespace="shop",name="a",condition="False"}}',
+                     "values": "1x30"},
+                    {"series": f'keygate_apiclient_ready_status{{namespace="{ns}",pod="a",exported_namespace="shop",name="b",condition="False"}}',
+                     "values": "0x30"},
+                    {"series": f'keygate_apiclient_ready_status{{namespace="{ns}",pod="a",exported_namespace="shop",name="b",condition="True"}}',
+                     "values": "1x30"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "10m", "alertname": "KeygateApiClientNotReady", "exp_alerts": []},
+                    {"eval_time": "20m", "alertname": "KeygateApiClientNotReady", "exp_alerts": [
+                        {"exp_labels": {"severity": "warning", "namespace": ns, "exported_namespace": "shop",
+                                        "name": "a"}}]},
                 ],
             },
             {   # no operator replica scraped

@@ -25,6 +25,8 @@ pub const ORDERS: &str = "https://orders.shop.svc";
 pub struct Operator {
     task: JoinHandle<()>,
     pub token_url: String,
+    /// `http://127.0.0.1:PORT` of `/healthz`, `/readyz` and `/metrics`.
+    pub admin_url: String,
     token_port: u16,
     https: bool,
     /// Set to ask for a graceful shutdown (dropping it asks too).
@@ -41,6 +43,21 @@ impl Operator {
     /// Stops it abruptly, as a crash or a node loss would.
     pub fn kill(self) {
         self.task.abort();
+    }
+
+    /// The text of its `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        http.get(format!("{}/metrics", self.admin_url))
+            .send()
+            .await
+            .expect("a scrape")
+            .text()
+            .await
+            .expect("the metrics text")
     }
 
     /// Kills it and starts a new one with the same issuer, as a rollout would.
@@ -134,6 +151,7 @@ fn spawn_operator(client: Client, options: OperatorOptions) -> Operator {
     let token_port = options.token_listen.port();
     let https = options.token_tls != TokenTls::Disabled;
     let token_url = format!("{}/oauth2/token", options.config.issuer);
+    let admin_url = format!("http://{}", options.admin_listen);
     let (stop, mut stopping) = tokio::sync::watch::channel(false);
     let shutdown = async move {
         let _ = stopping.wait_for(|s| *s).await;
@@ -146,6 +164,7 @@ fn spawn_operator(client: Client, options: OperatorOptions) -> Operator {
     Operator {
         task,
         token_url,
+        admin_url,
         token_port,
         https,
         stop,

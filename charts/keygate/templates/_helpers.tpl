@@ -277,3 +277,21 @@ pod-name: the chart sets it through POD_NAME to each replica's Pod name, its ide
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* Labels of the startup check's Pod (startupCheck.enabled). */}}
+{{- define "keygate.startupCheckSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "keygate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: startupcheck
+{{- end }}
+
+{{/*
+Annotations of the startup check's objects (startupCheck.enabled): a post-install and
+post-upgrade hook of the weight given (the ServiceAccount and its grants before the Job),
+replaced on the next run and deleted once the check passes; a failed one stays to be read.
+*/}}
+{{- define "keygate.startupCheckHook" -}}
+helm.sh/hook: post-install,post-upgrade
+helm.sh/hook-weight: {{ . | quote }}
+helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
+{{- end }}
