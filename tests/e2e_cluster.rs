@@ -624,8 +624,11 @@ async fn chart_scenario(client: Client, ns: String, python: String) {
         api.patch(&name, &pp, &Patch::Apply(object))
             .await
             .unwrap_or_else(|e| panic!("the API server accepts {} {name}: {e}", gvk.kind));
-        if gvk.kind == "ServiceAccount" {
-            service_account = Some(name);
+        // The operator's, as its Deployment names it (the startup check's hook has its own).
+        if gvk.kind == "Deployment" {
+            service_account = object.data["spec"]["template"]["spec"]["serviceAccountName"]
+                .as_str()
+                .map(str::to_owned);
         }
     }
     eprintln!(
@@ -655,7 +658,7 @@ async fn chart_scenario(client: Client, ns: String, python: String) {
         "{refused}"
     );
 
-    let service_account = service_account.expect("the chart renders a ServiceAccount");
+    let service_account = service_account.expect("the chart's Deployment names its ServiceAccount");
     let mut config = kube::Config::infer().await.expect("kubeconfig");
     config.auth_info.impersonate = Some(format!("system:serviceaccount:{ns}:{service_account}"));
     let operator_client = Client::try_from(config).expect("impersonating client");
