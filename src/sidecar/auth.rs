@@ -52,6 +52,8 @@ pub struct Caller {
     pub client_id: Arc<str>,
     pub scopes: Arc<[String]>,
     pub method: Method,
+    /// The fingerprint of the key that signed a key-pair JWT, for the audit trail.
+    key_fingerprint: Option<Arc<str>>,
     /// Fields revocation is checked against.
     jti: Option<Arc<str>>,
     iat: u64,
@@ -62,6 +64,16 @@ impl Caller {
     /// The scopes space-delimited.
     pub fn scope_string(&self) -> String {
         self.scopes.join(" ")
+    }
+
+    /// The `jti` of the token presented, if it has one.
+    pub fn jti(&self) -> Option<&str> {
+        self.jti.as_deref()
+    }
+
+    /// The fingerprint of the key that signed a key-pair JWT.
+    pub fn key_fingerprint(&self) -> Option<&str> {
+        self.key_fingerprint.as_deref()
     }
 }
 
@@ -378,6 +390,7 @@ impl LoadedPolicy {
                 client_id: entry.client_id.clone(),
                 scopes: entry.scopes.clone(),
                 method: Method::ApiKey,
+                key_fingerprint: None,
                 jti: None,
                 // "Revoke every token" concerns tokens, not API keys: an API key is withdrawn
                 // by rotating it or disabling the client, both of which change the policy.
@@ -424,6 +437,7 @@ impl LoadedPolicy {
                 client_id: entry.client_id.clone(),
                 scopes,
                 method: Method::AccessToken,
+                key_fingerprint: None,
                 jti: Some(claims.jti.as_str().into()),
                 iat: claims.iat,
                 exp: Some(claims.exp),
@@ -461,6 +475,7 @@ impl LoadedPolicy {
                 client_id: entry.client_id.clone(),
                 scopes: entry.scopes.clone(),
                 method: Method::KeyPairJwt,
+                key_fingerprint: Some(fingerprint.into()),
                 jti: None,
                 iat: claims.iat,
                 // A previous key in its overlap stops working at its end, cached or not.
@@ -603,6 +618,7 @@ async fn verify_external(
         client_id: client_id.into(),
         scopes: scopes.into(),
         method: Method::ExternalToken,
+        key_fingerprint: None,
         jti: claims.jti.map(Into::into),
         iat: claims.iat.unwrap_or(0),
         exp: Some(claims.exp),
