@@ -505,7 +505,7 @@ async fn every_decision_and_token_outcome_writes_one_audit_event_without_secrets
 }
 
 #[tokio::test]
-async fn allowed_decisions_are_sampled_and_refusals_are_not() {
+async fn allowed_decisions_are_sampled_and_refusals_bounded_but_counted() {
     let config = tempfile::tempdir().unwrap();
     let state_dir = tempfile::tempdir().unwrap();
     let state = state_dir.path().join("state");
@@ -514,7 +514,14 @@ async fn allowed_decisions_are_sampled_and_refusals_are_not() {
         config.path(),
         &state,
         "info",
-        &["--log-format", "json", "--audit-allowed-sample", "0.25"],
+        &[
+            "--log-format",
+            "json",
+            "--audit-allowed-sample",
+            "0.25",
+            "--audit-refused-per-second",
+            "1",
+        ],
     );
     let http = reqwest::Client::new();
     let api_key = credential(&state, "shop/partner", "api_key");
@@ -526,6 +533,40 @@ async fn allowed_decisions_are_sampled_and_refusals_are_not() {
     assert_eq!(get(&http, &orders, None).await, 401);
     let refusal = next_audit_event(&dev, 3);
     assert_eq!(refusal["outcome"], "unauthenticated");
+
+    // Over the refusal rate (one a second here) refusals are counted, not written, and the
+    // next one written says how many were left out before it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let suppressed = loop {
+        assert_eq!(get(&http, &orders, None).await, 401);
+        let events = audit_events(&dev.stderr.lock().unwrap());
+        if let Some(n) = events[3..].iter().find_map(|e| e["suppressed"].as_u64()) {
+            break n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no refusal written after the rate"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(suppressed >= 1);
+    let metrics = http
+        .get(dev.token_url.replace("/oauth2/token", "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dropped: u64 = metrics
+        .lines()
+        .find(|line| line.starts_with("keygate_sidecar_audit_dropped_total{"))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no dropped counter in:\n{metrics}"));
+    assert!(
+        dropped >= suppressed,
+        "{dropped} dropped, {suppressed} suppressed"
+    );
 }
 
 #[test]
