@@ -84,6 +84,31 @@ pub enum AuthFailure {
     Missing,
     /// A credential that failed; the reason is short and safe to return.
     Invalid(String),
+    /// A genuine credential that no longer counts (its client disabled, the token revoked):
+    /// the caller it names, for the audit trail, and the reason.
+    Withdrawn {
+        caller: Caller,
+        reason: &'static str,
+    },
+}
+
+impl AuthFailure {
+    /// The short reason, safe to return (empty for a missing credential).
+    pub fn reason(&self) -> &str {
+        match self {
+            Self::Missing => "",
+            Self::Invalid(reason) => reason,
+            Self::Withdrawn { reason, .. } => reason,
+        }
+    }
+
+    /// The verified caller of a withdrawn credential.
+    pub fn caller(&self) -> Option<&Caller> {
+        match self {
+            Self::Withdrawn { caller, .. } => Some(caller),
+            _ => None,
+        }
+    }
 }
 
 struct ExternalIssuer {
@@ -355,19 +380,22 @@ impl LoadedPolicy {
                 (caller, false)
             }
         };
-        self.check_revocation(&caller)?;
-        Ok((caller, hit))
+        match self.withdrawn(&caller) {
+            Some(reason) => Err(AuthFailure::Withdrawn { caller, reason }),
+            None => Ok((caller, hit)),
+        }
     }
 
-    fn check_revocation(&self, caller: &Caller) -> Result<(), AuthFailure> {
+    /// Why a verified caller no longer counts, if it does not.
+    fn withdrawn(&self, caller: &Caller) -> Option<&'static str> {
         if self.disabled.contains(&*caller.client_id) {
-            return Err(AuthFailure::Invalid("client disabled".into()));
+            return Some("client disabled");
         }
         let revocations = &self.document.revocations;
         if revocations.is_revoked(caller.jti.as_deref(), &caller.client_id, caller.iat) {
-            return Err(AuthFailure::Invalid("token revoked".into()));
+            return Some("token revoked");
         }
-        Ok(())
+        None
     }
 
     async fn verify(

@@ -391,8 +391,9 @@ impl Sidecar {
                     Some(challenge),
                 );
             }
-            Err(AuthFailure::Invalid(reason)) => {
-                let reason = header_safe(&reason);
+            Err(failure) => {
+                seen.caller = failure.caller();
+                let reason = header_safe(failure.reason());
                 let challenge = format!(
                     "Bearer realm=\"{}\", error=\"invalid_token\", error_description=\"{reason}\"",
                     policy.realm()
