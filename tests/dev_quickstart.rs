@@ -133,6 +133,27 @@ async fn get(http: &reqwest::Client, url: &str, bearer: Option<&str>) -> u16 {
     request.send().await.unwrap().status().as_u16()
 }
 
+/// Revokes `token` as client `id`; the status.
+async fn revoke(http: &reqwest::Client, dev: &Dev, id: &str, secret: &str, token: &str) -> u16 {
+    let response = http
+        .post(dev.token_url.replace("/token", "/revoke"))
+        .basic_auth(id, Some(secret))
+        .form(&[("token", token)])
+        .send()
+        .await
+        .unwrap();
+    response.status().as_u16()
+}
+
+/// Waits (bounded) until the sidecar refuses the revoked `token` at `url`.
+async fn wait_until_refused(http: &reqwest::Client, url: &str, token: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(http, url, Some(token)).await != 401 {
+        assert!(Instant::now() < deadline, "revoked token still accepted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn get_with_api_key(http: &reqwest::Client, url: &str, api_key: &str) -> u16 {
     let response = http.get(url).header("X-API-Key", api_key).send().await;
     response.unwrap().status().as_u16()
@@ -207,19 +228,8 @@ async fn quickstart_walkthrough_survives_restart_and_bad_config() {
     assert_eq!(get_with_api_key(&http, &orders, &api_key).await, 200);
 
     // Revoke ("logout") → refused.
-    let revoked = http
-        .post(dev.token_url.replace("/token", "/revoke"))
-        .basic_auth(&id, Some(&secret))
-        .form(&[("token", read_token.as_str())])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(revoked.status(), 200);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while get(&http, &orders, Some(&read_token)).await != 401 {
-        assert!(Instant::now() < deadline, "revoked token still accepted");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert_eq!(revoke(&http, &dev, &id, &secret, &read_token).await, 200);
+    wait_until_refused(&http, &orders, &read_token).await;
 
     // Restart: the same credentials still work, the revocation is still in force.
     drop(dev);
@@ -496,6 +506,37 @@ async fn every_decision_and_token_outcome_writes_one_audit_event_without_secrets
     let event = next_audit_event(&dev, 7);
     assert_eq!(event["credential"], "api_key");
     assert_eq!(event["outcome"], "allowed");
+
+    // A revocation is audited with the token's jti; the revoked token, refused, still names
+    // its client.
+    assert_eq!(revoke(&http, &dev, &id, &secret, &issued).await, 200);
+    let event = next_audit_event(&dev, 8);
+    assert_fields(
+        &event,
+        json!({
+            "kind": "token.revoke",
+            "outcome": "revoked",
+            "client_id": id,
+            "client": "shop/reporting",
+            "credential": "client_secret_basic",
+            "jti": jti_of(&issued),
+            "peer": peer_of(&event),
+        }),
+    );
+    wait_until_refused(&http, &orders, &issued).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let events = audit_events(&dev.stderr.lock().unwrap());
+        if let Some(last) = events.last().filter(|e| e["status"] == 401) {
+            break last.clone();
+        }
+        assert!(Instant::now() < deadline, "the refusal is not audited");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(refused["outcome"], "invalid_credential");
+    assert_eq!(refused["reason"], "token revoked");
+    assert_eq!(refused["client_id"], id.as_str());
+    assert_eq!(refused["jti"], jti_of(&issued).as_str());
 
     // Nothing secret anywhere in the log: not the token, the secrets, the keys, the query.
     let log = dev.stderr.lock().unwrap().clone();
