@@ -507,10 +507,42 @@ async fn every_decision_and_token_outcome_writes_one_audit_event_without_secrets
     assert_eq!(event["credential"], "api_key");
     assert_eq!(event["outcome"], "allowed");
 
+    // private_key_jwt at the token endpoint (`keygate token`) names the key that verified it.
+    let key_file = state_dir.path().join("warehouse.pem");
+    std::fs::write(
+        &key_file,
+        credential(&state, "shop/warehouse", "private_key.pem"),
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["token", "--token-url", &dev.token_url, "--resource", ORDERS])
+        .args(["--client-id", &warehouse_id, "--private-key"])
+        .arg(&key_file)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let warehouse_token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    let event = next_audit_event(&dev, 8);
+    assert_fields(
+        &event,
+        json!({
+            "kind": "token.issue",
+            "outcome": "issued",
+            "client_id": warehouse_id,
+            "client": "shop/warehouse",
+            "credential": "private_key_jwt",
+            "key_fingerprint": key.fingerprint,
+            "jti": jti_of(&warehouse_token),
+            "resource": ORDERS,
+            "scopes": "orders.read",
+            "peer": peer_of(&event),
+        }),
+    );
+
     // A revocation is audited with the token's jti; the revoked token, refused, still names
     // its client.
     assert_eq!(revoke(&http, &dev, &id, &secret, &issued).await, 200);
-    let event = next_audit_event(&dev, 8);
+    let event = next_audit_event(&dev, 9);
     assert_fields(
         &event,
         json!({
@@ -540,7 +572,12 @@ async fn every_decision_and_token_outcome_writes_one_audit_event_without_secrets
 
     // Nothing secret anywhere in the log: not the token, the secrets, the keys, the query.
     let log = dev.stderr.lock().unwrap().clone();
-    for value in [&issued, &secret, wrong_secret, &jwt, &api_key, query_secret] {
+    let private_key = credential(&state, "shop/warehouse", "private_key.pem");
+    let secrets = [&issued, &secret, wrong_secret, &jwt, &api_key, query_secret];
+    for value in secrets
+        .into_iter()
+        .chain([&warehouse_token, private_key.trim()])
+    {
         assert!(!log.contains(value), "a credential reached the log:\n{log}");
     }
 }
