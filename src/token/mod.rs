@@ -7,7 +7,7 @@ mod client_auth;
 mod error;
 pub mod keys;
 
-pub use client_auth::{AuthMethod, Authenticated, MAX_CLIENT_ID_BYTES, ReplayCache, Throttle};
+pub use client_auth::{AuthMethod, MAX_CLIENT_ID_BYTES, ReplayCache, Throttle};
 pub use error::{ErrorCode, OAuthError};
 
 use std::collections::{BTreeSet, HashMap};
@@ -33,7 +33,7 @@ use crate::credentials::unix_now;
 use crate::grants::grant;
 use crate::registry::{ClientView, RevocationList, RevocationStore, Revocations, Snapshot};
 use access_token::{AccessClaims, new_jti};
-use client_auth::{Params, Presented, authenticate, presented};
+use client_auth::{Authenticated, Params, Presented, authenticate, presented};
 use keys::IssuerKeys;
 
 /// Settings of the token server.
