@@ -16,7 +16,9 @@ pub struct LogArgs {
     #[arg(long, env = "KEYGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain, global = true)]
     pub log_format: LogFormat,
 
-    /// Log filter in `RUST_LOG` syntax, e.g. `info,keygate=debug`.
+    /// Log filter in `RUST_LOG` syntax, e.g. `info,keygate=debug`. The audit trail
+    /// (target `keygate::audit`) is written at info whatever the level, unless the filter
+    /// names it, e.g. `warn,keygate::audit=off`.
     #[arg(long, env = "KEYGATE_LOG", default_value = "info", global = true)]
     pub log: String,
 }
@@ -24,8 +26,12 @@ pub struct LogArgs {
 impl LogArgs {
     /// Installs the process's tracing subscriber, writing to standard error.
     pub fn init(&self) -> anyhow::Result<()> {
-        let filter = tracing_subscriber::EnvFilter::try_new(&self.log)
+        let mut filter = tracing_subscriber::EnvFilter::try_new(&self.log)
             .with_context(|| format!("invalid log filter {:?}", self.log))?;
+        // A quieter log must not silence the audit trail by accident.
+        if !self.log.contains(crate::audit::TARGET) {
+            filter = filter.add_directive(format!("{}=info", crate::audit::TARGET).parse()?);
+        }
         let builder = tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)

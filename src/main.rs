@@ -202,6 +202,8 @@ struct OperatorArgs {
     #[command(flatten)]
     connections: keygate::connections::ConnectionArgs,
     #[command(flatten)]
+    audit: keygate::audit::AuditConfig,
+    #[command(flatten)]
     sidecar: SidecarTemplateArgs,
 }
 
@@ -310,6 +312,8 @@ struct DevArgs {
     reload_interval: Duration,
     #[command(flatten)]
     connections: keygate::connections::ConnectionArgs,
+    #[command(flatten)]
+    audit: keygate::audit::AuditConfig,
 }
 
 #[derive(Subcommand, Debug)]
@@ -550,6 +554,7 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
         token_tls,
         webhook,
         policy_listen,
+        audit: args.audit,
     };
     keygate::operator::run_with_limits(client, options, limits, keygate::admin::shutdown_signal())
         .await?;
@@ -621,6 +626,7 @@ async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
             .map(|p| p.display().to_string())
             .unwrap_or_else(|_| "keygate".into()),
         connections: args.connections.limits(),
+        audit: args.audit,
     };
     keygate::dev::run(options, keygate::admin::shutdown_signal(), |endpoints| {
         println!("{}", endpoints.walkthrough);

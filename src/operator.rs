@@ -43,6 +43,8 @@ pub struct OperatorOptions {
     /// Where the policy stream for sidecars is served (HTTPS with the token server's
     /// certificate; not served when token TLS is disabled). `None`: not served.
     pub policy_listen: Option<SocketAddr>,
+    /// What the token server writes to the audit trail.
+    pub audit: crate::audit::AuditConfig,
 }
 
 /// How the token server is served.
@@ -297,6 +299,7 @@ pub async fn run_with_limits(
     token_config.default_lifetime = options.default_token_lifetime;
     token_config.max_lifetime = config.max_token_lifetime;
     token_config.body_read_timeout = limits.token.header_read_timeout;
+    token_config.audit = options.audit;
     let token_server = {
         let mut m = metrics.write().unwrap_or_else(|p| p.into_inner());
         TokenServer::new(

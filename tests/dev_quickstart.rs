@@ -35,6 +35,11 @@ fn copy_quickstart(to: &Path) {
 
 /// Starts `keygate dev` on free ports and waits for its walkthrough.
 fn start(config: &Path, state: &Path) -> Dev {
+    start_with(config, state, "info", &[])
+}
+
+/// [`start`] with the log filter `log` and `args` added.
+fn start_with(config: &Path, state: &Path, log: &str, args: &[&str]) -> Dev {
     let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
         .args([
             "dev",
@@ -49,7 +54,8 @@ fn start(config: &Path, state: &Path) -> Dev {
         .arg(config)
         .arg("--state")
         .arg(state)
-        .env("KEYGATE_LOG", "info")
+        .args(args)
+        .env("KEYGATE_LOG", log)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -127,6 +133,42 @@ async fn get(http: &reqwest::Client, url: &str, bearer: Option<&str>) -> u16 {
     request.send().await.unwrap().status().as_u16()
 }
 
+/// Revokes `token` as client `id`; the status.
+async fn revoke(http: &reqwest::Client, dev: &Dev, id: &str, secret: &str, token: &str) -> u16 {
+    let response = http
+        .post(dev.token_url.replace("/token", "/revoke"))
+        .basic_auth(id, Some(secret))
+        .form(&[("token", token)])
+        .send()
+        .await
+        .unwrap();
+    response.status().as_u16()
+}
+
+/// Waits (bounded) until the sidecar refuses the revoked `token` at `url`.
+async fn wait_until_refused(http: &reqwest::Client, url: &str, token: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(http, url, Some(token)).await != 401 {
+        assert!(Instant::now() < deadline, "revoked token still accepted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn get_with_api_key(http: &reqwest::Client, url: &str, api_key: &str) -> u16 {
+    let response = http.get(url).header("X-API-Key", api_key).send().await;
+    response.unwrap().status().as_u16()
+}
+
+/// The warehouse's client id and key, and a key-pair JWT it signed.
+fn warehouse_jwt(state: &Path) -> (String, SigningKey, String) {
+    let client_id = credential(state, "shop/warehouse", "client_id");
+    let key = SigningKey::from_pkcs8_pem(&credential(state, "shop/warehouse", "private_key.pem"))
+        .unwrap();
+    let jwt =
+        sign_keypair_jwt(&key, &client_id, None, Duration::from_secs(300), unix_now()).unwrap();
+    (client_id, key, jwt)
+}
+
 /// Waits until stderr contains `needle` (bounded), returning whether it appeared.
 fn wait_for_log(dev: &Dev, needle: &str, from: usize) -> bool {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -178,44 +220,16 @@ async fn quickstart_walkthrough_survives_restart_and_bad_config() {
     );
 
     // Key-pair JWT signed by the warehouse's own key → allowed.
-    let warehouse_id = credential(&state, "shop/warehouse", "client_id");
-    let key = SigningKey::from_pkcs8_pem(&credential(&state, "shop/warehouse", "private_key.pem"))
-        .unwrap();
-    let jwt = sign_keypair_jwt(
-        &key,
-        &warehouse_id,
-        None,
-        Duration::from_secs(300),
-        unix_now(),
-    )
-    .unwrap();
+    let (_, _, jwt) = warehouse_jwt(&state);
     assert_eq!(get(&http, &orders, Some(&jwt)).await, 200);
 
     // API key in X-API-Key → allowed.
     let api_key = credential(&state, "shop/partner", "api_key");
-    let status = http
-        .get(&orders)
-        .header("X-API-Key", &api_key)
-        .send()
-        .await
-        .unwrap()
-        .status();
-    assert_eq!(status, 200);
+    assert_eq!(get_with_api_key(&http, &orders, &api_key).await, 200);
 
     // Revoke ("logout") → refused.
-    let revoked = http
-        .post(dev.token_url.replace("/token", "/revoke"))
-        .basic_auth(&id, Some(&secret))
-        .form(&[("token", read_token.as_str())])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(revoked.status(), 200);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while get(&http, &orders, Some(&read_token)).await != 401 {
-        assert!(Instant::now() < deadline, "revoked token still accepted");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert_eq!(revoke(&http, &dev, &id, &secret, &read_token).await, 200);
+    wait_until_refused(&http, &orders, &read_token).await;
 
     // Restart: the same credentials still work, the revocation is still in force.
     drop(dev);
@@ -300,6 +314,337 @@ async fn quickstart_walkthrough_survives_restart_and_bad_config() {
             "a credential reached the log"
         );
     }
+}
+
+/// The audit events (docs/audit.md) in a JSON log: the `fields` of each `keygate::audit` line.
+fn audit_events(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["target"] == "keygate::audit")
+        .map(|line| {
+            assert!(line["timestamp"].is_string(), "no time: {line}");
+            line["fields"].clone()
+        })
+        .collect()
+}
+
+/// Waits until the log holds `count` audit events (bounded), then returns the last one.
+fn next_audit_event(dev: &Dev, count: usize) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = audit_events(&dev.stderr.lock().unwrap());
+        if events.len() >= count {
+            assert_eq!(
+                events.len(),
+                count,
+                "more audit events than requests: {events:#?}"
+            );
+            return events[count - 1].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{count} audit events expected, {} written:\n{}",
+            events.len(),
+            dev.stderr.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Asserts that `event` has exactly the `expected` fields and values.
+fn assert_fields(event: &serde_json::Value, expected: serde_json::Value) {
+    assert_eq!(event, &expected, "audit event");
+}
+
+/// The `jti` claim of a JWT.
+fn jti_of(token: &str) -> String {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    claims["jti"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn every_decision_and_token_outcome_writes_one_audit_event_without_secrets() {
+    use serde_json::json;
+    let config = tempfile::tempdir().unwrap();
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path().join("state");
+    copy_quickstart(config.path());
+    // A quiet log keeps the audit trail unless the filter names it.
+    let dev = start_with(config.path(), &state, "warn", &["--log-format", "json"]);
+    let http = reqwest::Client::new();
+    let id = credential(&state, "shop/reporting", "client_id");
+    let secret = credential(&state, "shop/reporting", "client_secret");
+    let peer_of = |event: &serde_json::Value| {
+        let peer = event["peer"].as_str().expect("peer").to_owned();
+        assert!(peer.starts_with("127.0.0.1:"), "{peer}");
+        peer
+    };
+
+    // A token issued.
+    let issued = access_token(&http, &dev, &id, &secret).await;
+    let event = next_audit_event(&dev, 1);
+    assert_fields(
+        &event,
+        json!({
+            "kind": "token.issue",
+            "outcome": "issued",
+            "client_id": id,
+            "client": "shop/reporting",
+            "credential": "client_secret_basic",
+            "jti": jti_of(&issued),
+            "resource": ORDERS,
+            "scopes": "orders.read",
+            "peer": peer_of(&event),
+        }),
+    );
+
+    // A token refused: wrong secret.
+    let wrong_secret = "not-the-secret-of-reporting";
+    assert_eq!(token(&http, &dev, &id, wrong_secret).await.status(), 401);
+    let event = next_audit_event(&dev, 2);
+    assert_fields(
+        &event,
+        json!({
+            "kind": "token.issue",
+            "outcome": "refused",
+            "error": "invalid_client",
+            "reason": "unknown client or wrong secret",
+            "claimed_client_id": id,
+            "peer": peer_of(&event),
+        }),
+    );
+
+    // Allowed, with a query string that never reaches the audit trail.
+    let query_secret = "query-value-that-stays-out";
+    let orders = format!("{}/orders/42", dev.sidecar);
+    let with_query = format!("{orders}?sig={query_secret}");
+    assert_eq!(get(&http, &with_query, Some(&issued)).await, 200);
+    let event = next_audit_event(&dev, 3);
+    assert_fields(
+        &event,
+        json!({
+            "kind": "sidecar.decision",
+            "outcome": "allowed",
+            "client_id": id,
+            "credential": "access_token",
+            "jti": jti_of(&issued),
+            "method": "GET",
+            "path": "/orders/42",
+            "rule": "read-orders",
+            "scopes": "orders.read",
+            "peer": peer_of(&event),
+            "policy": "shop/orders",
+            "resource": ORDERS,
+        }),
+    );
+
+    // No credential: 401.
+    assert_eq!(get(&http, &orders, None).await, 401);
+    let event = next_audit_event(&dev, 4);
+    assert_fields(
+        &event,
+        json!({
+            "kind": "sidecar.decision",
+            "outcome": "unauthenticated",
+            "status": 401,
+            "reason": "a credential is required",
+            "method": "GET",
+            "path": "/orders/42",
+            "rule": "read-orders",
+            "peer": peer_of(&event),
+            "policy": "shop/orders",
+            "resource": ORDERS,
+        }),
+    );
+
+    // Too little scope: 403 insufficient_scope, with the scopes the caller holds.
+    let forbidden = http
+        .post(&orders)
+        .bearer_auth(&issued)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forbidden.status(), 403);
+    let event = next_audit_event(&dev, 5);
+    assert_fields(
+        &event,
+        json!({
+            "kind": "sidecar.decision",
+            "outcome": "forbidden",
+            "status": 403,
+            "reason": "the credential lacks a required scope",
+            "client_id": id,
+            "credential": "access_token",
+            "jti": jti_of(&issued),
+            "method": "POST",
+            "path": "/orders/42",
+            "rule": "write-orders",
+            "scopes": "orders.read",
+            "peer": peer_of(&event),
+            "policy": "shop/orders",
+            "resource": ORDERS,
+        }),
+    );
+
+    // A key-pair JWT is named by its key's fingerprint, an API key by its client alone.
+    let (warehouse_id, key, jwt) = warehouse_jwt(&state);
+    assert_eq!(get(&http, &orders, Some(&jwt)).await, 200);
+    let event = next_audit_event(&dev, 6);
+    assert_eq!(event["credential"], "keypair_jwt");
+    assert_eq!(event["client_id"], warehouse_id.as_str());
+    assert_eq!(event["key_fingerprint"], key.fingerprint.as_str());
+    assert_eq!(event.get("jti"), None);
+    let api_key = credential(&state, "shop/partner", "api_key");
+    assert_eq!(get_with_api_key(&http, &orders, &api_key).await, 200);
+    let event = next_audit_event(&dev, 7);
+    assert_eq!(event["credential"], "api_key");
+    assert_eq!(event["outcome"], "allowed");
+
+    // private_key_jwt at the token endpoint (`keygate token`) names the key that verified it.
+    let key_file = state_dir.path().join("warehouse.pem");
+    std::fs::write(
+        &key_file,
+        credential(&state, "shop/warehouse", "private_key.pem"),
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["token", "--token-url", &dev.token_url, "--resource", ORDERS])
+        .args(["--client-id", &warehouse_id, "--private-key"])
+        .arg(&key_file)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let warehouse_token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    let event = next_audit_event(&dev, 8);
+    assert_fields(
+        &event,
+        json!({
+            "kind": "token.issue",
+            "outcome": "issued",
+            "client_id": warehouse_id,
+            "client": "shop/warehouse",
+            "credential": "private_key_jwt",
+            "key_fingerprint": key.fingerprint,
+            "jti": jti_of(&warehouse_token),
+            "resource": ORDERS,
+            "scopes": "orders.read",
+            "peer": peer_of(&event),
+        }),
+    );
+
+    // A revocation is audited with the token's jti; the revoked token, refused, still names
+    // its client.
+    assert_eq!(revoke(&http, &dev, &id, &secret, &issued).await, 200);
+    let event = next_audit_event(&dev, 9);
+    assert_fields(
+        &event,
+        json!({
+            "kind": "token.revoke",
+            "outcome": "revoked",
+            "client_id": id,
+            "client": "shop/reporting",
+            "credential": "client_secret_basic",
+            "jti": jti_of(&issued),
+            "peer": peer_of(&event),
+        }),
+    );
+    wait_until_refused(&http, &orders, &issued).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let events = audit_events(&dev.stderr.lock().unwrap());
+        if let Some(last) = events.last().filter(|e| e["status"] == 401) {
+            break last.clone();
+        }
+        assert!(Instant::now() < deadline, "the refusal is not audited");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(refused["outcome"], "invalid_credential");
+    assert_eq!(refused["reason"], "token revoked");
+    assert_eq!(refused["client_id"], id.as_str());
+    assert_eq!(refused["jti"], jti_of(&issued).as_str());
+
+    // Nothing secret anywhere in the log: not the token, the secrets, the keys, the query.
+    let log = dev.stderr.lock().unwrap().clone();
+    let private_key = credential(&state, "shop/warehouse", "private_key.pem");
+    let secrets = [&issued, &secret, wrong_secret, &jwt, &api_key, query_secret];
+    for value in secrets
+        .into_iter()
+        .chain([&warehouse_token, private_key.trim()])
+    {
+        assert!(!log.contains(value), "a credential reached the log:\n{log}");
+    }
+}
+
+#[tokio::test]
+async fn allowed_decisions_are_sampled_and_refusals_bounded_but_counted() {
+    let config = tempfile::tempdir().unwrap();
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path().join("state");
+    copy_quickstart(config.path());
+    let dev = start_with(
+        config.path(),
+        &state,
+        "info",
+        &[
+            "--log-format",
+            "json",
+            "--audit-allowed-sample",
+            "0.25",
+            "--audit-refused-per-second",
+            "1",
+        ],
+    );
+    let http = reqwest::Client::new();
+    let api_key = credential(&state, "shop/partner", "api_key");
+    let orders = format!("{}/orders/42", dev.sidecar);
+    for _ in 0..8 {
+        assert_eq!(get_with_api_key(&http, &orders, &api_key).await, 200);
+    }
+    // Every refusal is written, and after it nothing more: two of the eight allowed ones.
+    assert_eq!(get(&http, &orders, None).await, 401);
+    let refusal = next_audit_event(&dev, 3);
+    assert_eq!(refusal["outcome"], "unauthenticated");
+
+    // Over the refusal rate (one a second here) refusals are counted, not written, and the
+    // next one written says how many were left out before it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let suppressed = loop {
+        assert_eq!(get(&http, &orders, None).await, 401);
+        let events = audit_events(&dev.stderr.lock().unwrap());
+        if let Some(n) = events[3..].iter().find_map(|e| e["suppressed"].as_u64()) {
+            break n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no refusal written after the rate"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(suppressed >= 1);
+    let metrics = http
+        .get(dev.token_url.replace("/oauth2/token", "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dropped: u64 = metrics
+        .lines()
+        .find(|line| line.starts_with("keygate_sidecar_audit_dropped_total{"))
+        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no dropped counter in:\n{metrics}"));
+    assert!(
+        dropped >= suppressed,
+        "{dropped} dropped, {suppressed} suppressed"
+    );
 }
 
 #[test]

@@ -21,6 +21,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use keygate::api::{
     DefaultAction, KeyAlgorithm, RequireScopes, RouteRule, ScopePolicySpec, TrustedIssuer,
 };
+use keygate::audit::AuditConfig;
 use keygate::credentials::{
     SecretDigest, SigningKey, VerifyingKey, derive_client_id, generate_api_key, generate_key_pair,
     keypair_issuer, sign_keypair_jwt, unix_now,
@@ -301,7 +302,7 @@ impl Harness {
     async fn in_front_of(upstream: SocketAddr, hits: Hits) -> Self {
         let mut registry = Registry::default();
         let forwarder = Forwarder::new(ForwardConfig::new(upstream));
-        let sidecar = Sidecar::new(forwarder, LEEWAY, &mut registry);
+        let sidecar = Sidecar::new(forwarder, LEEWAY, AuditConfig::default(), &mut registry);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(serve(

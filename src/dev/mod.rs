@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api::KeyAlgorithm;
+use crate::audit::AuditConfig;
 use crate::connections::ConnectionLimits;
 use crate::credentials::{
     self, CredentialData, derive_client_id, ensure_material, key, prune_expired_previous, unix_now,
@@ -57,6 +58,8 @@ pub struct DevOptions {
     pub command: String,
     /// What the token server and each sidecar allow their clients.
     pub connections: ConnectionLimits,
+    /// What the token server and each sidecar write to the audit trail.
+    pub audit: AuditConfig,
 }
 
 /// Why `keygate dev` could not start.
@@ -226,6 +229,7 @@ pub async fn run(
         let mut m = metrics.write().unwrap_or_else(|p| p.into_inner());
         let mut config = TokenConfig::new(&issuer);
         config.body_read_timeout = options.connections.header_read_timeout;
+        config.audit = options.audit;
         TokenServer::new(
             config,
             registry.subscribe(),
@@ -255,6 +259,7 @@ pub async fn run(
     let mut sidecars: BTreeMap<ObjectKey, RunningSidecar> = BTreeMap::new();
     let mut next_port = options.sidecar_port;
     let leeway = options.leeway;
+    let audit = options.audit;
     let limits = options.connections;
     let mut start_sidecar = async |key: &ObjectKey| -> Result<RunningSidecar, DevError> {
         let port = next_port;
@@ -266,7 +271,8 @@ pub async fn run(
         let sidecar = {
             let mut m = metrics.write().unwrap_or_else(|p| p.into_inner());
             let sub = m.sub_registry_with_label(("policy".into(), key.to_string().into()));
-            Sidecar::new(Forwarder::new(ForwardConfig::new(upstream)), leeway, sub)
+            let forwarder = Forwarder::new(ForwardConfig::new(upstream));
+            Sidecar::new(forwarder, leeway, audit, sub)
         };
         let task = tokio::spawn({
             let sidecar = sidecar.clone();

@@ -52,6 +52,8 @@ pub struct Caller {
     pub client_id: Arc<str>,
     pub scopes: Arc<[String]>,
     pub method: Method,
+    /// The fingerprint of the key that signed a key-pair JWT, for the audit trail.
+    key_fingerprint: Option<Arc<str>>,
     /// Fields revocation is checked against.
     jti: Option<Arc<str>>,
     iat: u64,
@@ -63,6 +65,16 @@ impl Caller {
     pub fn scope_string(&self) -> String {
         self.scopes.join(" ")
     }
+
+    /// The `jti` of the token presented, if it has one.
+    pub fn jti(&self) -> Option<&str> {
+        self.jti.as_deref()
+    }
+
+    /// The fingerprint of the key that signed a key-pair JWT.
+    pub fn key_fingerprint(&self) -> Option<&str> {
+        self.key_fingerprint.as_deref()
+    }
 }
 
 /// Why a request was not authenticated.
@@ -72,6 +84,31 @@ pub enum AuthFailure {
     Missing,
     /// A credential that failed; the reason is short and safe to return.
     Invalid(String),
+    /// A genuine credential that no longer counts (its client disabled, the token revoked):
+    /// the caller it names, for the audit trail, and the reason.
+    Withdrawn {
+        caller: Caller,
+        reason: &'static str,
+    },
+}
+
+impl AuthFailure {
+    /// The short reason, safe to return (empty for a missing credential).
+    pub fn reason(&self) -> &str {
+        match self {
+            Self::Missing => "",
+            Self::Invalid(reason) => reason,
+            Self::Withdrawn { reason, .. } => reason,
+        }
+    }
+
+    /// The verified caller of a withdrawn credential.
+    pub fn caller(&self) -> Option<&Caller> {
+        match self {
+            Self::Withdrawn { caller, .. } => Some(caller),
+            _ => None,
+        }
+    }
 }
 
 struct ExternalIssuer {
@@ -343,19 +380,22 @@ impl LoadedPolicy {
                 (caller, false)
             }
         };
-        self.check_revocation(&caller)?;
-        Ok((caller, hit))
+        match self.withdrawn(&caller) {
+            Some(reason) => Err(AuthFailure::Withdrawn { caller, reason }),
+            None => Ok((caller, hit)),
+        }
     }
 
-    fn check_revocation(&self, caller: &Caller) -> Result<(), AuthFailure> {
+    /// Why a verified caller no longer counts, if it does not.
+    fn withdrawn(&self, caller: &Caller) -> Option<&'static str> {
         if self.disabled.contains(&*caller.client_id) {
-            return Err(AuthFailure::Invalid("client disabled".into()));
+            return Some("client disabled");
         }
         let revocations = &self.document.revocations;
         if revocations.is_revoked(caller.jti.as_deref(), &caller.client_id, caller.iat) {
-            return Err(AuthFailure::Invalid("token revoked".into()));
+            return Some("token revoked");
         }
-        Ok(())
+        None
     }
 
     async fn verify(
@@ -378,6 +418,7 @@ impl LoadedPolicy {
                 client_id: entry.client_id.clone(),
                 scopes: entry.scopes.clone(),
                 method: Method::ApiKey,
+                key_fingerprint: None,
                 jti: None,
                 // "Revoke every token" concerns tokens, not API keys: an API key is withdrawn
                 // by rotating it or disabling the client, both of which change the policy.
@@ -424,6 +465,7 @@ impl LoadedPolicy {
                 client_id: entry.client_id.clone(),
                 scopes,
                 method: Method::AccessToken,
+                key_fingerprint: None,
                 jti: Some(claims.jti.as_str().into()),
                 iat: claims.iat,
                 exp: Some(claims.exp),
@@ -461,6 +503,7 @@ impl LoadedPolicy {
                 client_id: entry.client_id.clone(),
                 scopes: entry.scopes.clone(),
                 method: Method::KeyPairJwt,
+                key_fingerprint: Some(fingerprint.into()),
                 jti: None,
                 iat: claims.iat,
                 // A previous key in its overlap stops working at its end, cached or not.
@@ -603,6 +646,7 @@ async fn verify_external(
         client_id: client_id.into(),
         scopes: scopes.into(),
         method: Method::ExternalToken,
+        key_fingerprint: None,
         jti: claims.jti.map(Into::into),
         iat: claims.iat.unwrap_or(0),
         exp: Some(claims.exp),

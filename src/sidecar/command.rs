@@ -65,6 +65,8 @@ pub struct SidecarArgs {
     pub policy_server_name: Option<String>,
     #[command(flatten)]
     pub connections: crate::connections::ConnectionArgs,
+    #[command(flatten)]
+    pub audit: crate::audit::AuditConfig,
 }
 
 /// Runs the sidecar until SIGTERM or Ctrl-C, then drains.
@@ -84,7 +86,12 @@ pub async fn run(args: SidecarArgs) -> anyhow::Result<()> {
     let mut forward = ForwardConfig::new(upstream);
     forward.http2_prior_knowledge = args.upstream_h2c;
     let mut metrics = prometheus_client::registry::Registry::default();
-    let sidecar = Sidecar::new(Forwarder::new(forward), args.leeway, &mut metrics);
+    let sidecar = Sidecar::new(
+        Forwarder::new(forward),
+        args.leeway,
+        args.audit,
+        &mut metrics,
+    );
     let reload = watch_policy_file(args.policy.clone(), sidecar.clone(), args.reload_interval)
         .await
         .map_err(anyhow::Error::msg)?;

@@ -20,10 +20,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::watch;
 
-use super::auth::{AuthFailure, LoadedPolicy, header_safe};
+use super::auth::{AuthFailure, Caller, LoadedPolicy, header_safe};
 use super::clients::ClientStore;
 use super::forward::{Forwarder, Identity, ProxyBody, UpgradeRequest};
 use super::jwks::JwksCache;
+use crate::audit::{self, AuditConfig, AuditTrail, Scopes};
 use crate::connections::{ConnectionLimits, http_builder, serve_connections};
 use crate::credentials::unix_now;
 use crate::policy::stream::PolicyDelta;
@@ -50,6 +51,7 @@ struct Metrics {
     policy_changed: Gauge,
     stream_up: Gauge,
     reload_errors: Counter,
+    audit_dropped: Counter,
 }
 
 impl Metrics {
@@ -64,6 +66,7 @@ impl Metrics {
             policy_changed: Gauge::default(),
             stream_up: Gauge::default(),
             reload_errors: Counter::default(),
+            audit_dropped: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("keygate_sidecar");
         r.register(
@@ -111,6 +114,11 @@ impl Metrics {
             "Policy files refused on reload",
             metrics.reload_errors.clone(),
         );
+        r.register(
+            "audit_dropped",
+            "Refusal audit events left out over the refusal rate (--audit-refused-per-second)",
+            metrics.audit_dropped.clone(),
+        );
         metrics
     }
 }
@@ -123,6 +131,7 @@ pub struct Sidecar {
     http: reqwest::Client,
     leeway: Duration,
     metrics: Metrics,
+    audit: AuditTrail,
     ready: watch::Sender<bool>,
     /// The policy stream is connected and has delivered its snapshot: the policy file (the
     /// ConfigMap, refreshed only on the kubelet's sync) is then older than what is in force.
@@ -136,15 +145,18 @@ impl Sidecar {
     pub fn new(
         forwarder: Forwarder,
         leeway: Duration,
+        audit: AuditConfig,
         metrics: &mut prometheus_client::registry::Registry,
     ) -> Arc<Self> {
+        let metrics = Metrics::register(metrics);
         Arc::new(Self {
+            audit: AuditTrail::new(audit, metrics.audit_dropped.clone()),
             policy: ArcSwapOption::empty(),
             forwarder,
             jwks: Mutex::new(HashMap::new()),
             http: reqwest::Client::new(),
             leeway,
-            metrics: Metrics::register(metrics),
+            metrics,
             ready: watch::Sender::new(false),
             stream_live: std::sync::atomic::AtomicBool::new(false),
             installing: Mutex::new(()),
@@ -266,41 +278,50 @@ impl Sidecar {
 
     /// Answers one request.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        let mut seen = Seen {
+            method: req.method(),
+            path: None,
+            rule: "",
+            peer,
+            policy: None,
+            caller: None,
+        };
         let Some(policy) = self.policy.load_full() else {
-            return self.finish(
+            return self.refuse(
+                &seen,
                 "no_policy",
-                "",
-                plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    "no valid policy is loaded",
-                    None,
-                ),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "no valid policy is loaded",
+                None,
             );
         };
+        seen.policy = Some(&*policy);
         let path = match normalize(req.uri().path()) {
             Ok(path) => path.into_owned(),
             Err(e) => {
-                return self.finish(
+                return self.refuse(
+                    &seen,
                     "bad_request",
-                    "",
-                    plain(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_request",
-                        &e.to_string(),
-                        None,
-                    ),
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    &e.to_string(),
+                    None,
                 );
             }
         };
+        seen.path = Some(path.as_str());
         // Only WebSocket upgrades are ever forwarded; `h2c` is ignored (UpgradeRequest::None,
         // its headers are removed on the way), anything else is refused here.
         let upgrade = UpgradeRequest::of(req.method(), req.version(), req.headers());
         if let UpgradeRequest::Unsupported(reason) = upgrade {
-            return self.finish(
+            return self.refuse(
+                &seen,
                 "bad_request",
-                "",
-                plain(StatusCode::BAD_REQUEST, "invalid_request", reason, None),
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                reason,
+                None,
             );
         }
         let target = match req.uri().query() {
@@ -313,35 +334,33 @@ impl Sidecar {
             .map(|r| r.name)
             .unwrap_or("(default)")
             .to_owned();
+        seen.rule = &rule;
         let requirement = match decision.access {
             // A tunnel is bound to a verified caller: public rules never open one.
             Access::Public if upgrade == UpgradeRequest::WebSocket => {
-                return self.finish(
+                return self.refuse(
+                    &seen,
                     "denied",
-                    &rule,
-                    plain(
-                        StatusCode::FORBIDDEN,
-                        "access_denied",
-                        "WebSocket upgrades need a rule that authenticates the caller",
-                        None,
-                    ),
+                    StatusCode::FORBIDDEN,
+                    "access_denied",
+                    "WebSocket upgrades need a rule that authenticates the caller",
+                    None,
                 );
             }
             Access::Public => {
+                self.audit(&seen, "public", None);
                 return self
                     .forward(req, &target, None, peer, &policy, "public", rule)
                     .await;
             }
             Access::Deny => {
-                return self.finish(
+                return self.refuse(
+                    &seen,
                     "denied",
-                    &rule,
-                    plain(
-                        StatusCode::FORBIDDEN,
-                        "access_denied",
-                        "no rule allows this request",
-                        None,
-                    ),
+                    StatusCode::FORBIDDEN,
+                    "access_denied",
+                    "no rule allows this request",
+                    None,
                 );
             }
             Access::Authenticated => None,
@@ -363,35 +382,33 @@ impl Sidecar {
             }
             Err(AuthFailure::Missing) => {
                 let challenge = format!("Bearer realm=\"{}\"", policy.realm());
-                return self.finish(
+                return self.refuse(
+                    &seen,
                     "unauthenticated",
-                    &rule,
-                    plain(
-                        StatusCode::UNAUTHORIZED,
-                        "invalid_token",
-                        "a credential is required",
-                        Some(challenge),
-                    ),
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_token",
+                    "a credential is required",
+                    Some(challenge),
                 );
             }
-            Err(AuthFailure::Invalid(reason)) => {
-                let reason = header_safe(&reason);
+            Err(failure) => {
+                seen.caller = failure.caller();
+                let reason = header_safe(failure.reason());
                 let challenge = format!(
                     "Bearer realm=\"{}\", error=\"invalid_token\", error_description=\"{reason}\"",
                     policy.realm()
                 );
-                return self.finish(
+                return self.refuse(
+                    &seen,
                     "invalid_credential",
-                    &rule,
-                    plain(
-                        StatusCode::UNAUTHORIZED,
-                        "invalid_token",
-                        &reason,
-                        Some(challenge),
-                    ),
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_token",
+                    &reason,
+                    Some(challenge),
                 );
             }
         };
+        seen.caller = Some(&caller);
         if let Some(requirement) = requirement
             && !requirement.is_satisfied_by(&caller.scopes)
         {
@@ -400,17 +417,16 @@ impl Sidecar {
                 policy.realm(),
                 requirement.scope_param()
             );
-            return self.finish(
+            return self.refuse(
+                &seen,
                 "forbidden",
-                &rule,
-                plain(
-                    StatusCode::FORBIDDEN,
-                    "insufficient_scope",
-                    "the credential lacks a required scope",
-                    Some(challenge),
-                ),
+                StatusCode::FORBIDDEN,
+                "insufficient_scope",
+                "the credential lacks a required scope",
+                Some(challenge),
             );
         }
+        self.audit(&seen, "allowed", None);
         let identity = Identity {
             client_id: caller.client_id.to_string(),
             scopes: caller.scope_string(),
@@ -461,21 +477,74 @@ impl Sidecar {
         response
     }
 
-    fn finish(
+    /// Answers a request the sidecar refuses itself, counted and audited.
+    fn refuse(
         &self,
+        seen: &Seen<'_>,
         outcome: &'static str,
-        rule: &str,
-        response: Response<ProxyBody>,
+        status: StatusCode,
+        error: &str,
+        description: &str,
+        challenge: Option<String>,
     ) -> Response<ProxyBody> {
         self.metrics
             .decisions
             .get_or_create(&DecisionLabels {
                 outcome,
-                rule: rule.to_owned(),
+                rule: seen.rule.to_owned(),
             })
             .inc();
-        response
+        self.audit(seen, outcome, Some((status, description)));
+        plain(status, error, description, challenge)
     }
+
+    /// Writes the audit event of a decision (docs/audit.md): a refusal (its status and the
+    /// reason told to the caller) unless over the refusal rate, an allowed request if sampled.
+    /// Nothing is built for an event that is not written.
+    fn audit(&self, seen: &Seen<'_>, outcome: &'static str, refusal: Option<(StatusCode, &str)>) {
+        let suppressed = match refusal {
+            None if self.audit.sample_allowed() => 0,
+            None => return,
+            Some(_) => match self.audit.admit_refusal(seen.caller.is_some()) {
+                Some(suppressed) => suppressed,
+                None => return,
+            },
+        };
+        let caller = seen.caller;
+        tracing::info!(
+            target: audit::TARGET,
+            kind = "sidecar.decision",
+            outcome,
+            status = refusal.map(|(status, _)| status.as_u16()),
+            reason = refusal.map(|(_, reason)| reason),
+            client_id = caller.map(|c| &*c.client_id),
+            credential = caller.map(|c| c.method.as_str()),
+            key_fingerprint = caller.and_then(Caller::key_fingerprint),
+            jti = caller.and_then(Caller::jti),
+            method = %seen.method,
+            path = seen.path,
+            rule = (!seen.rule.is_empty()).then_some(seen.rule),
+            scopes = caller.map(|c| tracing::field::display(Scopes(&c.scopes))),
+            peer = %seen.peer,
+            policy = seen.policy.map(|p| p.document.policy.as_str()),
+            resource = seen.policy.map(|p| p.document.resource.as_str()),
+            suppressed = (suppressed > 0).then_some(suppressed),
+        );
+    }
+}
+
+/// What the audit event of a decision says of its request, filled in as the request path
+/// learns it and borrowed from it.
+struct Seen<'a> {
+    method: &'a http::Method,
+    /// The normalised path the rules matched (never the query string).
+    path: Option<&'a str>,
+    /// The matched rule's name, empty before the rules are consulted.
+    rule: &'a str,
+    peer: SocketAddr,
+    policy: Option<&'a LoadedPolicy>,
+    /// The verified caller, once authenticated.
+    caller: Option<&'a Caller>,
 }
 
 /// A short JSON answer from the sidecar itself.

@@ -51,6 +51,15 @@ impl AuthMethod {
     }
 }
 
+/// A client that proved who it is, and how.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub client: Arc<ClientView>,
+    pub method: AuthMethod,
+    /// The fingerprint of the key that verified a `private_key_jwt` assertion.
+    pub key_fingerprint: Option<String>,
+}
+
 /// Request parameters, each present at most once.
 pub type Params = HashMap<String, String>;
 
@@ -288,14 +297,18 @@ pub fn authenticate(
     replay: &ReplayCache,
     leeway: Duration,
     now: u64,
-) -> Result<(Arc<ClientView>, AuthMethod), OAuthError> {
+) -> Result<Authenticated, OAuthError> {
     let client = snapshot.clients.get(presented.client_id());
     match presented {
         Presented::Secret { secret, method, .. } => {
             // Compare even for an unknown client so timing does not reveal which ids exist.
             let ok = client.is_some_and(|c| c.material.secret_matches(secret, now));
             match client {
-                Some(client) if ok => Ok((client.clone(), *method)),
+                Some(client) if ok => Ok(Authenticated {
+                    client: client.clone(),
+                    method: *method,
+                    key_fingerprint: None,
+                }),
                 _ => Err(invalid_client("unknown client or wrong secret")),
             }
         }
@@ -304,8 +317,13 @@ pub fn authenticate(
             assertion,
         } => {
             let client = client.ok_or_else(|| invalid_client("unknown client or wrong key"))?;
-            verify_assertion(client, client_id, assertion, audiences, replay, leeway, now)?;
-            Ok((client.clone(), AuthMethod::PrivateKeyJwt))
+            let fingerprint =
+                verify_assertion(client, client_id, assertion, audiences, replay, leeway, now)?;
+            Ok(Authenticated {
+                client: client.clone(),
+                method: AuthMethod::PrivateKeyJwt,
+                key_fingerprint: Some(fingerprint),
+            })
         }
     }
 }
@@ -321,6 +339,7 @@ struct AssertionClaims {
     jti: Option<String>,
 }
 
+/// Verifies a client assertion with one of the client's keys; returns that key's fingerprint.
 fn verify_assertion(
     client: &ClientView,
     client_id: &str,
@@ -329,7 +348,7 @@ fn verify_assertion(
     replay: &ReplayCache,
     leeway: Duration,
     now: u64,
-) -> Result<(), OAuthError> {
+) -> Result<String, OAuthError> {
     let header = jsonwebtoken::decode_header(assertion)
         .map_err(|_| invalid_client("malformed client assertion"))?;
     let mut last_error = invalid_client("the client has no key pair");
@@ -374,7 +393,7 @@ fn verify_assertion(
         if !replay.first_use(client_id, &jti, claims.exp + leeway.as_secs(), now) {
             return Err(invalid_client("client assertion was already used"));
         }
-        return Ok(());
+        return Ok(key.fingerprint.clone());
     }
     Err(last_error)
 }

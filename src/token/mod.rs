@@ -28,11 +28,12 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use serde_json::json;
 use tokio::sync::watch;
 
+use crate::audit::{self, AuditConfig, AuditTrail};
 use crate::credentials::unix_now;
 use crate::grants::grant;
 use crate::registry::{ClientView, RevocationList, RevocationStore, Revocations, Snapshot};
 use access_token::{AccessClaims, new_jti};
-use client_auth::{Params, Presented, authenticate, presented};
+use client_auth::{Authenticated, Params, Presented, authenticate, presented};
 use keys::IssuerKeys;
 
 /// Settings of the token server.
@@ -57,6 +58,8 @@ pub struct TokenConfig {
     /// Most tokens revoked one by one and not yet expired, over all clients; beyond it, as
     /// beyond the per-client bound.
     pub max_revoked_tokens: usize,
+    /// What the audit trail writes (docs/audit.md).
+    pub audit: AuditConfig,
 }
 
 impl TokenConfig {
@@ -72,6 +75,7 @@ impl TokenConfig {
             body_read_timeout: crate::connections::DEFAULT_HEADER_READ_TIMEOUT,
             max_revoked_tokens_per_client: 1_000,
             max_revoked_tokens: 10_000,
+            audit: AuditConfig::default(),
         }
     }
 
@@ -97,6 +101,7 @@ struct Metrics {
     issued: Family<AlgLabels, Counter>,
     refused: Family<RefusedLabels, Counter>,
     latency: Histogram,
+    audit_dropped: Counter,
 }
 
 impl Metrics {
@@ -105,6 +110,7 @@ impl Metrics {
             issued: Family::default(),
             refused: Family::default(),
             latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            audit_dropped: Counter::default(),
         };
         let registry = registry.sub_registry_with_prefix("keygate_token");
         registry.register(
@@ -121,6 +127,11 @@ impl Metrics {
             "request_duration_seconds",
             "Time to answer a token request",
             metrics.latency.clone(),
+        );
+        registry.register(
+            "audit_dropped",
+            "Refusal audit events left out over the refusal rate (--audit-refused-per-second)",
+            metrics.audit_dropped.clone(),
         );
         metrics
     }
@@ -139,6 +150,7 @@ pub struct TokenServer {
     /// Per client, the `exp` of each token this server revoked one by one.
     revoked: Mutex<HashMap<Arc<str>, Vec<u64>>>,
     metrics: Metrics,
+    audit: AuditTrail,
 }
 
 impl TokenServer {
@@ -150,7 +162,9 @@ impl TokenServer {
         store: Arc<dyn RevocationStore>,
         metrics: &mut prometheus_client::registry::Registry,
     ) -> Arc<Self> {
+        let metrics = Metrics::register(metrics);
         Arc::new(Self {
+            audit: AuditTrail::new(config.audit, metrics.audit_dropped.clone()),
             config,
             registry,
             keys,
@@ -159,7 +173,7 @@ impl TokenServer {
             replay: ReplayCache::default(),
             throttle: Throttle::default(),
             revoked: Mutex::default(),
-            metrics: Metrics::register(metrics),
+            metrics,
         })
     }
 
@@ -193,7 +207,6 @@ impl TokenServer {
         if one_by_one {
             self.revocations.revoke_token(&claims.jti, claims.exp);
             entry.tokens.insert(claims.jti.to_string(), claims.exp);
-            tracing::info!(client = %client.key, jti = %claims.jti, "token revoked");
         } else {
             let not_before = claims.iat.saturating_add(1);
             self.revocations
@@ -215,14 +228,16 @@ impl TokenServer {
         [self.config.token_endpoint(), self.config.issuer.clone()]
     }
 
-    /// Reads parameters and authenticates the client, with throttling per client and address.
+    /// Reads parameters and authenticates the client, with throttling per client and address;
+    /// notes the client claimed and the client authenticated in `audited`.
     fn authenticate(
         &self,
         headers: &HeaderMap,
         params: &Params,
         peer: IpAddr,
         now: u64,
-    ) -> Result<(Arc<ClientView>, AuthMethod), OAuthError> {
+        audited: &mut Audited,
+    ) -> Result<Arc<ClientView>, OAuthError> {
         let authorization = match headers.get(header::AUTHORIZATION) {
             Some(value) => Some(value.to_str().map_err(|_| {
                 OAuthError::new(ErrorCode::InvalidClient, "malformed Basic credentials")
@@ -231,6 +246,7 @@ impl TokenServer {
         };
         let presented: Presented = presented(authorization, params)?;
         let client_id = presented.client_id().to_owned();
+        audited.claimed_client_id = Some(client_id.clone());
         if self.throttle.is_blocked(&client_id, peer, now) {
             return Err(OAuthError::new(
                 ErrorCode::SlowDown,
@@ -247,9 +263,11 @@ impl TokenServer {
             self.config.leeway,
             now,
         ) {
-            Ok(ok) => {
+            Ok(authenticated) => {
                 self.throttle.record_success(&client_id, peer);
-                Ok(ok)
+                let client = authenticated.client.clone();
+                audited.authenticated = Some(authenticated);
+                Ok(client)
             }
             Err(e) => {
                 self.throttle.record_failure(&client_id, peer, now);
@@ -257,6 +275,71 @@ impl TokenServer {
             }
         }
     }
+
+    /// Writes the audit event of one request (docs/audit.md): of `kind` (the endpoint), with
+    /// `outcome` when it succeeded, else its OAuth error. Revocations and refusals (up to the
+    /// refusal rate) are always written, other outcomes when sampled.
+    fn audit(
+        &self,
+        kind: &'static str,
+        peer: SocketAddr,
+        audited: &Audited,
+        result: Result<&'static str, &OAuthError>,
+    ) {
+        let suppressed = match result {
+            Ok(_) if kind == REVOKE || self.audit.sample_allowed() => 0,
+            Ok(_) => return,
+            Err(_) => match self.audit.admit_refusal(audited.authenticated.is_some()) {
+                Some(suppressed) => suppressed,
+                None => return,
+            },
+        };
+        let error = result.err();
+        let authenticated = audited.authenticated.as_ref();
+        let claimed = match authenticated {
+            None => audited.claimed_client_id.as_deref(),
+            Some(_) => None,
+        };
+        tracing::info!(
+            target: audit::TARGET,
+            kind,
+            outcome = result.unwrap_or("refused"),
+            error = error.map(|e| e.code.as_str()),
+            reason = error.map(|e| e.description.as_str()),
+            client_id = authenticated.map(|a| &*a.client.client_id),
+            client = authenticated.map(|a| tracing::field::display(&a.client.key)),
+            claimed_client_id = claimed,
+            credential = authenticated.map(|a| a.method.as_str()),
+            key_fingerprint = authenticated.and_then(|a| a.key_fingerprint.as_deref()),
+            jti = audited.jti.as_deref(),
+            active = audited.active,
+            resource = audited.resource.as_deref(),
+            scopes = audited.scopes.as_deref(),
+            peer = %peer,
+            suppressed = (suppressed > 0).then_some(suppressed),
+        );
+    }
+}
+
+/// The audit event kinds of the three endpoints.
+const ISSUE: &str = "token.issue";
+const REVOKE: &str = "token.revoke";
+const INTROSPECT: &str = "token.introspect";
+
+/// What a request to the token, revocation or introspection endpoint turned out to be about,
+/// as far as it got: the fields of its audit event.
+#[derive(Default)]
+struct Audited {
+    /// The client id the request claimed, before it was authenticated.
+    claimed_client_id: Option<String>,
+    authenticated: Option<Authenticated>,
+    /// The resource (`aud`) and the scopes of the token issued or introspected.
+    resource: Option<String>,
+    scopes: Option<String>,
+    /// The `jti` of the token issued, revoked or introspected.
+    jti: Option<String>,
+    /// Whether the token introspected is active.
+    active: Option<bool>,
 }
 
 /// The token server's routes (without the admin endpoints).
@@ -355,13 +438,14 @@ async fn token(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let result = issue_token(&server, &headers, body, peer.ip()).await;
+    let mut audited = Audited::default();
+    let result = issue_token(&server, &headers, body, peer.ip(), &mut audited).await;
     server
         .metrics
         .latency
         .observe(started.elapsed().as_secs_f64());
     match result {
-        Ok((response, client, alg)) => {
+        Ok((response, alg)) => {
             server
                 .metrics
                 .issued
@@ -369,7 +453,7 @@ async fn token(
                     alg: alg.to_owned(),
                 })
                 .inc();
-            tracing::info!(client = %client.key, client_id = %client.client_id, "token issued");
+            server.audit(ISSUE, peer, &audited, Ok("issued"));
             response
         }
         Err(error) => {
@@ -380,7 +464,7 @@ async fn token(
                     error: error.code.as_str().to_owned(),
                 })
                 .inc();
-            tracing::info!(error = error.code.as_str(), reason = %error.description, peer = %peer.ip(), "token refused");
+            server.audit(ISSUE, peer, &audited, Err(&error));
             error.into_response()
         }
     }
@@ -391,7 +475,8 @@ async fn issue_token(
     headers: &HeaderMap,
     body: Body,
     peer: IpAddr,
-) -> Result<(Response, Arc<ClientView>, &'static str), OAuthError> {
+    audited: &mut Audited,
+) -> Result<(Response, &'static str), OAuthError> {
     let params = read_form(
         headers,
         body,
@@ -415,7 +500,7 @@ async fn issue_token(
         }
     }
     let now = unix_now();
-    let (client, _method) = server.authenticate(headers, &params, peer, now)?;
+    let client = server.authenticate(headers, &params, peer, now, audited)?;
     if client.disabled {
         return Err(OAuthError::new(
             ErrorCode::UnauthorizedClient,
@@ -460,9 +545,11 @@ async fn issue_token(
         "expires_in": lifetime,
         "scope": claims.scope,
     });
+    audited.resource = Some(claims.aud);
+    audited.scopes = Some(claims.scope);
+    audited.jti = Some(claims.jti);
     Ok((
         no_store(axum::Json(body).into_response()),
-        client,
         keys.current.algorithm.as_str(),
     ))
 }
@@ -506,6 +593,7 @@ async fn token_request(
     headers: &HeaderMap,
     body: Body,
     now: u64,
+    audited: &mut Audited,
 ) -> Result<(Arc<ClientView>, String), OAuthError> {
     let mut params = read_form(
         headers,
@@ -514,7 +602,7 @@ async fn token_request(
         server.config.body_read_timeout,
     )
     .await?;
-    let (client, _) = server.authenticate(headers, &params, peer.ip(), now)?;
+    let client = server.authenticate(headers, &params, peer.ip(), now, audited)?;
     let token = params
         .remove("token")
         .ok_or_else(|| OAuthError::new(ErrorCode::InvalidRequest, "token is required"))?;
@@ -527,9 +615,11 @@ async fn revoke(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let mut audited = Audited::default();
     let result = async {
         let now = unix_now();
-        let (client, token) = token_request(&server, peer, &headers, body, now).await?;
+        let (client, token) =
+            token_request(&server, peer, &headers, body, now, &mut audited).await?;
         // RFC 7009 §2.2: an invalid or foreign token is not an error; say nothing about it.
         if let Some(claims) = issued_claims(&server, &token, now)
             && *claims.client_id == *client.client_id
@@ -554,12 +644,16 @@ async fn revoke(
                     "the revocation could not be stored yet; send it again",
                 )
             })?;
+            audited.jti = Some(claims.jti);
+            return Ok("revoked");
         }
-        Ok::<_, OAuthError>(())
+        // Not this client's token, not one of ours or expired: answered alike.
+        Ok::<_, OAuthError>("ignored")
     }
     .await;
+    server.audit(REVOKE, peer, &audited, result.as_ref().copied());
     match result {
-        Ok(()) => no_store(StatusCode::OK.into_response()),
+        Ok(_) => no_store(StatusCode::OK.into_response()),
         Err(e) => e.into_response(),
     }
 }
@@ -570,32 +664,46 @@ async fn introspect(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let mut audited = Audited::default();
     let result = async {
         let now = unix_now();
-        let (client, token) = token_request(&server, peer, &headers, body, now).await?;
+        let (client, token) =
+            token_request(&server, peer, &headers, body, now, &mut audited).await?;
         if client.disabled {
             return Err(OAuthError::new(
                 ErrorCode::InvalidClient,
                 "this client is disabled",
             ));
         }
-        Ok::<_, OAuthError>(match active_claims(&server, &token, now) {
-            Some(c) => json!({
-                "active": true,
-                "scope": c.scope,
-                "client_id": c.client_id,
-                "sub": c.sub,
-                "aud": c.aud,
-                "iss": c.iss,
-                "iat": c.iat,
-                "exp": c.exp,
-                "jti": c.jti,
-                "token_type": "Bearer",
-            }),
-            None => json!({ "active": false }),
-        })
+        let claims = active_claims(&server, &token, now);
+        audited.active = Some(claims.is_some());
+        let Some(c) = claims else {
+            return Ok(json!({ "active": false }));
+        };
+        let body = json!({
+            "active": true,
+            "scope": c.scope,
+            "client_id": c.client_id,
+            "sub": c.sub,
+            "aud": c.aud,
+            "iss": c.iss,
+            "iat": c.iat,
+            "exp": c.exp,
+            "jti": c.jti,
+            "token_type": "Bearer",
+        });
+        audited.resource = Some(c.aud);
+        audited.scopes = Some(c.scope);
+        audited.jti = Some(c.jti);
+        Ok::<_, OAuthError>(body)
     }
     .await;
+    server.audit(
+        INTROSPECT,
+        peer,
+        &audited,
+        result.as_ref().map(|_| "introspected"),
+    );
     match result {
         Ok(body) => no_store(axum::Json(body).into_response()),
         Err(e) => e.into_response(),

@@ -125,6 +125,7 @@ pub fn operator_options(
         token_tls,
         webhook: None,
         policy_listen: None,
+        audit: Default::default(),
     }
 }
 
