@@ -1,136 +1,24 @@
 //! End to end: `keygate dev` as a child process with the quickstart example, driven with a
 //! real HTTP client through the whole walkthrough, restarted, and fed broken configuration.
 
-use std::io::{BufRead, BufReader};
+#[path = "support/dev.rs"]
+mod dev_process;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use dev_process::{Dev, copy_files, credential, example, get, start, start_with, wait_for_log};
 use keygate::credentials::{SigningKey, sign_keypair_jwt, unix_now};
 
 const ORDERS: &str = "https://orders.shop.svc";
 
-struct Dev {
-    child: Child,
-    token_url: String,
-    sidecar: String,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn copy_quickstart(to: &Path) {
-    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart");
-    for entry in std::fs::read_dir(from).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
-    }
-}
-
-/// Starts `keygate dev` on free ports and waits for its walkthrough.
-fn start(config: &Path, state: &Path) -> Dev {
-    start_with(config, state, "info", &[])
-}
-
-/// [`start`] with the log filter `log` and `args` added.
-fn start_with(config: &Path, state: &Path, log: &str, args: &[&str]) -> Dev {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args([
-            "dev",
-            "--port",
-            "0",
-            "--sidecar-port",
-            "0",
-            "--reload-interval",
-            "200ms",
-        ])
-        .arg("--config")
-        .arg(config)
-        .arg("--state")
-        .arg(state)
-        .args(args)
-        .env("KEYGATE_LOG", log)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("keygate dev starts");
-    let stderr = Arc::new(Mutex::new(String::new()));
-    let err_pipe = child.stderr.take().unwrap();
-    let sink = stderr.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err_pipe).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push_str(&(line + "\n"));
-        }
-    });
-    let mut token_url = None;
-    let mut sidecar = None;
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    while token_url.is_none() || sidecar.is_none() {
-        let line = lines
-            .next()
-            .unwrap_or_else(|| panic!("keygate dev exited early:\n{}", stderr.lock().unwrap()))
-            .unwrap();
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .map(str::to_owned);
-        if line.trim_start().starts_with("token server") {
-            token_url = url.map(|u| format!("{u}/oauth2/token"));
-        } else if line.trim_start().starts_with("sidecar") {
-            sidecar = url;
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    Dev {
-        child,
-        token_url: token_url.unwrap(),
-        sidecar: sidecar.unwrap(),
-        stderr,
-    }
-}
-
-fn credential(state: &Path, client: &str, field: &str) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args(["dev", "credentials", client, "--field", field, "--state"])
-        .arg(state)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap().trim().to_owned()
-}
-
 async fn token(http: &reqwest::Client, dev: &Dev, id: &str, secret: &str) -> reqwest::Response {
-    http.post(&dev.token_url)
-        .basic_auth(id, Some(secret))
-        .form(&[("grant_type", "client_credentials"), ("resource", ORDERS)])
-        .send()
-        .await
-        .unwrap()
+    dev_process::token(http, dev, id, secret, ORDERS).await
 }
 
 async fn access_token(http: &reqwest::Client, dev: &Dev, id: &str, secret: &str) -> String {
-    let response = token(http, dev, id, secret).await;
-    assert_eq!(response.status(), 200);
-    let body: serde_json::Value = response.json().await.unwrap();
-    body["access_token"].as_str().unwrap().to_owned()
-}
-
-async fn get(http: &reqwest::Client, url: &str, bearer: Option<&str>) -> u16 {
-    let mut request = http.get(url);
-    if let Some(token) = bearer {
-        request = request.bearer_auth(token);
-    }
-    request.send().await.unwrap().status().as_u16()
+    dev_process::access_token(http, dev, id, secret, ORDERS).await
 }
 
 /// Revokes `token` as client `id`; the status.
@@ -169,28 +57,16 @@ fn warehouse_jwt(state: &Path) -> (String, SigningKey, String) {
     (client_id, key, jwt)
 }
 
-/// Waits until stderr contains `needle` (bounded), returning whether it appeared.
-fn wait_for_log(dev: &Dev, needle: &str, from: usize) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if dev.stderr.lock().unwrap()[from..].contains(needle) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
 #[tokio::test]
 async fn quickstart_walkthrough_survives_restart_and_bad_config() {
     let config = tempfile::tempdir().unwrap();
     let state_dir = tempfile::tempdir().unwrap();
     let state: PathBuf = state_dir.path().join("state");
-    copy_quickstart(config.path());
+    copy_files(&example("quickstart"), config.path());
     let http = reqwest::Client::new();
 
     let dev = start(config.path(), &state);
-    let orders = format!("{}/orders/42", dev.sidecar);
+    let orders = format!("{}/orders/42", dev.sidecar("shop/orders"));
     let id = credential(&state, "shop/reporting", "client_id");
     let secret = credential(&state, "shop/reporting", "client_secret");
 
@@ -215,7 +91,12 @@ async fn quickstart_walkthrough_survives_restart_and_bad_config() {
         "Bearer realm=\"https://orders.shop.svc\", error=\"insufficient_scope\", scope=\"orders.write\""
     );
     assert_eq!(
-        get(&http, &format!("{}/healthz", dev.sidecar), None).await,
+        get(
+            &http,
+            &format!("{}/healthz", dev.sidecar("shop/orders")),
+            None
+        )
+        .await,
         200
     );
 
@@ -234,7 +115,7 @@ async fn quickstart_walkthrough_survives_restart_and_bad_config() {
     // Restart: the same credentials still work, the revocation is still in force.
     drop(dev);
     let dev = start(config.path(), &state);
-    let orders = format!("{}/orders/42", dev.sidecar);
+    let orders = format!("{}/orders/42", dev.sidecar("shop/orders"));
     assert_eq!(
         credential(&state, "shop/reporting", "client_secret"),
         secret
@@ -375,9 +256,13 @@ async fn every_decision_and_token_outcome_writes_one_audit_event_without_secrets
     let config = tempfile::tempdir().unwrap();
     let state_dir = tempfile::tempdir().unwrap();
     let state = state_dir.path().join("state");
-    copy_quickstart(config.path());
+    copy_files(&example("quickstart"), config.path());
     // A quiet log keeps the audit trail unless the filter names it.
-    let dev = start_with(config.path(), &state, "warn", &["--log-format", "json"]);
+    let dev = start_with(
+        config.path(),
+        &state,
+        &["--log", "warn", "--log-format", "json"],
+    );
     let http = reqwest::Client::new();
     let id = credential(&state, "shop/reporting", "client_id");
     let secret = credential(&state, "shop/reporting", "client_secret");
@@ -423,7 +308,7 @@ async fn every_decision_and_token_outcome_writes_one_audit_event_without_secrets
 
     // Allowed, with a query string that never reaches the audit trail.
     let query_secret = "query-value-that-stays-out";
-    let orders = format!("{}/orders/42", dev.sidecar);
+    let orders = format!("{}/orders/42", dev.sidecar("shop/orders"));
     let with_query = format!("{orders}?sig={query_secret}");
     assert_eq!(get(&http, &with_query, Some(&issued)).await, 200);
     let event = next_audit_event(&dev, 3);
@@ -587,11 +472,10 @@ async fn allowed_decisions_are_sampled_and_refusals_bounded_but_counted() {
     let config = tempfile::tempdir().unwrap();
     let state_dir = tempfile::tempdir().unwrap();
     let state = state_dir.path().join("state");
-    copy_quickstart(config.path());
+    copy_files(&example("quickstart"), config.path());
     let dev = start_with(
         config.path(),
         &state,
-        "info",
         &[
             "--log-format",
             "json",
@@ -603,7 +487,7 @@ async fn allowed_decisions_are_sampled_and_refusals_bounded_but_counted() {
     );
     let http = reqwest::Client::new();
     let api_key = credential(&state, "shop/partner", "api_key");
-    let orders = format!("{}/orders/42", dev.sidecar);
+    let orders = format!("{}/orders/42", dev.sidecar("shop/orders"));
     for _ in 0..8 {
         assert_eq!(get_with_api_key(&http, &orders, &api_key).await, 200);
     }
@@ -652,7 +536,7 @@ fn a_port_in_use_is_named_with_the_option_that_moves_it() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let state = tempfile::tempdir().unwrap();
-    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart");
+    let config = example("quickstart");
     let output = Command::new(env!("CARGO_BIN_EXE_keygate"))
         .args(["dev", "--port", &port.to_string(), "--sidecar-port", "0"])
         .arg("--config")
@@ -674,7 +558,7 @@ fn a_port_in_use_is_named_with_the_option_that_moves_it() {
 #[tokio::test]
 async fn dev_rotate_gives_new_credentials_and_keeps_the_old_ones_for_the_overlap() {
     let config = tempfile::tempdir().unwrap();
-    copy_quickstart(config.path());
+    copy_files(&example("quickstart"), config.path());
     let state_dir = tempfile::tempdir().unwrap();
     let state = state_dir.path().join("state");
     let dev = start(config.path(), &state);

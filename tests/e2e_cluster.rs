@@ -254,99 +254,152 @@ async fn admission_webhook_injects_and_validates() {
     .await;
 }
 
-async fn webhook_scenario(client: Client, ns: String, host: String) {
-    use std::sync::Arc;
+/// keygate's admission webhooks served by this process for a test: the injection and
+/// validation webhooks, registered with `clientConfig.url` for the namespaces `scope` only,
+/// reading a registry fed from the namespaces `watch` as the operator's is.
+struct Webhooks {
+    registry: std::sync::Arc<keygate::registry::Registry>,
+    server: tokio::task::AbortHandle,
+    mutating_name: String,
+    validating_name: String,
+}
 
-    use base64::Engine;
-    use k8s_openapi::api::admissionregistration::v1::{
-        MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
-    };
+impl Webhooks {
+    /// Starts the webhook server on this host (`host` as the API server sees it) and
+    /// registers it; `name` prefixes the webhook configurations' names.
+    async fn register(
+        client: &Client,
+        name: &str,
+        scope: &[String],
+        watch: &[String],
+        host: &str,
+    ) -> Webhooks {
+        use std::sync::Arc;
+
+        use base64::Engine;
+        use k8s_openapi::api::admissionregistration::v1::{
+            MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+        };
+        use serde_json::json;
+
+        // The registry the webhook reads, fed from the cluster like the operator's.
+        let config = keygate::controller::OperatorConfig {
+            namespace: watch[0].clone(),
+            issuer: "http://127.0.0.1".into(),
+            watch_namespaces: watch.to_vec(),
+            signing_key_rotation: Duration::from_secs(720 * 3600),
+            max_token_lifetime: Duration::from_secs(24 * 3600),
+            concurrency: 16,
+            policy_stream: false,
+        };
+        let registry = Arc::new(keygate::registry::Registry::default());
+        let mut synced = keygate::controller::watch::spawn_feeds(client, &config, &registry);
+        let _ = synced.wait_for(|s| *s).await;
+
+        let certs =
+            keygate::webhook::tls::generate(&[host.to_owned()], std::time::SystemTime::now())
+                .expect("certificate");
+        let resolver = keygate::webhook::CertResolver::from_pem(&certs.tls_crt, &certs.tls_key)
+            .expect("resolver");
+        let listener = tokio::net::TcpListener::bind("0.0.0.0:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let router = keygate::webhook::router(keygate::webhook::WebhookState {
+            snapshot: registry.subscribe(),
+            inject: Arc::new(keygate::webhook::InjectConfig {
+                watch_namespaces: watch.to_vec(),
+                ..keygate::webhook::InjectConfig::new("ghcr.io/keygate/keygate:0.1.0", "e2e")
+            }),
+            native_sidecars: false,
+            metrics: keygate::webhook::WebhookMetrics::register(
+                &mut prometheus_client::registry::Registry::default(),
+            ),
+        });
+        let server = tokio::spawn(keygate::webhook::serve_tls(
+            listener,
+            router,
+            resolver,
+            std::future::pending(),
+        ))
+        .abort_handle();
+
+        let bundle = base64::engine::general_purpose::STANDARD.encode(&certs.ca_crt);
+        let scope = json!({"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": scope}]});
+        let pp = PatchParams::apply("keygate-e2e").force();
+        let mutating_name = format!("{name}-inject");
+        let mutating: MutatingWebhookConfiguration = serde_json::from_value(json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": mutating_name},
+            "webhooks": [{
+                "name": "inject.keygate.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                "failurePolicy": "Fail", "timeoutSeconds": 5, "reinvocationPolicy": "IfNeeded",
+                "namespaceSelector": scope, "objectSelector": {"matchLabels": {"keygate.dev/inject": "true"}},
+                "clientConfig": {"url": format!("https://{host}:{port}/mutate-pods"), "caBundle": bundle},
+                "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}]
+            }]
+        }))
+        .expect("mutating configuration");
+        Api::<MutatingWebhookConfiguration>::all(client.clone())
+            .patch(&mutating_name, &pp, &Patch::Apply(&mutating))
+            .await
+            .expect("register mutating");
+        let validating_name = format!("{name}-validate");
+        let validating: ValidatingWebhookConfiguration = serde_json::from_value(json!({
+            "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
+            "metadata": {"name": validating_name},
+            "webhooks": [{
+                "name": "validate.keygate.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                "failurePolicy": "Fail", "timeoutSeconds": 5, "namespaceSelector": scope,
+                "clientConfig": {"url": format!("https://{host}:{port}/validate"), "caBundle": bundle},
+                "rules": [{"apiGroups": ["keygate.dev"], "apiVersions": ["v1alpha1"], "operations": ["CREATE", "UPDATE"],
+                           "resources": ["scopepolicies", "apiclients", "m2mroles"]}]
+            }]
+        }))
+        .expect("validating configuration");
+        Api::<ValidatingWebhookConfiguration>::all(client.clone())
+            .patch(&validating_name, &pp, &Patch::Apply(&validating))
+            .await
+            .expect("register validating");
+        Webhooks {
+            registry,
+            server,
+            mutating_name,
+            validating_name,
+        }
+    }
+
+    /// Unregisters the webhooks and stops the server.
+    async fn remove(self, client: &Client) {
+        use k8s_openapi::api::admissionregistration::v1::{
+            MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+        };
+        let _ = Api::<MutatingWebhookConfiguration>::all(client.clone())
+            .delete(&self.mutating_name, &DeleteParams::default())
+            .await;
+        let _ = Api::<ValidatingWebhookConfiguration>::all(client.clone())
+            .delete(&self.validating_name, &DeleteParams::default())
+            .await;
+        self.server.abort();
+    }
+}
+
+async fn webhook_scenario(client: Client, ns: String, host: String) {
     use k8s_openapi::api::core::v1::Pod;
     use serde_json::json;
 
-    // The registry the webhook reads, fed from the cluster like the operator's.
-    let config = keygate::controller::OperatorConfig {
-        namespace: ns.clone(),
-        issuer: "http://127.0.0.1".into(),
-        watch_namespaces: vec![ns.clone()],
-        signing_key_rotation: Duration::from_secs(720 * 3600),
-        max_token_lifetime: Duration::from_secs(24 * 3600),
-        concurrency: 16,
-        policy_stream: false,
-    };
-    let registry = Arc::new(keygate::registry::Registry::default());
-    let mut synced = keygate::controller::watch::spawn_feeds(&client, &config, &registry);
-    let _ = synced.wait_for(|s| *s).await;
-
-    let certs =
-        keygate::webhook::tls::generate(std::slice::from_ref(&host), std::time::SystemTime::now())
-            .expect("certificate");
-    let resolver =
-        keygate::webhook::CertResolver::from_pem(&certs.tls_crt, &certs.tls_key).expect("resolver");
-    let listener = tokio::net::TcpListener::bind("0.0.0.0:0")
-        .await
-        .expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let router = keygate::webhook::router(keygate::webhook::WebhookState {
-        snapshot: registry.subscribe(),
-        inject: Arc::new(keygate::webhook::InjectConfig {
-            watch_namespaces: vec![ns.clone()],
-            ..keygate::webhook::InjectConfig::new("ghcr.io/keygate/keygate:0.1.0", "e2e")
-        }),
-        native_sidecars: false,
-        metrics: keygate::webhook::WebhookMetrics::register(
-            &mut prometheus_client::registry::Registry::default(),
-        ),
-    });
-    let server = tokio::spawn(keygate::webhook::serve_tls(
-        listener,
-        router,
-        resolver,
-        std::future::pending(),
-    ));
-
-    let bundle = base64::engine::general_purpose::STANDARD.encode(&certs.ca_crt);
     // The webhooks see this namespace and one the operator does not watch.
     let unwatched = format!("{ns}-unwatched");
     operator::create_namespace(&client, &unwatched).await;
-    let scope = json!({"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": [ns, unwatched]}]});
-    let pp = PatchParams::apply("keygate-e2e").force();
-    let mutating_name = format!("{ns}-inject");
-    let mutating: MutatingWebhookConfiguration = serde_json::from_value(json!({
-        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": mutating_name},
-        "webhooks": [{
-            "name": "inject.keygate.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
-            "failurePolicy": "Fail", "timeoutSeconds": 5, "reinvocationPolicy": "IfNeeded",
-            "namespaceSelector": scope, "objectSelector": {"matchLabels": {"keygate.dev/inject": "true"}},
-            "clientConfig": {"url": format!("https://{host}:{port}/mutate-pods"), "caBundle": bundle},
-            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}]
-        }]
-    }))
-    .expect("mutating configuration");
-    let mutating_api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    mutating_api
-        .patch(&mutating_name, &pp, &Patch::Apply(&mutating))
-        .await
-        .expect("register mutating");
-    let validating_name = format!("{ns}-validate");
-    let validating: ValidatingWebhookConfiguration = serde_json::from_value(json!({
-        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
-        "metadata": {"name": validating_name},
-        "webhooks": [{
-            "name": "validate.keygate.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
-            "failurePolicy": "Fail", "timeoutSeconds": 5, "namespaceSelector": scope,
-            "clientConfig": {"url": format!("https://{host}:{port}/validate"), "caBundle": bundle},
-            "rules": [{"apiGroups": ["keygate.dev"], "apiVersions": ["v1alpha1"], "operations": ["CREATE", "UPDATE"],
-                       "resources": ["scopepolicies", "apiclients", "m2mroles"]}]
-        }]
-    }))
-    .expect("validating configuration");
-    let validating_api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-    validating_api
-        .patch(&validating_name, &pp, &Patch::Apply(&validating))
-        .await
-        .expect("register validating");
+    let webhooks = Webhooks::register(
+        &client,
+        &ns,
+        &[ns.clone(), unwatched.clone()],
+        std::slice::from_ref(&ns),
+        &host,
+    )
+    .await;
+    let registry = webhooks.registry.clone();
 
     operator::apply_basics(&client, &ns).await;
     operator::eventually(
@@ -541,13 +594,7 @@ async fn webhook_scenario(client: Client, ns: String, host: String) {
         .expect_err("an invalid ScopePolicy is denied");
     assert!(denied.to_string().contains("spec.rules[0]"), "{denied}");
 
-    let _ = mutating_api
-        .delete(&mutating_name, &DeleteParams::default())
-        .await;
-    let _ = validating_api
-        .delete(&validating_name, &DeleteParams::default())
-        .await;
-    server.abort();
+    webhooks.remove(&client).await;
 }
 
 /// The Helm chart installed for real: everything it renders (tests/helm/render.py, with
@@ -874,4 +921,152 @@ async fn two_namespaces_scenario(client: Client, home: String, team_a: String, t
         "the other namespace is served on"
     );
     operator.kill();
+}
+
+/// Issue #18: every manifest under examples/ is accepted by the API server (server-side
+/// apply, strict field validation, CEL rules, and keygate's validating webhook when
+/// `KEYGATE_E2E_WEBHOOK_HOST` is set), and the operator makes every ApiClient, M2MRole and
+/// ScopePolicy Ready. Each namespace an example names (`orders`, `billing`, ...) becomes
+/// `<test namespace>-<name>`, in its objects and in `clientNamespaces`, so runs never
+/// collide. Then what each example is about: two-teams' client holds and gets tokens for the
+/// other team's API, rotation's client has a schedule, secret-template's Secret carries the
+/// template, and (with the webhook) a Pod from injected-deployment's template gets the
+/// sidecar on the port its Service targets.
+#[tokio::test]
+async fn examples_are_accepted_and_made_ready() {
+    let Some(client) = cluster().await else {
+        return;
+    };
+    let webhook_host = std::env::var("KEYGATE_E2E_WEBHOOK_HOST").ok();
+    in_namespace(client, "examples", move |client, home| async move {
+        let (objects, namespaces) = operator::example_objects(&home);
+        for ns in &namespaces {
+            operator::create_namespace(&client, ns).await;
+        }
+        let result = tokio::spawn(examples_scenario(
+            client.clone(),
+            home.clone(),
+            objects,
+            namespaces.clone(),
+            webhook_host,
+        ))
+        .await;
+        let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+        for ns in &namespaces {
+            if result.is_err() {
+                dump(&client, ns).await;
+            }
+            let _ = api.delete(ns, &DeleteParams::default()).await;
+        }
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic.into_panic());
+        }
+    })
+    .await;
+}
+
+async fn examples_scenario(
+    client: Client,
+    home: String,
+    objects: Vec<(String, serde_json::Value)>,
+    namespaces: std::collections::BTreeSet<String>,
+    webhook_host: Option<String>,
+) {
+    use k8s_openapi::api::core::v1::Pod;
+    use serde_json::json;
+
+    let example_namespaces: Vec<String> = namespaces.iter().cloned().collect();
+    let mut watch = vec![home.clone()];
+    watch.extend(example_namespaces.iter().cloned());
+    // Registered before anything is applied, so the validating webhook checks every object.
+    let webhooks = match &webhook_host {
+        Some(host) => {
+            Some(Webhooks::register(&client, &home, &example_namespaces, &watch, host).await)
+        }
+        None => {
+            eprintln!(
+                "not checking injection nor keygate's validating webhook: set KEYGATE_E2E_WEBHOOK_HOST to this host's address as the API server sees it"
+            );
+            None
+        }
+    };
+    operator::scenario_examples(client.clone(), &home, &objects, &namespaces).await;
+
+    // injected-deployment: a Pod of the Deployment's template gets the sidecar on the port
+    // the Service targets.
+    if let Some(webhooks) = webhooks {
+        let (_, deployment) = objects
+            .iter()
+            .find(|(_, o)| o["kind"] == "Deployment")
+            .expect("the example Deployment");
+        let (_, service) = objects
+            .iter()
+            .find(|(_, o)| o["kind"] == "Service")
+            .expect("the example Service");
+        let ns = deployment["metadata"]["namespace"]
+            .as_str()
+            .expect("namespace");
+        let template = &deployment["spec"]["template"];
+        let policy = template["metadata"]["annotations"]["keygate.dev/policy"]
+            .as_str()
+            .expect("the policy annotation");
+        let key = keygate::registry::ObjectKey::new(ns, policy);
+        operator::eventually(
+            "the webhook's registry sees the ScopePolicy",
+            operator::WAIT,
+            || async {
+                webhooks
+                    .registry
+                    .snapshot()
+                    .policies
+                    .contains_key(&key)
+                    .then_some(())
+            },
+        )
+        .await;
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "catalog-from-template", "labels": template["metadata"]["labels"],
+                         "annotations": template["metadata"]["annotations"]},
+            "spec": template["spec"]
+        }))
+        .expect("a Pod from the template");
+        let dry_run = PostParams {
+            dry_run: true,
+            ..PostParams::default()
+        };
+        let injected = Api::<Pod>::namespaced(client.clone(), ns)
+            .create(&dry_run, &pod)
+            .await
+            .expect("the Pod of the template is admitted");
+        let spec = injected.spec.expect("spec");
+        let sidecar = spec
+            .containers
+            .iter()
+            .find(|c| c.name == "keygate-sidecar")
+            .expect("the sidecar is injected");
+        let sidecar_port = sidecar
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some("keygate"))
+            .expect("the sidecar's port named keygate")
+            .container_port;
+        assert_eq!(
+            service["spec"]["ports"][0]["targetPort"],
+            json!(sidecar_port),
+            "the Service targets the sidecar"
+        );
+        assert_eq!(
+            spec.init_containers
+                .unwrap_or_default()
+                .iter()
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>(),
+            ["keygate-capture"],
+            "capture mode redirect closes the app's port"
+        );
+        eprintln!("a Pod of the example Deployment gets the sidecar on port {sidecar_port}");
+        webhooks.remove(&client).await;
+    }
 }

@@ -358,3 +358,17 @@ async fn check_waits_for_the_token_server_and_names_what_does_not_answer() {
     );
     operator.kill();
 }
+
+/// Issue #18: every example under examples/ applied, Ready, and doing what its README says
+/// (tests/e2e_cluster.rs runs the same against a real API server, with injection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn examples_are_accepted_and_made_ready() {
+    let server = FakeApiServer::start().await;
+    let client = server.client();
+    let home = "examples";
+    let (objects, namespaces) = operator::example_objects(home);
+    for ns in namespaces.iter().map(String::as_str).chain([home]) {
+        operator::create_namespace(&client, ns).await;
+    }
+    operator::scenario_examples(client, home, &objects, &namespaces).await;
+}

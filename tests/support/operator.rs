@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -1354,4 +1354,246 @@ pub async fn scenario_policy_stream_as(
         }
     }
     stopping.await.expect("the operator stopped");
+}
+
+/// The `*.yaml` files under `dir`, in subdirectories too, sorted.
+pub fn yaml_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read the directory") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            files.extend(yaml_files(&path));
+        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            files.push(path);
+        }
+    }
+    files.sort();
+    files
+}
+
+/// Every document under examples/ as `(file, object)`, each namespace `ns` it names renamed
+/// `{prefix}-{ns}`; and those namespaces.
+pub fn example_objects(prefix: &str) -> (Vec<(String, serde_json::Value)>, BTreeSet<String>) {
+    let root = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples"));
+    let mut objects = Vec::new();
+    let mut namespaces = BTreeSet::new();
+    let mut rename = |ns: &serde_json::Value| {
+        let renamed = format!("{prefix}-{}", ns.as_str().expect("a namespace name"));
+        namespaces.insert(renamed.clone());
+        serde_json::Value::String(renamed)
+    };
+    for path in yaml_files(root) {
+        let file = path
+            .strip_prefix(root)
+            .expect("under examples/")
+            .display()
+            .to_string();
+        let text = std::fs::read_to_string(&path).expect("read the example");
+        for document in serde_yaml_ng::Deserializer::from_str(&text) {
+            let mut object: serde_json::Value =
+                serde::Deserialize::deserialize(document).expect("yaml");
+            if object.is_null() {
+                continue;
+            }
+            let ns = &mut object["metadata"]["namespace"];
+            assert!(ns.is_string(), "{file}: every example names its namespace");
+            *ns = rename(ns);
+            // `pointer_mut`: indexing a missing field mutably would insert it as null.
+            let names = object.pointer_mut("/spec/clientNamespaces/names");
+            if let Some(names) = names.and_then(serde_json::Value::as_array_mut) {
+                for name in names {
+                    *name = rename(name);
+                }
+            }
+            objects.push((file.clone(), object));
+        }
+    }
+    (objects, namespaces)
+}
+
+/// Whether `object`'s `Ready` condition is true.
+pub fn ready(object: &serde_json::Value) -> bool {
+    object["status"]["conditions"]
+        .as_array()
+        .is_some_and(|conditions| {
+            conditions
+                .iter()
+                .any(|c| c["type"] == keygate::api::READY && c["status"] == "True")
+        })
+}
+
+/// Issue #18: applies every example (from [`example_objects`]) with server-side apply, as
+/// `kubectl apply --server-side` would, each object into the namespace it names (which must
+/// exist); runs the operator with its keys in `home`, watching `home` and those namespaces;
+/// waits until every ApiClient, M2MRole and ScopePolicy is Ready and every ApiClient's
+/// Secret exists; then checks what each example is about: two-teams' client holds and gets
+/// tokens for the other team's API, rotation's client has its schedule, secret-template's
+/// Secret carries the template.
+pub async fn scenario_examples(
+    client: Client,
+    home: &str,
+    objects: &[(String, serde_json::Value)],
+    namespaces: &BTreeSet<String>,
+) {
+    use kube::api::{DynamicObject, GroupVersionKind};
+    use kube::discovery::Discovery;
+    use serde_json::Value;
+
+    let mut watch = vec![home];
+    watch.extend(namespaces.iter().map(String::as_str));
+    let operator = start_operator_watching(client.clone(), home, &watch).await;
+
+    let discovery = Discovery::new(client.clone())
+        .run()
+        .await
+        .expect("discovery");
+    // Strict, as `kubectl apply --server-side` is: an unknown field is an error.
+    let pp = PatchParams::apply("keygate-e2e")
+        .force()
+        .validation_strict();
+    let api_of = |object: &Value| {
+        let types: kube::core::TypeMeta = serde_json::from_value(json!({
+            "apiVersion": object["apiVersion"], "kind": object["kind"]
+        }))
+        .expect("apiVersion and kind");
+        let gvk = GroupVersionKind::try_from(&types).expect("group, version, kind");
+        let (resource, _) = discovery
+            .resolve_gvk(&gvk)
+            .unwrap_or_else(|| panic!("the API server serves {gvk:?}"));
+        let ns = object["metadata"]["namespace"].as_str().expect("namespace");
+        Api::<DynamicObject>::namespaced_with(client.clone(), ns, &resource)
+    };
+    let name_of = |object: &Value| {
+        object["metadata"]["name"]
+            .as_str()
+            .expect("name")
+            .to_owned()
+    };
+    for (file, object) in objects {
+        let name = name_of(object);
+        let dynamic: DynamicObject = serde_json::from_value(object.clone()).expect("an object");
+        api_of(object)
+            .patch(&name, &pp, &Patch::Apply(&dynamic))
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the API server accepts {file}: {} {name}: {e}",
+                    object["kind"]
+                )
+            });
+    }
+    eprintln!(
+        "applied {} objects of the examples in {} namespaces",
+        objects.len(),
+        namespaces.len()
+    );
+
+    // Every keygate object Ready; every ApiClient's Secret in place.
+    let mut statuses = BTreeMap::new();
+    for (file, object) in objects
+        .iter()
+        .filter(|(_, o)| o["apiVersion"] == "keygate.dev/v1alpha1")
+    {
+        let name = name_of(object);
+        let ns = object["metadata"]["namespace"].as_str().expect("namespace");
+        let api = api_of(object);
+        // Waited for here rather than with `eventually`, to show the last status
+        // when it never comes.
+        let deadline = std::time::Instant::now() + WAIT;
+        let status = loop {
+            let current = match api.get(&name).await {
+                Ok(object) => serde_json::to_value(object).expect("json"),
+                Err(error) => json!({"error": error.to_string()}),
+            };
+            if ready(&current) {
+                break current["status"].clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{file}: {} {ns}/{name} is not Ready: {}",
+                object["kind"],
+                current["status"]
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if object["kind"] == "ApiClient" {
+            let secret_name = status["secretName"].as_str().expect("status.secretName");
+            Api::<Secret>::namespaced(client.clone(), ns)
+                .get(secret_name)
+                .await
+                .unwrap_or_else(|e| panic!("{file}: the Secret {ns}/{secret_name}: {e}"));
+        }
+        statuses.insert(
+            format!("{}/{name}", object["kind"].as_str().expect("kind")),
+            status,
+        );
+    }
+    eprintln!("{} keygate objects Ready", statuses.len());
+
+    // two-teams: billing's client holds both scopes on the orders team's API, and gets a token.
+    let invoicer = &statuses["ApiClient/invoicer"];
+    assert_eq!(
+        invoicer["grants"],
+        json!([{"resource": "https://orders.orders.svc", "scopes": ["orders.read", "orders.write"]}]),
+        "{invoicer}"
+    );
+    let billing = format!("{home}-billing");
+    let credentials = secret_data(
+        &Api::<Secret>::namespaced(client.clone(), &billing)
+            .get("invoicer-credentials")
+            .await
+            .expect("the invoicer's Secret"),
+    );
+    let http = reqwest::Client::new();
+    let status = eventually("a token for billing's client", WAIT, || async {
+        let response = http
+            .post(&operator.token_url)
+            .basic_auth(
+                &credentials["client_id"],
+                Some(&credentials["client_secret"]),
+            )
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("resource", "https://orders.orders.svc"),
+            ])
+            .send()
+            .await
+            .ok()?;
+        Some(response.status().as_u16())
+    })
+    .await;
+    assert_eq!(status, 200, "billing's client gets a token for orders");
+
+    // rotation: the schedule is in the status.
+    let settlement = &statuses["ApiClient/settlement"];
+    let at = |field: &str| {
+        settlement[field]
+            .as_str()
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+            .unwrap_or_else(|| panic!("status.{field} in {settlement}"))
+    };
+    assert_eq!(
+        at("nextRotationTime").as_second() - at("lastRotationTime").as_second(),
+        720 * 3600
+    );
+
+    // secret-template: the Secret has the chosen name, labels and annotations.
+    let analytics = format!("{home}-analytics");
+    let exporter = Api::<Secret>::namespaced(client.clone(), &analytics)
+        .get("exporter-oauth")
+        .await
+        .expect("the Secret named by secretName");
+    let labels = exporter.metadata.labels.unwrap_or_default();
+    let annotations = exporter.metadata.annotations.unwrap_or_default();
+    assert_eq!(labels["app.kubernetes.io/part-of"], "analytics");
+    assert_eq!(labels["secrets.example.com/push"], "true");
+    assert_eq!(
+        annotations["reflector.v1.k8s.emberstack.com/reflection-allowed"],
+        "true"
+    );
+    assert_eq!(
+        annotations["reflector.v1.k8s.emberstack.com/reflection-auto-enabled"],
+        "true"
+    );
+    operator.kill();
 }
