@@ -139,7 +139,11 @@ controller_rows = {}
 controller_path = os.path.join(run_dir, "controller.md")
 if os.path.exists(controller_path):
     with open(controller_path) as f:
+        # The first table is the controller's; the policy stream's and the sidecar's follow
+        # it after a blank line, and their rows start with a number too.
         for line in f:
+            if not line.strip() and controller_rows:
+                break
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             if cells and cells[0].isdigit():
                 controller_rows[int(cells[0])] = cells
