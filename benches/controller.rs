@@ -292,7 +292,7 @@ struct Sidecar {
     url: String,
     metrics: String,
     http: reqwest::Client,
-    _dir: tempfile::TempDir,
+    _files: support::FollowerSetup,
 }
 
 impl Sidecar {
@@ -307,22 +307,7 @@ impl Sidecar {
         token: &str,
         ca: &str,
     ) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let write = |name: &str, text: &str| {
-            let path = dir.path().join(name);
-            std::fs::write(&path, text).expect("write");
-            path
-        };
-        let policy = write("policy.json", policy);
-        let (ca, token) = (write("ca.crt", ca), write("token", token));
-        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let upstream_addr = upstream.local_addr().expect("addr");
-        tokio::spawn(async move {
-            let app = axum::Router::new().fallback(|| async { "app" });
-            let _ = axum::serve(upstream, app).await;
-        });
+        let files = support::FollowerSetup::new(policy, ca, token).await;
         let (listen, admin) = (free_port(), free_port());
         // The executable the webhook injects, built beside `keygate` (`keygate sidecar` runs
         // the same code from the whole CLI's larger binary).
@@ -334,9 +319,9 @@ impl Sidecar {
         );
         let process = Command::new(executable)
             .arg("--policy")
-            .arg(&policy)
+            .arg(&files.policy)
             .args(["--listen", &format!("127.0.0.1:{listen}")])
-            .args(["--upstream", &upstream_addr.to_string()])
+            .args(["--upstream", &files.upstream.to_string()])
             .args(["--admin", &format!("127.0.0.1:{admin}")])
             .args([
                 "--policy-server",
@@ -344,9 +329,9 @@ impl Sidecar {
             ])
             .args(["--policy-server-name", server_name])
             .arg("--token-file")
-            .arg(&token)
+            .arg(&files.token)
             .arg("--ca-file")
-            .arg(&ca)
+            .arg(&files.ca)
             .env("KEYGATE_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
@@ -357,7 +342,7 @@ impl Sidecar {
             url: format!("http://127.0.0.1:{listen}/orders/1"),
             metrics: format!("http://127.0.0.1:{admin}/metrics"),
             http: reqwest::Client::new(),
-            _dir: dir,
+            _files: files,
         }
     }
 
@@ -605,7 +590,7 @@ async fn follow_stream(
         assert_eq!(answer.status(), 200);
         let answered = Instant::now();
         sidecar_revoked.push(sidecar.until(&first, 401).await.duration_since(answered));
-        let jti = jti_of(&first);
+        let jti = support::jwt::jti_of(&first);
         let seen = followers_read(&mut rx, followers, &jti, answered).await;
         revoked.extend(seen.into_iter().map(|(d, _)| d));
 
@@ -642,19 +627,6 @@ async fn follow_stream(
         ),
     ]
     .join("\n")
-}
-
-/// The `jti` claim of a JWT.
-fn jti_of(token: &str) -> String {
-    use base64::Engine;
-    let payload = token.split('.').nth(1).expect("a JWT");
-    let claims: serde_json::Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload)
-            .expect("base64url"),
-    )
-    .expect("claims");
-    claims["jti"].as_str().expect("jti").to_owned()
 }
 
 /// The sidecar alone at `n` clients (issue #16 asks for 100,000, more than the in-process

@@ -32,4 +32,4 @@ fi
 KEYGATE_BIN="$PWD/target/debug/keygate" .venv/bin/python -m pytest tests/python -q
 # 3. The Helm chart rendered and linted with Helm's own engine, validated against the
 #    Kubernetes 1.25 and current schemas.
-.venv/bin/python -m pytest tests/helm -q
+KEYGATE_BIN="$PWD/target/debug/keygate" .venv/bin/python -m pytest tests/helm -q

@@ -29,6 +29,12 @@ impl FromStr for SampleRate {
     }
 }
 
+impl std::fmt::Display for SampleRate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// What the audit trail writes: `--audit-allowed-sample` and `--audit-refused-per-second`.
 #[derive(clap::Args, Debug, Clone, Copy, PartialEq)]
 pub struct AuditConfig {
@@ -51,6 +57,44 @@ impl Default for AuditConfig {
             audit_refused_per_second: 100,
         }
     }
+}
+
+impl AuditConfig {
+    /// The environment that gives a process these settings, for those that differ from the
+    /// defaults (how the webhook passes them to injected sidecars).
+    pub fn changed_env(&self) -> Vec<(&'static str, String)> {
+        let default = Self::default();
+        let mut env = Vec::new();
+        if self.audit_allowed_sample != default.audit_allowed_sample {
+            env.push((
+                "KEYGATE_AUDIT_ALLOWED_SAMPLE",
+                self.audit_allowed_sample.to_string(),
+            ));
+        }
+        if self.audit_refused_per_second != default.audit_refused_per_second {
+            env.push((
+                "KEYGATE_AUDIT_REFUSED_PER_SECOND",
+                self.audit_refused_per_second.to_string(),
+            ));
+        }
+        env
+    }
+}
+
+/// The most bytes of a caller-chosen text (a requested scope list, say) an event carries.
+pub const MAX_CALLER_TEXT: usize = 256;
+
+/// `text` as an event carries it: cut to [`MAX_CALLER_TEXT`] bytes at a character
+/// boundary, with `…` where it was cut, so a caller cannot make one event arbitrarily long.
+pub fn caller_text(text: &str) -> String {
+    if text.len() <= MAX_CALLER_TEXT {
+        return text.to_owned();
+    }
+    let end = (0..=MAX_CALLER_TEXT)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    format!("{}…", &text[..end])
 }
 
 /// One in 2^32: the unit of [`AuditTrail::sample_step`].
@@ -206,6 +250,33 @@ mod tests {
         assert_eq!(written(&trail("0.01", 1), 1000), 10);
         assert_eq!(written(&trail("0.5", 1), 1000), 500);
         assert_eq!(written(&trail("0.3", 1), 1000), 300);
+    }
+
+    #[test]
+    fn changed_settings_are_passed_on_as_environment_that_parses_back() {
+        assert!(AuditConfig::default().changed_env().is_empty());
+        let config = AuditConfig {
+            audit_allowed_sample: "0.001".parse().unwrap(),
+            audit_refused_per_second: 5,
+        };
+        let env = config.changed_env();
+        assert_eq!(
+            env,
+            [
+                ("KEYGATE_AUDIT_ALLOWED_SAMPLE", "0.001".to_owned()),
+                ("KEYGATE_AUDIT_REFUSED_PER_SECOND", "5".to_owned()),
+            ]
+        );
+        assert_eq!(env[0].1.parse(), Ok(config.audit_allowed_sample));
+    }
+
+    #[test]
+    fn caller_text_is_cut_at_a_character_boundary() {
+        assert_eq!(caller_text("orders.read"), "orders.read");
+        let long = "é".repeat(200);
+        let cut = caller_text(&long);
+        assert!(cut.len() <= MAX_CALLER_TEXT + "…".len(), "{}", cut.len());
+        assert!(cut.ends_with('…') && long.starts_with(cut.trim_end_matches('…')));
     }
 
     #[test]

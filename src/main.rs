@@ -153,9 +153,8 @@ struct OperatorArgs {
         default_value = ""
     )]
     watch_namespaces: Vec<String>,
-    /// Name of the leader-election Lease.
-    #[arg(long, env = "KEYGATE_LEASE_NAME", default_value = "keygate-operator")]
-    lease_name: String,
+    #[command(flatten)]
+    election: keygate::controller::leader::LeaderElection,
     /// Lifetime of tokens for clients that set none.
     #[arg(long, env = "KEYGATE_DEFAULT_TOKEN_LIFETIME", default_value = "1h", value_parser = keygate::connections::positive_duration)]
     default_token_lifetime: Duration,
@@ -254,6 +253,23 @@ struct SidecarTemplateArgs {
     /// ConfigMap.
     #[arg(long, env = "KEYGATE_SIDECAR_POLICY_SERVER")]
     sidecar_policy_server: Option<String>,
+    /// Share of allowed requests injected sidecars write to the audit trail (their
+    /// --audit-allowed-sample): 1 every one, 0.01 one in a hundred, 0 none.
+    #[arg(
+        long,
+        env = "KEYGATE_SIDECAR_AUDIT_ALLOWED_SAMPLE",
+        default_value = "1"
+    )]
+    sidecar_audit_allowed_sample: keygate::audit::SampleRate,
+    /// Most refusal events injected sidecars write per second (their
+    /// --audit-refused-per-second).
+    #[arg(long, env = "KEYGATE_SIDECAR_AUDIT_REFUSED_PER_SECOND", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    sidecar_audit_refused_per_second: u32,
+    /// Annotate injected Pods with prometheus.io/scrape, /port (the sidecar's admin port) and
+    /// /path for Prometheus configurations that discover Pods by annotation; a Pod with a
+    /// prometheus.io/ annotation of its own keeps its own.
+    #[arg(long, env = "KEYGATE_SIDECAR_PROMETHEUS_ANNOTATIONS", default_value_t = false, action = clap::ArgAction::Set)]
+    sidecar_prometheus_annotations: bool,
 }
 
 impl SidecarTemplateArgs {
@@ -280,6 +296,11 @@ impl SidecarTemplateArgs {
         set("limits", "memory", &self.sidecar_memory_limit);
         config.capture = self.default_capture;
         config.policy_server = self.sidecar_policy_server.clone();
+        config.audit = keygate::audit::AuditConfig {
+            audit_allowed_sample: self.sidecar_audit_allowed_sample,
+            audit_refused_per_second: self.sidecar_audit_refused_per_second,
+        };
+        config.prometheus_annotations = self.sidecar_prometheus_annotations;
         config
     }
 }
@@ -548,7 +569,7 @@ async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
         },
         token_listen: args.token_listen,
         admin_listen: args.admin,
-        lease_name: args.lease_name,
+        election: args.election,
         identity: args.pod_name,
         default_token_lifetime: args.default_token_lifetime,
         token_tls,

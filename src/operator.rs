@@ -32,7 +32,8 @@ pub struct OperatorOptions {
     pub config: OperatorConfig,
     pub token_listen: SocketAddr,
     pub admin_listen: SocketAddr,
-    pub lease_name: String,
+    /// The Lease and its timings.
+    pub election: controller::leader::LeaderElection,
     /// This replica's identity in the lease (the pod name).
     pub identity: String,
     pub default_token_lifetime: Duration,
@@ -217,6 +218,7 @@ pub async fn run_with_limits(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), OperatorError> {
     check_token_tls(&options.config.issuer, &options.token_tls)?;
+    options.election.check().map_err(OperatorError::Config)?;
     check_crds(&client, &options.config).await?;
     let config = controller::OperatorConfig {
         policy_stream: options.policy_listen.is_some() && options.token_tls != TokenTls::Disabled,
@@ -242,7 +244,7 @@ pub async fn run_with_limits(
     let mut election = tokio::spawn(controller::leader::run(
         client.clone(),
         config.namespace.clone(),
-        options.lease_name.clone(),
+        options.election.clone(),
         options.identity.clone(),
         leading_tx,
         replica.leader.clone(),

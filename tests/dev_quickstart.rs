@@ -3,12 +3,15 @@
 
 #[path = "support/dev.rs"]
 mod dev_process;
+#[path = "support/jwt.rs"]
+mod jwt;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use dev_process::{Dev, copy_files, credential, example, get, start, start_with, wait_for_log};
+use dev_process::{Dev, ExampleCopy, credential, example, get, start, wait_for_log};
+use jwt::jti_of;
 use keygate::credentials::{SigningKey, sign_keypair_jwt, unix_now};
 
 const ORDERS: &str = "https://orders.shop.svc";
@@ -59,10 +62,9 @@ fn warehouse_jwt(state: &Path) -> (String, SigningKey, String) {
 
 #[tokio::test]
 async fn quickstart_walkthrough_survives_restart_and_bad_config() {
-    let config = tempfile::tempdir().unwrap();
-    let state_dir = tempfile::tempdir().unwrap();
-    let state: PathBuf = state_dir.path().join("state");
-    copy_files(&example("quickstart"), config.path());
+    let quickstart = ExampleCopy::new("quickstart");
+    let config = &quickstart.config;
+    let state: PathBuf = quickstart.state();
     let http = reqwest::Client::new();
 
     let dev = start(config.path(), &state);
@@ -237,32 +239,13 @@ fn assert_fields(event: &serde_json::Value, expected: serde_json::Value) {
     assert_eq!(event, &expected, "audit event");
 }
 
-/// The `jti` claim of a JWT.
-fn jti_of(token: &str) -> String {
-    use base64::Engine;
-    let payload = token.split('.').nth(1).unwrap();
-    let claims: serde_json::Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload)
-            .unwrap(),
-    )
-    .unwrap();
-    claims["jti"].as_str().unwrap().to_owned()
-}
-
 #[tokio::test]
 async fn every_decision_and_token_outcome_writes_one_audit_event_without_secrets() {
     use serde_json::json;
-    let config = tempfile::tempdir().unwrap();
-    let state_dir = tempfile::tempdir().unwrap();
-    let state = state_dir.path().join("state");
-    copy_files(&example("quickstart"), config.path());
+    let quickstart = ExampleCopy::new("quickstart");
+    let state = quickstart.state();
     // A quiet log keeps the audit trail unless the filter names it.
-    let dev = start_with(
-        config.path(),
-        &state,
-        &["--log", "warn", "--log-format", "json"],
-    );
+    let dev = quickstart.start(&["--log", "warn", "--log-format", "json"]);
     let http = reqwest::Client::new();
     let id = credential(&state, "shop/reporting", "client_id");
     let secret = credential(&state, "shop/reporting", "client_secret");
@@ -393,7 +376,7 @@ async fn every_decision_and_token_outcome_writes_one_audit_event_without_secrets
     assert_eq!(event["outcome"], "allowed");
 
     // private_key_jwt at the token endpoint (`keygate token`) names the key that verified it.
-    let key_file = state_dir.path().join("warehouse.pem");
+    let key_file = state.with_file_name("warehouse.pem");
     std::fs::write(
         &key_file,
         credential(&state, "shop/warehouse", "private_key.pem"),
@@ -455,6 +438,38 @@ async fn every_decision_and_token_outcome_writes_one_audit_event_without_secrets
     assert_eq!(refused["client_id"], id.as_str());
     assert_eq!(refused["jti"], jti_of(&issued).as_str());
 
+    // A refused token request of an authenticated client names what it asked for.
+    let too_much = http
+        .post(&dev.token_url)
+        .basic_auth(&id, Some(&secret))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("resource", ORDERS),
+            ("scope", "orders.write"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(too_much.status(), 400);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let event = loop {
+        let events = audit_events(&dev.stderr.lock().unwrap());
+        if let Some(last) = events.last().filter(|e| e["kind"] == "token.issue") {
+            break last.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the token refusal is not audited"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(event["outcome"], "refused");
+    assert_eq!(event["error"], "invalid_scope");
+    assert_eq!(event["client_id"], id.as_str());
+    assert_eq!(event["requested_resource"], ORDERS);
+    assert_eq!(event["requested_scopes"], "orders.write");
+    assert_eq!(event.get("scopes"), None);
+
     // Nothing secret anywhere in the log: not the token, the secrets, the keys, the query.
     let log = dev.stderr.lock().unwrap().clone();
     let private_key = credential(&state, "shop/warehouse", "private_key.pem");
@@ -469,22 +484,16 @@ async fn every_decision_and_token_outcome_writes_one_audit_event_without_secrets
 
 #[tokio::test]
 async fn allowed_decisions_are_sampled_and_refusals_bounded_but_counted() {
-    let config = tempfile::tempdir().unwrap();
-    let state_dir = tempfile::tempdir().unwrap();
-    let state = state_dir.path().join("state");
-    copy_files(&example("quickstart"), config.path());
-    let dev = start_with(
-        config.path(),
-        &state,
-        &[
-            "--log-format",
-            "json",
-            "--audit-allowed-sample",
-            "0.25",
-            "--audit-refused-per-second",
-            "1",
-        ],
-    );
+    let quickstart = ExampleCopy::new("quickstart");
+    let state = quickstart.state();
+    let dev = quickstart.start(&[
+        "--log-format",
+        "json",
+        "--audit-allowed-sample",
+        "0.25",
+        "--audit-refused-per-second",
+        "1",
+    ]);
     let http = reqwest::Client::new();
     let api_key = credential(&state, "shop/partner", "api_key");
     let orders = format!("{}/orders/42", dev.sidecar("shop/orders"));
@@ -557,18 +566,16 @@ fn a_port_in_use_is_named_with_the_option_that_moves_it() {
 
 #[tokio::test]
 async fn dev_rotate_gives_new_credentials_and_keeps_the_old_ones_for_the_overlap() {
-    let config = tempfile::tempdir().unwrap();
-    copy_files(&example("quickstart"), config.path());
-    let state_dir = tempfile::tempdir().unwrap();
-    let state = state_dir.path().join("state");
-    let dev = start(config.path(), &state);
+    let quickstart = ExampleCopy::new("quickstart");
+    let state = quickstart.state();
+    let dev = quickstart.start(&[]);
     let http = reqwest::Client::new();
     let id = credential(&state, "shop/reporting", "client_id");
     let before = credential(&state, "shop/reporting", "client_secret");
 
     let output = Command::new(env!("CARGO_BIN_EXE_keygate"))
         .args(["dev", "rotate", "reporting", "--config"])
-        .arg(config.path())
+        .arg(quickstart.config.path())
         .arg("--state")
         .arg(&state)
         .output()

@@ -309,6 +309,12 @@ impl Webhooks {
             snapshot: registry.subscribe(),
             inject: Arc::new(keygate::webhook::InjectConfig {
                 watch_namespaces: watch.to_vec(),
+                // Not the defaults, so that the API server takes what they add.
+                prometheus_annotations: true,
+                audit: keygate::audit::AuditConfig {
+                    audit_allowed_sample: "0.5".parse().expect("a sample rate"),
+                    audit_refused_per_second: 100,
+                },
                 ..keygate::webhook::InjectConfig::new("ghcr.io/keygate/keygate:0.1.0", "e2e")
             }),
             native_sidecars: false,
@@ -464,12 +470,21 @@ async fn webhook_scenario(client: Client, ns: String, host: String) {
         ["keygate-sidecar", "app"],
         "the sidecar is injected first"
     );
+    let annotations = injected.metadata.annotations.clone().unwrap_or_default();
+    assert!(annotations.contains_key("keygate.dev/injected"));
+    // Annotation-based scraping of the sidecar's admin port, and its audit sampling.
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], "8101");
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+    let sidecar_env = injected.spec.as_ref().expect("spec").containers[0]
+        .env
+        .clone()
+        .unwrap_or_default();
     assert!(
-        injected
-            .metadata
-            .annotations
-            .as_ref()
-            .is_some_and(|a| a.contains_key("keygate.dev/injected"))
+        sidecar_env
+            .iter()
+            .any(|e| e.name == "KEYGATE_AUDIT_ALLOWED_SAMPLE" && e.value.as_deref() == Some("0.5")),
+        "{sidecar_env:?}"
     );
     // Capture mode redirect (the default): the API server takes the init container that
     // closes the app's port, with NET_ADMIN and nothing else.

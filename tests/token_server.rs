@@ -2,6 +2,9 @@
 //! ApiClient, M2MRole and ScopePolicy specs, and standard clients (the `oauth2` crate,
 //! `jsonwebtoken` against the served JWKS) talking to it.
 
+#[path = "support/jwt.rs"]
+mod jwt;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -1288,12 +1291,7 @@ async fn rotated_credentials_overlap_then_the_old_ones_stop() {
 async fn a_revocation_is_answered_only_once_stored() {
     let fx = Fixture::start().await;
     let token = fx.access_token("reporting", &[]).await;
-    let jti = {
-        let payload = token.split('.').nth(1).unwrap();
-        let claims: Value =
-            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
-        claims["jti"].as_str().unwrap().to_owned()
-    };
+    let jti = jwt::jti_of(&token);
     let revoke = || {
         fx.post_basic("/oauth2/revoke", "reporting", &[("token", &token)])
             .send()

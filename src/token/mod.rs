@@ -315,6 +315,8 @@ impl TokenServer {
             active = audited.active,
             resource = audited.resource.as_deref(),
             scopes = audited.scopes.as_deref(),
+            requested_resource = error.and(audited.requested_resource.as_deref()),
+            requested_scopes = error.and(audited.requested_scopes.as_deref()),
             peer = %peer,
             suppressed = (suppressed > 0).then_some(suppressed),
         );
@@ -336,6 +338,10 @@ struct Audited {
     /// The resource (`aud`) and the scopes of the token issued or introspected.
     resource: Option<String>,
     scopes: Option<String>,
+    /// What an authenticated client asked for at the token endpoint (cut to
+    /// [`audit::MAX_CALLER_TEXT`]), written when the request was refused.
+    requested_resource: Option<String>,
+    requested_scopes: Option<String>,
     /// The `jti` of the token issued, revoked or introspected.
     jti: Option<String>,
     /// Whether the token introspected is active.
@@ -501,6 +507,8 @@ async fn issue_token(
     }
     let now = unix_now();
     let client = server.authenticate(headers, &params, peer, now, audited)?;
+    audited.requested_resource = params.get("resource").map(|r| audit::caller_text(r));
+    audited.requested_scopes = params.get("scope").map(|s| audit::caller_text(s));
     if client.disabled {
         return Err(OAuthError::new(
             ErrorCode::UnauthorizedClient,

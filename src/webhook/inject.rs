@@ -68,6 +68,10 @@ pub const CAPTURE_LABEL: &str = "keygate.dev/capture";
 pub const OPEN_PORTS_ANNOTATION: &str = "keygate.dev/open-ports";
 /// The injected traffic-capture init container's name.
 pub const CAPTURE_NAME: &str = "keygate-capture";
+/// The prefix of the annotations by which a Prometheus scrape configuration finds Pods
+/// (`prometheus.io/scrape`, `/port`, `/path`), set by injection with
+/// [`InjectConfig::prometheus_annotations`].
+pub const PROMETHEUS_ANNOTATION_PREFIX: &str = "prometheus.io/";
 /// Set by injection to the sidecar version.
 pub const INJECTED_ANNOTATION: &str = "keygate.dev/injected";
 /// The annotation `kubectl logs`/`exec` read to pick a container when none is named.
@@ -89,7 +93,9 @@ pub const TOKEN_AUDIENCE: &str = "keygate";
 pub const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
 /// Where the policy ConfigMap is mounted.
 pub const POLICY_MOUNT_PATH: &str = "/etc/keygate";
-/// The name of the sidecar's request port (a Service can target it by name).
+/// The name of the sidecar's request port. A Service should target the number, not this
+/// name: up to Kubernetes 1.31 a Service's named `targetPort` resolves only against regular
+/// containers, and a native sidecar (1.29 and newer) is an init container.
 pub const LISTEN_PORT_NAME: &str = "keygate";
 /// The name of the sidecar's admin port (`/healthz`, `/readyz`, `/metrics`).
 pub const ADMIN_PORT_NAME: &str = "keygate-admin";
@@ -156,6 +162,14 @@ pub struct InjectConfig {
     /// and the CA in its policy ConfigMap (`ca.crt`); the ConfigMap stays the bootstrap
     /// and the fallback.
     pub policy_server: Option<String>,
+    /// What injected sidecars write to the audit trail (their `KEYGATE_AUDIT_*` environment
+    /// when it differs from the defaults).
+    pub audit: crate::audit::AuditConfig,
+    /// Annotate injected Pods for annotation-based Prometheus scraping of the sidecar's
+    /// `/metrics` (`prometheus.io/scrape`, `prometheus.io/port`: the admin port,
+    /// `prometheus.io/path`), unless the Pod has a `prometheus.io/` annotation of its own,
+    /// which is then left to scrape what the app asked for.
+    pub prometheus_annotations: bool,
 }
 
 impl InjectConfig {
@@ -176,6 +190,8 @@ impl InjectConfig {
             watch_namespaces: Vec::new(),
             capture: CaptureMode::Redirect,
             policy_server: None,
+            audit: crate::audit::AuditConfig::default(),
+            prometheus_annotations: false,
         }
     }
 
@@ -368,6 +384,17 @@ pub fn inject(
     {
         // The sidecar is now the first container: keep `kubectl logs`/`exec` on the app.
         new_annotations.push((DEFAULT_CONTAINER_ANNOTATION, app.name.clone()));
+    }
+    if config.prometheus_annotations
+        && !annotations
+            .keys()
+            .any(|k| k.starts_with(PROMETHEUS_ANNOTATION_PREFIX))
+    {
+        new_annotations.extend([
+            ("prometheus.io/scrape", "true".to_owned()),
+            ("prometheus.io/port", config.admin_port.to_string()),
+            ("prometheus.io/path", "/metrics".to_owned()),
+        ]);
     }
     match &pod.metadata.annotations {
         Some(_) => {
@@ -610,6 +637,26 @@ fn sidecar_container(
         "--admin".to_owned(),
         format!("0.0.0.0:{admin_port}"),
     ];
+    let mut env = vec![
+        EnvVar {
+            name: "KEYGATE_LOG_FORMAT".to_owned(),
+            value: Some("json".to_owned()),
+            ..Default::default()
+        },
+        field_env("KEYGATE_POD_NAME", "metadata.name"),
+        field_env("KEYGATE_POD_NAMESPACE", "metadata.namespace"),
+    ];
+    env.extend(
+        config
+            .audit
+            .changed_env()
+            .into_iter()
+            .map(|(name, value)| EnvVar {
+                name: name.to_owned(),
+                value: Some(value),
+                ..Default::default()
+            }),
+    );
     let mut mounts = vec![VolumeMount {
         name: POLICY_VOLUME.to_owned(),
         mount_path: POLICY_MOUNT_PATH.to_owned(),
@@ -638,15 +685,7 @@ fn sidecar_container(
         image_pull_policy: config.image_pull_policy.clone(),
         command: Some(vec![SIDECAR_COMMAND.to_owned()]),
         args: Some(args),
-        env: Some(vec![
-            EnvVar {
-                name: "KEYGATE_LOG_FORMAT".to_owned(),
-                value: Some("json".to_owned()),
-                ..Default::default()
-            },
-            field_env("KEYGATE_POD_NAME", "metadata.name"),
-            field_env("KEYGATE_POD_NAMESPACE", "metadata.namespace"),
-        ]),
+        env: Some(env),
         ports: Some(vec![
             port(LISTEN_PORT_NAME, listen_port),
             port(ADMIN_PORT_NAME, admin_port),

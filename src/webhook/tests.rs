@@ -403,6 +403,78 @@ fn port_and_resource_annotations() {
     assert!(inject(&pod, "shop", &config(), true, lookup).is_err());
 }
 
+/// The Pod that results from injecting `pod` with `config`.
+fn injected(pod: &Pod, config: &InjectConfig) -> Value {
+    let patch = inject(pod, "shop", config, true, lookup)
+        .expect("injected")
+        .expect("a patch");
+    let mut value = serde_json::to_value(pod).expect("json");
+    json_patch::patch(&mut value, &patch.0).expect("the patch applies");
+    value
+}
+
+#[test]
+fn prometheus_annotations_only_when_asked_and_never_over_the_pods_own() {
+    let annotations = json!({"keygate.dev/policy": "orders"});
+    let pod = pod_with(annotations.clone(), json!([]));
+    let plain = injected(&pod, &config());
+    assert!(
+        plain["metadata"]["annotations"]
+            .get("prometheus.io/scrape")
+            .is_none()
+    );
+
+    let config = InjectConfig {
+        prometheus_annotations: true,
+        ..config()
+    };
+    let annotated = injected(&pod, &config);
+    let got = &annotated["metadata"]["annotations"];
+    assert_eq!(got["prometheus.io/scrape"], "true");
+    assert_eq!(got["prometheus.io/port"], "8101");
+    assert_eq!(got["prometheus.io/path"], "/metrics");
+
+    // The app's own scraping is left as the Pod asked.
+    let own = pod_with(
+        json!({"keygate.dev/policy": "orders", "prometheus.io/port": "9090"}),
+        json!([]),
+    );
+    let got = &injected(&own, &config)["metadata"]["annotations"];
+    assert_eq!(got["prometheus.io/port"], "9090");
+    assert!(got.get("prometheus.io/scrape").is_none());
+}
+
+#[test]
+fn audit_settings_reach_the_sidecar_only_when_changed() {
+    let pod = pod_with(json!({"keygate.dev/policy": "orders"}), json!([]));
+    let env_of = |pod: &Value| {
+        let (_, _, sidecar) = sidecars(pod).remove(0);
+        sidecar["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .filter(|e| {
+                e["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("KEYGATE_AUDIT_"))
+            })
+            .map(|e| (e["name"].as_str().unwrap().to_owned(), e["value"].clone()))
+            .collect::<Vec<_>>()
+    };
+    assert!(env_of(&injected(&pod, &config())).is_empty());
+    let config = InjectConfig {
+        audit: crate::audit::AuditConfig {
+            audit_allowed_sample: "0.05".parse().unwrap(),
+            audit_refused_per_second: 100,
+        },
+        ..config()
+    };
+    assert_eq!(
+        env_of(&injected(&pod, &config)),
+        [("KEYGATE_AUDIT_ALLOWED_SAMPLE".to_owned(), json!("0.05"))]
+    );
+}
+
 #[test]
 fn capture_modes_and_ports_left_open() {
     let pod = |annotations: Value, ports: Value| {

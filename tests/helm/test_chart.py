@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import helm_python as helm
@@ -95,9 +97,13 @@ VARIANTS: dict[str, dict] = {
         "commonLabels": {"example.com/team": "platform", "cost-centre": "42"},
         "image": {"digest": "sha256:" + "a" * 64},
         "sidecar": {"image": {"digest": "sha256:" + "b" * 64},
+                    "audit": {"allowedSample": 0.01, "refusedPerSecond": 10},
+                    "prometheusAnnotations": True,
                     "podMonitor": {"enabled": True, "namespace": "monitoring", "interval": "15s",
                                    "scrapeTimeout": "5s", "labels": {"release": "prom"}}},
         "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": "25%"}},
+        "leaderElection": {"leaseDuration": "60s", "renewDeadline": "40s", "retryPeriod": "15s"},
+        "audit": {"allowedSample": 0.5, "refusedPerSecond": 20},
         "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
                             "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"},
                             "supplementalGroups": [1000]},
@@ -811,12 +817,59 @@ def test_image_digests_win_over_tags(values, operator, sidecar):
     ({"livenessProbe": {"httpGet": {"path": "/"}}}, "httpGet"),
     ({"startupProbe": {"enabeld": True}}, "enabeld"),
     ({"volumeMounts": [{"name": "x"}]}, "mountPath"),
+    ({"leaderElection": {"leaseDuration": "1500ms"}}, "leaseDuration"),
+    ({"leaderElection": {"renewDeadline": "0s"}}, "renewDeadline"),
+    ({"leaderElection": {"retryPeriod": "soon"}}, "retryPeriod"),
+    ({"audit": {"allowedSample": 2}}, "allowedSample"),
+    ({"audit": {"refusedPerSecond": 0}}, "refusedPerSecond"),
+    ({"sidecar": {"audit": {"allowedSample": -0.1}}}, "allowedSample"),
+    ({"sidecar": {"prometheusAnnotations": "yes"}}, "prometheusAnnotations"),
 ])
 def test_schema_rejects_bad_operability_values(bad, where):
     with helm.Chart.load(CHART) as chart:
         with pytest.raises(helm.HelmValuesError) as err:
             chart.validate_schema(bad)
         assert where in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("values, expected", [
+    ({}, {"lease-duration": "15s", "lease-renew-deadline": "10s", "lease-retry-period": "2s",
+          "audit-allowed-sample": "1", "audit-refused-per-second": "100",
+          "sidecar-audit-allowed-sample": "1", "sidecar-audit-refused-per-second": "100",
+          "sidecar-prometheus-annotations": "false"}),
+    # Numbers as the operator parses them: no exponent, no float formatting of integers.
+    ({"leaderElection": {"leaseDuration": "1m", "renewDeadline": "40s", "retryPeriod": "15s"},
+      "audit": {"allowedSample": 0.25, "refusedPerSecond": 1000000},
+      "sidecar": {"audit": {"allowedSample": 0.001, "refusedPerSecond": 5}, "prometheusAnnotations": True}},
+     {"lease-duration": "1m", "lease-renew-deadline": "40s", "lease-retry-period": "15s",
+      "audit-allowed-sample": "0.25", "audit-refused-per-second": "1000000",
+      "sidecar-audit-allowed-sample": "0.001", "sidecar-audit-refused-per-second": "5",
+      "sidecar-prometheus-annotations": "true"}),
+])
+def test_leader_election_audit_and_annotation_values_reach_the_flags(values, expected):
+    args = deployment_args(render(values))
+    assert {name: flag(args, name) for name in expected} == expected
+
+
+def keygate_bin() -> str:
+    path = os.environ.get("KEYGATE_BIN") or str(REPO / "target" / "debug" / "keygate")
+    assert os.access(path, os.X_OK), f"{path}: build keygate first (cargo build), or set KEYGATE_BIN"
+    return path
+
+
+def test_the_operator_parses_every_flag_the_chart_renders(variant):
+    # `keygate operator ARGS --help` prints the help only when every argument before it
+    # parsed: an unknown flag or a value it refuses fails first.
+    name, values, objects = variant
+    args = [a for a in deployment_args(objects)[1:] if a not in values.get("extraArgs", [])]
+    result = subprocess.run([keygate_bin(), "operator", *args, "--help"],
+                            capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+    assert result.returncode == 0, f"{name}: {args}\n{result.stderr}"
+    for job in of_kind(objects, "Job"):
+        container = job["spec"]["template"]["spec"]["containers"][0]
+        result = subprocess.run([keygate_bin(), *container["args"], "--help"],
+                                capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+        assert result.returncode == 0, f"{name}: {container['args']}\n{result.stderr}"
 
 
 def test_defaults_keep_the_hardcoded_workload_settings():

@@ -80,6 +80,33 @@ fn dev_command(config: &Path, state: &Path, extra: &[&str]) -> Command {
 }
 
 /// Starts `keygate dev` on free ports and waits for its walkthrough.
+/// An example's files copied into a configuration directory of the test's own, beside an
+/// empty state directory: what `keygate dev --config … --state …` is started with.
+pub struct ExampleCopy {
+    pub config: tempfile::TempDir,
+    state_dir: tempfile::TempDir,
+}
+
+impl ExampleCopy {
+    /// A copy of `examples/<name>`.
+    pub fn new(name: &str) -> Self {
+        let config = tempfile::tempdir().expect("tempdir");
+        copy_files(&example(name), config.path());
+        let state_dir = tempfile::tempdir().expect("tempdir");
+        Self { config, state_dir }
+    }
+
+    /// The state directory (not yet created: `keygate dev` makes it).
+    pub fn state(&self) -> PathBuf {
+        self.state_dir.path().join("state")
+    }
+
+    /// `keygate dev` on this copy, with `extra` options.
+    pub fn start(&self, extra: &[&str]) -> Dev {
+        start_with(self.config.path(), &self.state(), extra)
+    }
+}
+
 pub fn start(config: &Path, state: &Path) -> Dev {
     start_with(config, state, &[])
 }

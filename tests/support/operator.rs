@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+#[path = "jwt.rs"]
+pub mod jwt;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -13,6 +16,7 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use keygate::api::{ApiClient, M2MRole, ScopePolicy};
 use keygate::controller::OperatorConfig;
+use keygate::controller::leader::LeaderElection;
 use keygate::operator::{OperatorOptions, TokenTls, run};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -119,7 +123,10 @@ pub fn operator_options(
         },
         token_listen: format!("127.0.0.1:{token_port}").parse().expect("addr"),
         admin_listen: format!("127.0.0.1:{}", free_port()).parse().expect("addr"),
-        lease_name: format!("keygate-test-{namespace}"),
+        election: LeaderElection {
+            lease_name: format!("keygate-test-{namespace}"),
+            ..LeaderElection::default()
+        },
         identity: format!("test-{}", std::process::id()),
         default_token_lifetime: Duration::from_secs(3600),
         token_tls,
@@ -902,18 +909,10 @@ async fn token_and_jti(
     id: &str,
     secret: &str,
 ) -> (String, String) {
-    use base64::Engine;
     let token = access_token(http, token_url, id, secret)
         .await
         .expect("a token");
-    let payload = token.split('.').nth(1).expect("a JWT");
-    let claims: serde_json::Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload)
-            .expect("base64url"),
-    )
-    .expect("claims");
-    let jti = claims["jti"].as_str().expect("jti").to_owned();
+    let jti = jwt::jti_of(&token);
     (token, jti)
 }
 
@@ -1076,6 +1075,48 @@ async fn start_streaming_operator(
     spawn_operator(client, options)
 }
 
+/// What a sidecar that follows the policy stream needs besides its flags: its policy file,
+/// the CA and its ServiceAccount token as files (in `_dir`, removed on drop), and an app
+/// answering "app" to every request.
+pub struct FollowerSetup {
+    _dir: tempfile::TempDir,
+    pub policy: std::path::PathBuf,
+    pub ca: std::path::PathBuf,
+    pub token: std::path::PathBuf,
+    pub upstream: std::net::SocketAddr,
+}
+
+impl FollowerSetup {
+    pub async fn new(policy: &str, ca: &str, token: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).expect("write");
+            path
+        };
+        let (policy, ca, token) = (
+            write("policy.json", policy),
+            write("ca.crt", ca),
+            write("token", token),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let upstream = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let app = axum::Router::new().fallback(|| async { "app" });
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            _dir: dir,
+            policy,
+            ca,
+            token,
+            upstream,
+        }
+    }
+}
+
 /// A `keygate sidecar` process, killed on drop.
 pub struct SidecarProcess(pub std::process::Child);
 
@@ -1198,36 +1239,20 @@ pub async fn scenario_policy_stream_as(
     }
 
     // The sidecar: its policy file is the ConfigMap's document as it is now.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let write = |name: &str, text: &str| {
-        let path = dir.path().join(name);
-        std::fs::write(&path, text).expect("write");
-        path
-    };
-    let policy_file = write("policy.json", &document.to_string());
-    let ca_file = write("ca.crt", &ca);
-    let token_file = write("token", &own_token);
-    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let upstream_addr = upstream.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let app = axum::Router::new().fallback(|| async { "app" });
-        let _ = axum::serve(upstream, app).await;
-    });
+    let files = FollowerSetup::new(&document.to_string(), &ca, &own_token).await;
     let (listen, admin) = (free_port(), free_port());
     let _sidecar = SidecarProcess(
         std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
             .args(["sidecar", "--policy"])
-            .arg(&policy_file)
+            .arg(&files.policy)
             .args(["--listen", &format!("127.0.0.1:{listen}")])
-            .args(["--upstream", &upstream_addr.to_string()])
+            .args(["--upstream", &files.upstream.to_string()])
             .args(["--admin", &format!("127.0.0.1:{admin}")])
             .args(["--policy-server", &server])
             .arg("--token-file")
-            .arg(&token_file)
+            .arg(&files.token)
             .arg("--ca-file")
-            .arg(&ca_file)
+            .arg(&files.ca)
             .spawn()
             .expect("keygate sidecar"),
     );

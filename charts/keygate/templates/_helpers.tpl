@@ -244,6 +244,14 @@ webhook-listen: use the value webhook.port instead (the webhook Service and Netw
 admin: it is fixed at 0.0.0.0:8081, the port of the probes and metrics
 watch-namespaces: use the value watchNamespaces instead (the chart's RBAC follows it)
 lease-name: use the value leaderElection.leaseName instead (the chart's Role grants that Lease)
+lease-duration: use the value leaderElection.leaseDuration instead
+lease-renew-deadline: use the value leaderElection.renewDeadline instead
+lease-retry-period: use the value leaderElection.retryPeriod instead
+audit-allowed-sample: use the value audit.allowedSample instead
+audit-refused-per-second: use the value audit.refusedPerSecond instead
+sidecar-audit-allowed-sample: use the value sidecar.audit.allowedSample instead
+sidecar-audit-refused-per-second: use the value sidecar.audit.refusedPerSecond instead
+sidecar-prometheus-annotations: use the value sidecar.prometheusAnnotations instead
 webhook-tls: use the value certManager.enabled instead
 webhook-cert-dir: the chart mounts the cert-manager certificate there (certManager.enabled)
 webhook-service: the chart names its webhook Service (nameOverride, fullnameOverride)
