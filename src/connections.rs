@@ -34,7 +34,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -242,7 +242,6 @@ impl Watcher {
             header_read_timeout,
             idle_timeout,
         } = self;
-        let mut requests = shared.in_flight.subscribe();
         tokio::pin!(connection);
         // Before its first bytes a connection is still sniffing for HTTP/2 and no HTTP/1
         // header timer runs yet.
@@ -264,7 +263,7 @@ impl Watcher {
                     connection.as_mut().graceful_shutdown();
                     closing = true;
                 }
-                () = idle(&mut requests, idle_timeout) => {
+                () = idle(&shared, idle_timeout) => {
                     if closing {
                         tracing::debug!("closing a connection that stayed idle after its shutdown");
                         return Ok(());
@@ -278,18 +277,16 @@ impl Watcher {
     }
 }
 
-/// Resolves once no request has been in flight for `timeout`.
-async fn idle(requests: &mut watch::Receiver<usize>, timeout: Duration) {
+/// Resolves once no request has been in flight for `timeout`. It reads the connection's
+/// counters when a timer it set fires, so requests starting and ending cost it nothing: no
+/// wake-up and no timer per request, only one timer per idle timeout.
+async fn idle(shared: &Shared, timeout: Duration) {
     loop {
-        if requests.wait_for(|n| *n == 0).await.is_err() {
-            return;
-        }
-        // Any change (a request starting, or one ending after another started) restarts it.
-        if tokio::time::timeout(timeout, requests.changed())
-            .await
-            .is_err()
-        {
-            return;
+        match shared.quiet_since() {
+            Some(since) if since + timeout <= tokio::time::Instant::now() => return,
+            Some(since) => tokio::time::sleep_until(since + timeout).await,
+            // A request in flight: look again one timeout later at the earliest.
+            None => tokio::time::sleep(timeout).await,
         }
     }
 }
@@ -303,7 +300,10 @@ struct Shared {
     /// of hyper into the tunnel, so tunnels count against the cap until they close.
     _slot: OwnedSemaphorePermit,
     /// Requests in flight.
-    in_flight: watch::Sender<usize>,
+    in_flight: AtomicUsize,
+    /// When a request last started or ended, in nanoseconds after `opened`.
+    changed_at: AtomicU64,
+    opened: tokio::time::Instant,
     /// Bytes read from the client so far.
     bytes_read: AtomicU64,
     /// One more than `bytes_read` when the last response ended; 0 before any has ended.
@@ -314,10 +314,26 @@ impl Shared {
     fn new(slot: OwnedSemaphorePermit) -> Arc<Self> {
         Arc::new(Self {
             _slot: slot,
-            in_flight: watch::Sender::new(0),
+            in_flight: AtomicUsize::new(0),
+            changed_at: AtomicU64::new(0),
+            opened: tokio::time::Instant::now(),
             bytes_read: AtomicU64::new(0),
             response_ended_at: AtomicU64::new(0),
         })
+    }
+
+    /// Records that a request started or ended now.
+    fn touch(&self) {
+        let nanos = u64::try_from(self.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.changed_at.store(nanos, Ordering::Relaxed);
+    }
+
+    /// Since when no request has been in flight; `None` while one is.
+    fn quiet_since(&self) -> Option<tokio::time::Instant> {
+        // Acquire pairs with the Release of the change of `in_flight`, so the `touch` made
+        // before it is seen.
+        (self.in_flight.load(Ordering::Acquire) == 0)
+            .then(|| self.opened + Duration::from_nanos(self.changed_at.load(Ordering::Relaxed)))
     }
 }
 
@@ -332,7 +348,8 @@ struct InFlight(Arc<Shared>);
 
 impl InFlight {
     fn start(shared: &Arc<Shared>) -> Self {
-        shared.in_flight.send_modify(|n| *n += 1);
+        shared.touch();
+        shared.in_flight.fetch_add(1, Ordering::Release);
         Self(shared.clone())
     }
 }
@@ -343,7 +360,8 @@ impl Drop for InFlight {
         self.0
             .response_ended_at
             .store(read.saturating_add(1), Ordering::Relaxed);
-        self.0.in_flight.send_modify(|n| *n = n.saturating_sub(1));
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::Release);
     }
 }
 

@@ -23,6 +23,7 @@
 
 use std::error::Error as StdError;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -35,6 +36,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
+use super::lane::{KeptConnections, LaneDriver, UpstreamLane};
+
 /// Boxed error used for request bodies of any origin (hyper, axum, tests).
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -44,7 +47,7 @@ pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 /// Request body as sent to the upstream. Not `Sync`, so that bodies such as axum's can be
 /// forwarded without a copy.
-type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
+pub(crate) type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
 
 type UpstreamClient = Client<HttpConnector, UpstreamBody>;
 
@@ -103,7 +106,8 @@ pub struct ForwardConfig {
     pub response_header_timeout: Duration,
     /// How long an unused pooled connection is kept.
     pub pool_idle_timeout: Duration,
-    /// Upper bound on idle pooled connections; the upstream is a single host.
+    /// Upper bound on idle upstream connections: the pooled client's, and as many again
+    /// that caller connections keep between their requests ([`UpstreamLane`]).
     pub pool_max_idle: usize,
 }
 
@@ -117,7 +121,7 @@ impl ForwardConfig {
             connect_timeout: Duration::from_secs(2),
             response_header_timeout: Duration::from_secs(60),
             pool_idle_timeout: Duration::from_secs(90),
-            pool_max_idle: 64,
+            pool_max_idle: 256,
         }
     }
 }
@@ -272,6 +276,10 @@ pub struct Forwarder {
     upgrade_client: UpstreamClient,
     /// `host:port` of the workload, used to build absolute request URIs.
     authority: String,
+    upstream: SocketAddr,
+    connect_timeout: Duration,
+    /// The upstream connections the lanes keep between requests.
+    kept: Arc<KeptConnections>,
     http2: bool,
     response_header_timeout: Duration,
 }
@@ -289,9 +297,18 @@ impl Forwarder {
             client,
             upgrade_client,
             authority: cfg.upstream.to_string(),
+            upstream: cfg.upstream,
+            connect_timeout: cfg.connect_timeout,
+            kept: KeptConnections::new(cfg.pool_max_idle),
             http2: cfg.http2_prior_knowledge,
             response_header_timeout: cfg.response_header_timeout,
         }
+    }
+
+    /// A lane of upstream connections for one caller connection, and the driver to poll
+    /// beside that connection ([`UpstreamLane`]).
+    pub fn lane(&self) -> (UpstreamLane, LaneDriver) {
+        UpstreamLane::new(self.upstream, self.connect_timeout, self.kept.clone())
     }
 
     /// Forwards `req` and always returns a response: the upstream's, or a JSON error from
@@ -305,6 +322,7 @@ impl Forwarder {
         identity: Option<&Identity>,
         client_addr: SocketAddr,
         forward_authorization: bool,
+        lane: Option<&UpstreamLane>,
     ) -> Response<ProxyBody>
     where
         B: Body<Data = Bytes> + Send + 'static,
@@ -317,6 +335,7 @@ impl Forwarder {
                 identity,
                 client_addr,
                 forward_authorization,
+                lane,
             )
             .await
         {
@@ -333,6 +352,9 @@ impl Forwarder {
     /// - `identity`: the verified caller, `None` on public routes.
     /// - `client_addr`: the TCP peer, appended to `X-Forwarded-For`.
     /// - `forward_authorization`: keep `Authorization` and `X-API-Key`.
+    /// - `lane`: the caller connection's own upstream connection ([`Forwarder::lane`]),
+    ///   used for its HTTP/1 requests to an HTTP/1 workload; `None`, or an HTTP/2 caller, an
+    ///   upgrade or an h2c workload: the pooled client.
     ///
     /// Upgrades: only a WebSocket handshake ([`UpgradeRequest::WebSocket`]) that comes with
     /// an `identity` is forwarded as one. The sidecar passes an identity only for requests
@@ -352,6 +374,7 @@ impl Forwarder {
         identity: Option<&Identity>,
         client_addr: SocketAddr,
         forward_authorization: bool,
+        lane: Option<&UpstreamLane>,
     ) -> Result<Response<ProxyBody>, ForwardError>
     where
         B: Body<Data = Bytes> + Send + 'static,
@@ -360,14 +383,17 @@ impl Forwarder {
         if !path_and_query.starts_with('/') {
             return Err(ForwardError::InvalidTarget);
         }
-        let uri: Uri = format!("http://{}{}", self.authority, path_and_query)
-            .parse()
-            .map_err(|_| ForwardError::InvalidTarget)?;
-
         let (mut parts, body) = req.into_parts();
         let upgrade = identity.is_some()
             && UpgradeRequest::of(&parts.method, parts.version, &parts.headers)
                 == UpgradeRequest::WebSocket;
+        let lane = lane.filter(|_| !upgrade && !self.http2 && parts.version <= Version::HTTP_11);
+        // A connection of its own takes the origin form; the pooled client an absolute URI.
+        let uri: Uri = match lane {
+            Some(_) => path_and_query.parse(),
+            None => format!("http://{}{}", self.authority, path_and_query).parse(),
+        }
+        .map_err(|_| ForwardError::InvalidTarget)?;
         let inbound_upgrade: Option<OnUpgrade> = if upgrade {
             parts.extensions.remove::<OnUpgrade>()
         } else {
@@ -379,6 +405,12 @@ impl Forwarder {
         if !headers.contains_key(header::HOST)
             && let Some(authority) = parts.uri.authority()
             && let Ok(value) = HeaderValue::from_str(authority.as_str())
+        {
+            headers.insert(header::HOST, value);
+        }
+        // Without one (an HTTP/1.0 caller), the workload's, as the pooled client sets it.
+        if !headers.contains_key(header::HOST)
+            && let Ok(value) = HeaderValue::from_str(&self.authority)
         {
             headers.insert(header::HOST, value);
         }
@@ -405,25 +437,28 @@ impl Forwarder {
         *upstream_req.version_mut() = version;
         *upstream_req.headers_mut() = headers;
 
-        let mut response =
-            match tokio::time::timeout(self.response_header_timeout, client.request(upstream_req))
-                .await
-            {
-                Ok(Ok(response)) => response,
-                Ok(Err(error)) => {
+        let sent = async {
+            match lane {
+                Some(lane) => lane.send(upstream_req).await,
+                None => client.request(upstream_req).await.map_err(|error| {
                     let classified = classify_client_error(&error);
                     tracing::debug!(
                         error = %error_chain(&error),
                         kind = classified.as_label(),
                         "upstream request failed"
                     );
-                    return Err(classified);
-                }
-                Err(_elapsed) => {
-                    tracing::debug!("upstream response header timeout");
-                    return Err(ForwardError::Timeout);
-                }
-            };
+                    classified
+                }),
+            }
+        };
+        let mut response = match tokio::time::timeout(self.response_header_timeout, sent).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => return Err(error),
+            Err(_elapsed) => {
+                tracing::debug!("upstream response header timeout");
+                return Err(ForwardError::Timeout);
+            }
+        };
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             // Splice only the WebSocket upgrade we forwarded, switched to WebSocket. A 101 we
@@ -711,7 +746,7 @@ mod tests {
     use hyper::body::{Frame, Incoming};
     use hyper::service::service_fn;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
 
@@ -770,10 +805,14 @@ mod tests {
             return Ok(response);
         }
         let version = req.version();
+        let close = req.headers().contains_key("x-test-close");
         let mut response = Response::new(req.into_body());
         let h = response.headers_mut();
         h.insert("x-upstream-e2e", HeaderValue::from_static("kept"));
-        if version == Version::HTTP_11 {
+        if close {
+            // The workload ends the connection after this response.
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        } else if version == Version::HTTP_11 {
             h.insert(
                 header::CONNECTION,
                 HeaderValue::from_static("x-upstream-hop"),
@@ -840,8 +879,10 @@ mod tests {
                 };
                 let forwarder = forwarder.clone();
                 let identity = identity.clone();
+                // As the sidecar's server does: a lane per caller connection.
+                let (lane, driver) = forwarder.lane();
                 let svc = service_fn(move |req: Request<Incoming>| {
-                    let forwarder = forwarder.clone();
+                    let (forwarder, lane) = (forwarder.clone(), lane.clone());
                     let identity = identity.clone();
                     async move {
                         let target = req
@@ -850,15 +891,27 @@ mod tests {
                             .map_or("/", |pq| pq.as_str())
                             .to_owned();
                         let response = forwarder
-                            .forward(req, &target, identity.as_ref(), peer, forward_authorization)
+                            .forward(
+                                req,
+                                &target,
+                                identity.as_ref(),
+                                peer,
+                                forward_authorization,
+                                Some(&lane),
+                            )
                             .await;
                         Ok::<_, Infallible>(response)
                     }
                 });
                 tokio::spawn(async move {
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                        .await;
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = connection => {}
+                        () = driver => {}
+                    }
                 });
             }
         });
@@ -916,15 +969,100 @@ mod tests {
             .expect("test step timed out")
     }
 
+    /// An HTTP/1 upstream, and a front that forwards to it as an authenticated caller.
+    async fn authenticated_front() -> (Upstream, SocketAddr) {
+        let upstream = spawn_upstream(false).await;
+        let forwarder = Forwarder::new(config(upstream.addr));
+        let front = spawn_front(forwarder, Some(identity()), false).await;
+        (upstream, front)
+    }
+
+    /// A caller's HTTP/1.1 connection to `front`.
+    async fn caller(front: SocketAddr) -> hyper::client::conn::http1::SendRequest<TestBody> {
+        let stream = TcpStream::connect(front).await.expect("connect");
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(connection);
+        sender
+    }
+
+    /// One request over `caller` (with `x-test-close` when `close`), answered 200.
+    async fn get_over(caller: &mut hyper::client::conn::http1::SendRequest<TestBody>, close: bool) {
+        let mut req = Request::get("/orders/1")
+            .header(header::HOST, "front")
+            .body(empty())
+            .expect("request");
+        if close {
+            req.headers_mut()
+                .insert("x-test-close", HeaderValue::from_static("1"));
+        }
+        let response = bounded(caller.send_request(req)).await.expect("response");
+        assert_eq!(response.status(), StatusCode::OK);
+        bounded(response.into_body().collect()).await.expect("body");
+    }
+
+    /// `requests` (closing where `true`) one after another over one new caller connection.
+    async fn over_one_connection(front: SocketAddr, requests: &[bool]) {
+        let mut caller = caller(front).await;
+        for &close in requests {
+            get_over(&mut caller, close).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn callers_keep_no_more_idle_upstream_connections_than_allowed() {
+        let upstream = spawn_upstream(false).await;
+        let forwarder = Forwarder::new(ForwardConfig {
+            pool_max_idle: 1,
+            ..config(upstream.addr)
+        });
+        let kept = forwarder.kept.clone();
+        let front = spawn_front(forwarder, Some(identity()), false).await;
+        let mut first = caller(front).await;
+        get_over(&mut first, false).await;
+        assert_eq!(kept.count(), 1);
+        // The second caller's connection is not kept: each request opens one.
+        let mut second = caller(front).await;
+        get_over(&mut second, false).await;
+        get_over(&mut second, false).await;
+        assert_eq!(kept.count(), 1);
+        assert_eq!(upstream.accepted.load(Ordering::SeqCst), 3);
+        // The first keeps its own.
+        get_over(&mut first, false).await;
+        assert_eq!(upstream.accepted.load(Ordering::SeqCst), 3);
+        // A caller that leaves gives its place back.
+        drop(first);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while kept.count() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the lane was not released"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn each_caller_connection_keeps_one_upstream_connection_and_reopens_it() {
+        let (upstream, front) = authenticated_front().await;
+        // Three requests of one caller: one upstream connection, in origin form.
+        over_one_connection(front, &[false, false, false]).await;
+        assert_eq!(upstream.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(upstream.last().uri, "/orders/1");
+        assert_eq!(upstream.last().headers[header::HOST], "front");
+        // Another caller: a connection of its own.
+        over_one_connection(front, &[false]).await;
+        assert_eq!(upstream.accepted.load(Ordering::SeqCst), 2);
+        // The workload closes after the first answer: the next request opens a new one.
+        over_one_connection(front, &[true, false]).await;
+        assert_eq!(upstream.accepted.load(Ordering::SeqCst), 4);
+        assert_eq!(upstream.seen.lock().expect("lock").len(), 6);
+    }
+
     #[tokio::test]
     async fn rewrites_request_and_response_headers() {
-        let upstream = spawn_upstream(false).await;
-        let front = spawn_front(
-            Forwarder::new(config(upstream.addr)),
-            Some(identity()),
-            false,
-        )
-        .await;
+        let (upstream, front) = authenticated_front().await;
 
         let req = Request::builder()
             .method(Method::POST)
@@ -1034,13 +1172,7 @@ mod tests {
     async fn large_body_round_trips_streamed() {
         const CHUNK: usize = 64 * 1024;
         const CHUNKS: usize = 128; // 8 MiB
-        let upstream = spawn_upstream(false).await;
-        let front = spawn_front(
-            Forwarder::new(config(upstream.addr)),
-            Some(identity()),
-            false,
-        )
-        .await;
+        let (upstream, front) = authenticated_front().await;
 
         let chunk = |i: usize| Bytes::from(vec![(i % 251) as u8; CHUNK]);
         let frames = (0..CHUNKS).map(move |i| Ok::<_, BoxError>(Frame::data(chunk(i))));
@@ -1130,7 +1262,8 @@ mod tests {
         let req = Request::get("/")
             .body(Empty::<Bytes>::new())
             .expect("request");
-        let result = bounded(forwarder.try_forward(req, "/x", None, client_addr, false)).await;
+        let result =
+            bounded(forwarder.try_forward(req, "/x", None, client_addr, false, None)).await;
         assert_eq!(result.err(), Some(ForwardError::Connect));
 
         let front = spawn_front(forwarder, None, false).await;
@@ -1166,13 +1299,15 @@ mod tests {
         let req = Request::get("/")
             .body(Empty::<Bytes>::new())
             .expect("request");
-        let result = bounded(forwarder.try_forward(req, "/slow", None, client_addr, false)).await;
+        let result =
+            bounded(forwarder.try_forward(req, "/slow", None, client_addr, false, None)).await;
         assert_eq!(result.err(), Some(ForwardError::Timeout));
 
         let req = Request::get("/")
             .body(Empty::<Bytes>::new())
             .expect("request");
-        let response = bounded(forwarder.forward(req, "/slow", None, client_addr, false)).await;
+        let response =
+            bounded(forwarder.forward(req, "/slow", None, client_addr, false, None)).await;
         assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
         let json: serde_json::Value =
             serde_json::from_slice(&body_bytes(response.into_body()).await).expect("json");
@@ -1195,19 +1330,13 @@ mod tests {
         let req = Request::get("/")
             .body(Empty::<Bytes>::new())
             .expect("request");
-        let result = bounded(forwarder.try_forward(req, "/", None, client_addr, false)).await;
+        let result = bounded(forwarder.try_forward(req, "/", None, client_addr, false, None)).await;
         assert_eq!(result.err(), Some(ForwardError::Protocol));
     }
 
     #[tokio::test]
     async fn websocket_upgrade_is_spliced() {
-        let upstream = spawn_upstream(false).await;
-        let front = spawn_front(
-            Forwarder::new(config(upstream.addr)),
-            Some(identity()),
-            false,
-        )
-        .await;
+        let (upstream, front) = authenticated_front().await;
 
         let stream = tokio::net::TcpStream::connect(front)
             .await
@@ -1309,7 +1438,7 @@ mod tests {
             .body(Empty::<Bytes>::new())
             .expect("request");
         let result = forwarder
-            .try_forward(req, "no-slash", None, client_addr, false)
+            .try_forward(req, "no-slash", None, client_addr, false, None)
             .await;
         assert_eq!(result.err(), Some(ForwardError::InvalidTarget));
 
@@ -1321,7 +1450,7 @@ mod tests {
             .body(Empty::<Bytes>::new())
             .expect("request");
         let response = forwarder
-            .forward(req, "/", Some(&bad), client_addr, false)
+            .forward(req, "/", Some(&bad), client_addr, false, None)
             .await;
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(upstream.accepted.load(Ordering::SeqCst), 0);

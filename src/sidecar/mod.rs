@@ -6,5 +6,6 @@ pub mod clients;
 pub mod command;
 pub mod forward;
 pub mod jwks;
+pub mod lane;
 pub mod server;
 pub mod stream;

@@ -24,6 +24,7 @@ use super::auth::{AuthFailure, Caller, LoadedPolicy, header_safe};
 use super::clients::ClientStore;
 use super::forward::{Forwarder, Identity, ProxyBody, UpgradeRequest};
 use super::jwks::JwksCache;
+use super::lane::UpstreamLane;
 use crate::audit::{self, AuditConfig, AuditTrail, Scopes};
 use crate::connections::{ConnectionLimits, http_builder, serve_connections};
 use crate::credentials::unix_now;
@@ -276,8 +277,14 @@ impl Sidecar {
         self.metrics.reload_errors.inc();
     }
 
-    /// Answers one request.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    /// Answers one request of the caller connection from `peer`, forwarding it over `lane`,
+    /// that connection's own upstream connection, when it has one ([`Forwarder::lane`]).
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        lane: Option<&UpstreamLane>,
+    ) -> Response<ProxyBody> {
         let mut seen = Seen {
             method: req.method(),
             path: None,
@@ -350,7 +357,7 @@ impl Sidecar {
             Access::Public => {
                 self.audit(&seen, "public", None);
                 return self
-                    .forward(req, &target, None, peer, &policy, "public", rule)
+                    .forward(req, &target, None, (peer, lane), &policy, "public", rule)
                     .await;
             }
             Access::Deny => {
@@ -436,7 +443,7 @@ impl Sidecar {
             req,
             &target,
             Some(&identity),
-            peer,
+            (peer, lane),
             &policy,
             "allowed",
             rule,
@@ -450,7 +457,7 @@ impl Sidecar {
         req: Request<Incoming>,
         target: &str,
         identity: Option<&Identity>,
-        peer: SocketAddr,
+        (peer, lane): (SocketAddr, Option<&UpstreamLane>),
         policy: &LoadedPolicy,
         outcome: &'static str,
         rule: String,
@@ -458,7 +465,7 @@ impl Sidecar {
         let forward_authorization = policy.document.spec.upstream.forward_authorization;
         let response = match self
             .forwarder
-            .try_forward(req, target, identity, peer, forward_authorization)
+            .try_forward(req, target, identity, peer, forward_authorization, lane)
             .await
         {
             Ok(response) => response,
@@ -595,16 +602,25 @@ pub async fn serve_with_limits(
     let builder = http_builder(&limits);
     serve_connections(listener, shutdown, limits, |stream, peer, watcher| {
         let sidecar = sidecar.clone();
+        // This connection's own way to the workload, driven below in its task.
+        let (lane, lane_driver) = sidecar.forwarder.lane();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let sidecar = sidecar.clone();
-            async move { Ok::<_, std::convert::Infallible>(sidecar.handle(req, peer).await) }
+            let (sidecar, lane) = (sidecar.clone(), lane.clone());
+            async move {
+                Ok::<_, std::convert::Infallible>(sidecar.handle(req, peer, Some(&lane)).await)
+            }
         });
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), watcher.track(service))
             .into_owned();
         async move {
-            if let Err(error) = watcher.watch(connection).await {
-                tracing::debug!(%error, "connection ended with an error");
+            tokio::select! {
+                result = watcher.watch(connection) => {
+                    if let Err(error) = result {
+                        tracing::debug!(%error, "connection ended with an error");
+                    }
+                }
+                () = lane_driver => {}
             }
         }
     })
