@@ -375,7 +375,9 @@ impl LoadedPolicy {
                 (caller, true)
             }
             _ => {
-                let caller = self.verify(credential, &digest, leeway, now).await?;
+                // Boxed: the verification's state (a JWKS fetch included) would otherwise be
+                // part of every request's future, and moved with it, cache hits included.
+                let caller = Box::pin(self.verify(credential, &digest, leeway, now)).await?;
                 self.cache.remember(generation, digest, &caller);
                 (caller, false)
             }

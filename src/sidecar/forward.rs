@@ -1172,7 +1172,7 @@ mod tests {
     async fn large_body_round_trips_streamed() {
         const CHUNK: usize = 64 * 1024;
         const CHUNKS: usize = 128; // 8 MiB
-        let (upstream, front) = authenticated_front().await;
+        let (_upstream, front) = authenticated_front().await;
 
         let chunk = |i: usize| Bytes::from(vec![(i % 251) as u8; CHUNK]);
         let frames = (0..CHUNKS).map(move |i| Ok::<_, BoxError>(Frame::data(chunk(i))));

@@ -136,9 +136,10 @@ impl UpstreamLane {
         &self,
         request: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, ForwardError> {
+        // Connecting is boxed, so that its state is not part of every request's future.
         let mut sender = match self.take_ready().await {
             Some(sender) => sender,
-            None => self.connect().await?,
+            None => Box::pin(self.connect()).await?,
         };
         let request = match sender.try_send_request(request).await {
             Ok(response) => {
@@ -150,7 +151,7 @@ impl UpstreamLane {
                 None => return Err(classify(&error.into_error())),
             },
         };
-        let mut sender = self.connect().await?;
+        let mut sender = Box::pin(self.connect()).await?;
         match sender.send_request(request).await {
             Ok(response) => {
                 self.put_back(sender);
