@@ -230,7 +230,10 @@ pub async fn run_with_limits(
     );
     let registry = Arc::new(Registry::default());
     let revocations = Arc::new(Revocations::default());
-    let mut synced = controller::watch::spawn_feeds(&client, &config, &registry);
+    let controller::watch::Feeds {
+        mut synced,
+        clients,
+    } = controller::watch::spawn_feeds(&client, &config, &registry);
     let revocation_store =
         controller::revocations::ConfigMapStore::spawn(client.clone(), config.namespace.clone());
     controller::revocations::spawn_watch(
@@ -406,7 +409,7 @@ pub async fn run_with_limits(
             &mut m,
         )
     };
-    let controllers = run_controllers_when_leading(ctx, leading, stopped());
+    let controllers = run_controllers_when_leading(ctx, clients, leading, stopped());
     tokio::pin!(controllers);
     tokio::pin!(shutdown);
     let outcome = tokio::select! {
@@ -582,6 +585,11 @@ pub fn supports_native_sidecars(major: &str, minor: &str) -> bool {
         .is_ok_and(|major| major > 1 || (major == 1 && minor >= 29))
 }
 
+/// The settings of every controller: at most `concurrency` reconciles at once.
+fn controller_config(concurrency: u16) -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default().concurrency(concurrency)
+}
+
 /// A controller over `api` whose cache holds objects without managed fields, running at most
 /// `concurrency` reconciles at once.
 fn controller_for<K>(api: Api<K>, concurrency: u16) -> Controller<K>
@@ -600,13 +608,14 @@ where
         .modify(controller::lean)
         .reflect(writer)
         .applied_objects();
-    Controller::for_stream(objects, reader)
-        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+    Controller::for_stream(objects, reader).with_config(controller_config(concurrency))
 }
 
-/// Waits for leadership, then runs the three controllers until `stop`.
+/// Waits for leadership, then runs the three controllers until `stop`. The ApiClient
+/// controller reads the registry's cache of ApiClients (`clients`) instead of its own.
 async fn run_controllers_when_leading(
     ctx: Arc<Context>,
+    clients: Vec<controller::watch::ClientCache>,
     mut leading: watch::Receiver<bool>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
@@ -643,7 +652,7 @@ async fn run_controllers_when_leading(
         });
     }
     let mut tasks = Vec::new();
-    for api in apis::<DeserializeGuard<ApiClient>>(&client, &config) {
+    for cache in clients {
         let refs = futures::stream::unfold(refs_tx.subscribe(), |mut rx| async move {
             loop {
                 match rx.recv().await {
@@ -654,7 +663,8 @@ async fn run_controllers_when_leading(
             }
         });
         let secrets: Vec<Api<Secret>> = apis::<Secret>(&client, &config);
-        let mut controller = controller_for(api, config.concurrency)
+        let mut controller = Controller::for_shared_stream(cache.triggers(), cache.store)
+            .with_config(controller_config(config.concurrency))
             .reconcile_on(refs)
             .graceful_shutdown_on(stop.clone());
         for secrets in secrets {

@@ -293,7 +293,7 @@ impl Webhooks {
             policy_stream: false,
         };
         let registry = Arc::new(keygate::registry::Registry::default());
-        let mut synced = keygate::controller::watch::spawn_feeds(client, &config, &registry);
+        let mut synced = keygate::controller::watch::spawn_feeds(client, &config, &registry).synced;
         let _ = synced.wait_for(|s| *s).await;
 
         let certs =

@@ -1,15 +1,20 @@
 //! Feeds the registry from watches: ApiClients, M2MRoles, ScopePolicies, keygate's Secrets
 //! and Namespaces. A relist replaces what the watch covers; one malformed object is skipped
 //! (and dropped from the registry: fail closed) instead of stalling the watch.
+//!
+//! The ApiClient watch also keeps the operator's one cache of ApiClients ([`ClientCache`]),
+//! which the ApiClient controller reads instead of watching them again.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::core::DeserializeGuard;
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
+use tokio::sync::broadcast;
 
 use super::{CLIENT_LABEL, MANAGED_BY, OperatorConfig, apis};
 use crate::api::{ApiClient, M2MRole, ScopePolicy};
@@ -41,10 +46,79 @@ enum Change<K> {
     Delete(K),
 }
 
-/// Runs one watch forever, turning its events into registry changes.
-async fn feed<K>(
+/// The ApiClients of one watched API, cached by the registry's watch for the ApiClient
+/// controller: the operator keeps one copy of each ApiClient, not one per reader.
+#[derive(Clone)]
+pub struct ClientCache {
+    pub store: Store<DeserializeGuard<ApiClient>>,
+    /// Each ApiClient applied to the store; `None`: all of them (after a relist).
+    changes: broadcast::Sender<Option<Arc<DeserializeGuard<ApiClient>>>>,
+}
+
+impl ClientCache {
+    /// Every cached ApiClient, then each one applied from now on (all of them again after a
+    /// relist, or when the receiver fell behind): what the controller reconciles.
+    pub fn triggers(&self) -> impl Stream<Item = Arc<DeserializeGuard<ApiClient>>> + Send + use<> {
+        // Subscribe first: an ApiClient applied in between comes twice, never not at all.
+        let changes = self.changes.subscribe();
+        let cached = self.store.state();
+        let store = self.store.clone();
+        let updates = futures::stream::unfold(changes, move |mut changes| {
+            let store = store.clone();
+            async move {
+                let batch = match changes.recv().await {
+                    Ok(Some(client)) => vec![client],
+                    Ok(None) | Err(broadcast::error::RecvError::Lagged(_)) => store.state(),
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                };
+                Some((batch, changes))
+            }
+        });
+        futures::stream::once(std::future::ready(cached))
+            .chain(updates)
+            .flat_map(futures::stream::iter)
+    }
+
+    /// Tells the subscribed controller (if any, on the leader) about a watch event the
+    /// store has applied.
+    fn announce(&self, event: &watcher::Event<DeserializeGuard<ApiClient>>) {
+        let change = match event {
+            watcher::Event::Apply(client) => match self.store.get(&ObjectRef::from_obj(client)) {
+                Some(cached) => Some(cached),
+                None => return,
+            },
+            watcher::Event::InitDone => None,
+            _ => return,
+        };
+        // No receiver (a follower replica): nothing to tell.
+        let _ = self.changes.send(change);
+    }
+}
+
+/// Pending changes of the client cache a controller may fall behind by before it
+/// reconciles every ApiClient instead.
+const CLIENT_CHANGES: usize = 1024;
+
+/// A watch of `api` whose objects are cached without what keygate never reads.
+fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
+) -> impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    watcher(api, config).default_backoff().modify(super::lean)
+}
+
+/// Runs one watch forever, turning its events into registry changes.
+async fn feed<K>(
+    events: impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static,
     registry: Arc<Registry>,
     synced: Arc<Synced>,
     apply: impl Fn(&mut Inputs, Change<K>) + Send + Sync + 'static,
@@ -58,10 +132,7 @@ async fn feed<K>(
         + 'static,
 {
     let mut buffer: Vec<K> = Vec::new();
-    let mut events = watcher(api, config)
-        .default_backoff()
-        .modify(super::lean)
-        .boxed();
+    let mut events = events.boxed();
     while let Some(first) = events.next().await {
         // Gather what arrives within COALESCE, so a burst (a relist, many new Secrets) costs
         // a few registry rebuilds instead of one per object.
@@ -164,14 +235,17 @@ fn secret_entry(secret: &Secret) -> Option<(ObjectKey, Credentials)> {
     ))
 }
 
-/// Spawns the watches that keep `registry` current. They run until the process ends. The
-/// receiver turns true once every watch has completed its first list (a relist after a
-/// lost connection does not count again).
-pub fn spawn_feeds(
-    client: &Client,
-    config: &OperatorConfig,
-    registry: &Arc<Registry>,
-) -> tokio::sync::watch::Receiver<bool> {
+/// What [`spawn_feeds`] gives the rest of the operator.
+pub struct Feeds {
+    /// Turns true once every watch has completed its first list (a relist after a lost
+    /// connection does not count again).
+    pub synced: tokio::sync::watch::Receiver<bool>,
+    /// The cached ApiClients of each watched API, in the order of [`super::apis`].
+    pub clients: Vec<ClientCache>,
+}
+
+/// Spawns the watches that keep `registry` current. They run until the process ends.
+pub fn spawn_feeds(client: &Client, config: &OperatorConfig, registry: &Arc<Registry>) -> Feeds {
     // Four namespaced kinds per watched API, plus Namespaces.
     let watches = 4 * apis::<Secret>(client, config).len() + 1;
     let (done, synced_rx) = tokio::sync::watch::channel(false);
@@ -179,10 +253,23 @@ pub fn spawn_feeds(
         pending: std::sync::Mutex::new(watches),
         done,
     });
+    let mut clients = Vec::new();
     for (api, ns) in namespaced_apis::<DeserializeGuard<ApiClient>>(client, config) {
+        let (store, writer) = reflector::store();
+        let cache = ClientCache {
+            store,
+            changes: broadcast::channel(CLIENT_CHANGES).0,
+        };
+        clients.push(cache.clone());
+        let events = watch(api, watcher::Config::default())
+            .reflect(writer)
+            .inspect(move |event| {
+                if let Ok(event) = event {
+                    cache.announce(event);
+                }
+            });
         tokio::spawn(feed(
-            api,
-            watcher::Config::default(),
+            events,
             registry.clone(),
             synced.clone(),
             move |inputs, change| {
@@ -202,8 +289,7 @@ pub fn spawn_feeds(
     }
     for (api, ns) in namespaced_apis::<DeserializeGuard<M2MRole>>(client, config) {
         tokio::spawn(feed(
-            api,
-            watcher::Config::default(),
+            watch(api, watcher::Config::default()),
             registry.clone(),
             synced.clone(),
             move |inputs, change| {
@@ -219,8 +305,7 @@ pub fn spawn_feeds(
     }
     for (api, ns) in namespaced_apis::<DeserializeGuard<ScopePolicy>>(client, config) {
         tokio::spawn(feed(
-            api,
-            watcher::Config::default(),
+            watch(api, watcher::Config::default()),
             registry.clone(),
             synced.clone(),
             move |inputs, change| {
@@ -245,8 +330,7 @@ pub fn spawn_feeds(
     for (api, ns) in namespaced_apis::<Secret>(client, config) {
         let wc = watcher::Config::default().labels(&selector);
         tokio::spawn(feed(
-            api,
-            wc,
+            watch(api, wc),
             registry.clone(),
             synced.clone(),
             move |inputs, change| match change {
@@ -273,8 +357,7 @@ pub fn spawn_feeds(
     }
     let namespaces: Api<Namespace> = Api::all(client.clone());
     tokio::spawn(feed(
-        namespaces,
-        watcher::Config::default(),
+        watch(namespaces, watcher::Config::default()),
         registry.clone(),
         synced.clone(),
         |inputs, change| {
@@ -291,7 +374,10 @@ pub fn spawn_feeds(
             }
         },
     ));
-    synced_rx
+    Feeds {
+        synced: synced_rx,
+        clients,
+    }
 }
 
 /// The `Api`s of the watched namespaces with the namespace each covers (`None`: all).
