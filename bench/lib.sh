@@ -19,28 +19,39 @@ done
 export KG_BENCH_SMOKE="$SMOKE"
 if [ "$SMOKE" = 1 ]; then
   THREADS=1 CONNS=4 DURATION=2s RATE_CONNS=4 RATE_DURATION=2s SIDECAR_RATE=200
-  UNCACHED_TOKENS=2000 WARMUP=0
+  UNCACHED_TOKENS=2000 WARMUP=0 RUNS=1 PAIRS=200 CG_REQUESTS=200
 else
   THREADS=2 CONNS=64 DURATION=10s RATE_CONNS=16 RATE_DURATION=10s SIDECAR_RATE=1000
-  UNCACHED_TOKENS=20000 WARMUP=1
+  UNCACHED_TOKENS=20000 WARMUP=1 RUNS=3 PAIRS=5000 CG_REQUESTS=5000
 fi
+# RUNS: every scenario runs RUNS times, interleaved (round 1 runs every scenario once, then
+# round 2, ...), so drift hits every scenario alike; the report gives the median and min-max.
+RUNS="${KG_BENCH_RUNS:-$RUNS}"
+# PAIRS: paired direct/proxied requests per round for the added latency (bench/httpload.py).
+# CG_REQUESTS: requests counted under callgrind for the instructions per request.
 
-# Ports (all on 127.0.0.1).
-P_UPSTREAM=18080       # nginx: the tiny upstream (fixed 1 KiB body)
-P_NGINX_PROXY=18081    # nginx: plain reverse proxy to the upstream
-P_APACHE=18082         # Apache httpd + mod_auth_openidc (oauth20) → upstream
-P_TOKEN=18100          # keygate dev: token server
-P_DEV_SIDECAR=18110    # keygate dev: its own sidecar (not benchmarked)
-P_SIDECAR=18120        # keygate-sidecar (standalone process, as injected) → upstream
-P_SIDECAR_ADMIN=18121
-P_OIDC_PROVIDER=18130  # node oidc-provider
-P_JWKS_TLS=18143       # nginx: keygate's JWKS over https (for mod_auth_openidc)
+# Ports (all on 127.0.0.1), from KG_BENCH_PORT_BASE (default 18000; set it if another
+# program holds one of these).
+PB="${KG_BENCH_PORT_BASE:-18000}"
+P_UPSTREAM=$((PB + 80))         # nginx: the tiny upstream (fixed 1 KiB body)
+P_NGINX_PROXY=$((PB + 81))      # nginx: plain reverse proxy to the upstream
+P_APACHE=$((PB + 82))           # Apache httpd + mod_auth_openidc (oauth20) → upstream
+P_TOKEN=$((PB + 100))           # keygate dev: token server (token.sh: +1, +2, +3 as well)
+P_DEV_SIDECAR=$((PB + 110))     # keygate dev: its own sidecar (not benchmarked; +1, +2, +3)
+P_SIDECAR=$((PB + 120))         # keygate-sidecar (standalone process, as injected) → upstream
+P_SIDECAR_ADMIN=$((PB + 121))
+P_OIDC_PROVIDER=$((PB + 130))   # node oidc-provider
+P_JWKS_TLS=$((PB + 143))        # nginx: keygate's JWKS over https (for mod_auth_openidc)
+P_CG_SIDECAR=$((PB + 150))      # keygate-sidecar under callgrind
+P_CG_SIDECAR_ADMIN=$((PB + 151))
+P_CG_NGINX=$((PB + 152))        # nginx (one process, no master) under callgrind
 
 mkdir -p "$RUN/raw" "$RUN/logs"
 RESULTS="$RUN/results.tsv"   # scenario<TAB>metric<TAB>value, appended by every script
 
 log() { echo "[bench $(date +%H:%M:%S)] $*" >&2; }
 die() { log "FAILED: $*"; exit 1; }
+# One line per measurement; a metric measured in each of the RUNS rounds has RUNS lines.
 result() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$RESULTS"; }
 
 # Background processes this run started, stopped on exit (by pid, never by name).
@@ -53,13 +64,13 @@ start_bg() { # NAME CMD...: start CMD in the background, log to $RUN/logs/NAME.l
   echo "$pid" >"$RUN/$name.pid"
   log "started $name (pid $pid)"
 }
-stop_bg() { # NAME
-  local pidfile="$RUN/$1.pid"
+stop_bg() { # NAME [SECONDS]: SIGTERM, then SIGKILL after SECONDS (default 5)
+  local pidfile="$RUN/$1.pid" limit="${2:-5}"
   [ -f "$pidfile" ] || return 0
   local pid; pid="$(cat "$pidfile")"
   if kill -0 "$pid" 2>/dev/null; then
     kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 1 $((limit * 10))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$pid" 2>/dev/null || true
   fi
   wait "$pid" 2>/dev/null || true
@@ -77,10 +88,14 @@ stop_all() {
 }
 trap stop_all EXIT
 
-wait_http() { # URL [seconds]: until anything answers over HTTP
-  local url="$1" limit="${2:-30}" i
+wait_http() { # URL [seconds] [NAME]: until anything answers over HTTP (and, with NAME, the
+  # process start_bg started as NAME is still running: not another program on that port)
+  local url="$1" limit="${2:-30}" name="${3:-}" i
   for i in $(seq 1 $((limit * 10))); do
-    curl -s -o /dev/null --max-time 1 "$url" && return 0
+    if [ -n "$name" ] && ! kill -0 "$(cat "$RUN/$name.pid")" 2>/dev/null; then
+      die "$name exited (see $RUN/logs/$name.log)"
+    fi
+    curl -s -o /dev/null --max-time 1 "$url" && { [ -z "$name" ] || kill -0 "$(cat "$RUN/$name.pid")" 2>/dev/null; } && return 0
     sleep 0.1
   done
   die "nothing answers at $url after ${limit}s"
@@ -182,6 +197,57 @@ check_wrk() {
   log "$name: $total requests, $(wrk_rps "$name") req/s, non-2xx $non2xx"
 }
 
+# --- paired latency (bench/httpload.py paired) ---------------------------------------
+
+# run_paired NAME DIRECT_URL PROXY_URL EXPECT [httpload args...]: $PAIRS pairs, one direct
+# request then one proxied (alternating order), each timed; raw lines in $RUN/raw/NAME.pairs.
+run_paired() {
+  local name="$1" direct="$2" proxy="$3" expect="$4"; shift 4
+  python3 "$BENCH_DIR/httpload.py" paired "$direct" "$proxy" "$PAIRS" "$expect" "$@" \
+    >"$RUN/raw/$name.pairs" 2>"$RUN/logs/$name.log" || die "$name: $(tail -1 "$RUN/logs/$name.log")"
+  [ "$(wc -l <"$RUN/raw/$name.pairs")" -eq "$PAIRS" ] || die "$name: not $PAIRS pairs"
+}
+# paired_pct NAME P: the P-th percentile (nearest rank) of the per-pair differences
+# proxied - direct, in microseconds.
+paired_pct() {
+  awk '{printf "%.1f\n", $2 - $1}' "$RUN/raw/$1.pairs" | sort -g |
+    awk -v p="$2" '{v[NR] = $1} END {r = int((p / 100) * NR + 0.999999); if (r < 1) r = 1; print v[r]}'
+}
+
+# --- instructions (valgrind --tool=callgrind) ----------------------------------------
+
+# callgrind_ir NAME REQUESTS URL READY_URL HEADER CMD...: the instructions (Ir) CMD executed
+# under callgrind from its start to its exit, having been sent REQUESTS requests (one
+# keep-alive connection, each answered 200) once READY_URL answered. Prints the total.
+callgrind_ir() {
+  local name="$1" n="$2" url="$3" ready="$4" header="$5"; shift 5
+  local out="$RUN/callgrind/$name.out"
+  mkdir -p "$RUN/callgrind"
+  rm -f "$out"
+  start_bg "callgrind-$name" valgrind --tool=callgrind --callgrind-out-file="$out" "$@"
+  wait_http "$ready" 120 "callgrind-$name"
+  if [ "$n" -gt 0 ]; then
+    python3 "$BENCH_DIR/httpload.py" count "$url" "$n" 200 --header "$header" \
+      >"$RUN/logs/callgrind-$name-load.log" 2>&1 || die "callgrind $name: requests failed"
+  fi
+  stop_bg "callgrind-$name" 60
+  local ir; ir="$(awk '$1 == "totals:" || $1 == "summary:" {print $2; exit}' "$out" 2>/dev/null)"
+  [ -n "$ir" ] || die "callgrind $name: no totals in $out (see $RUN/logs/callgrind-$name.log)"
+  echo "$ir"
+}
+# instructions_per_request SCENARIO URL READY_URL HEADER CMD...: (Ir of a run serving
+# $CG_REQUESTS requests - Ir of a run serving none) / $CG_REQUESTS, recorded as instr_per_req.
+instructions_per_request() {
+  local scenario="$1" url="$2" ready="$3" header="$4"; shift 4
+  local idle loaded
+  idle="$(callgrind_ir "$scenario-idle" 0 "$url" "$ready" "$header" "$@")"
+  loaded="$(callgrind_ir "$scenario-load" "$CG_REQUESTS" "$url" "$ready" "$header" "$@")"
+  local per; per="$(awk -v a="$loaded" -v b="$idle" -v n="$CG_REQUESTS" 'BEGIN {printf "%d\n", (a - b) / n + 0.5}')"
+  log "$scenario: $idle instructions idle, $loaded with $CG_REQUESTS requests: $per per request"
+  result "$scenario" instr_per_req "$per"
+  result "$scenario" instr_idle "$idle"
+}
+
 # --- keygate -------------------------------------------------------------------------
 
 ensure_keygate() {
@@ -199,7 +265,7 @@ start_dev() {
   local name="$1" state="$2" port="$3" sport="$4"
   start_bg "$name" "$KEYGATE" dev --config "$ROOT/examples/quickstart" --state "$state" \
     --port "$port" --sidecar-port "$sport" --upstream "127.0.0.1:$P_UPSTREAM"
-  wait_http "http://127.0.0.1:$port/healthz"
+  wait_http "http://127.0.0.1:$port/healthz" 30 "$name"
 }
 client_field() { # STATE CLIENT FIELD
   "$KEYGATE" dev credentials "$2" --config "$ROOT/examples/quickstart" --state "$1" --field "$3" 2>/dev/null ||
@@ -245,5 +311,5 @@ http {
 EOF
   mkdir -p "$dir/tmp"
   start_bg nginx-upstream nginx -c "$dir/nginx.conf" -p "$dir"
-  wait_http "http://127.0.0.1:$P_UPSTREAM/"
+  wait_http "http://127.0.0.1:$P_UPSTREAM/" 30 nginx-upstream
 }

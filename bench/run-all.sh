@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Runs every benchmark and writes docs/BENCHMARKS.md.
-#   bench/run-all.sh           full run (~10 minutes), rewrites docs/BENCHMARKS.md
+#   bench/run-all.sh           full run (~25 minutes: every scenario 3 times, interleaved),
+#                              rewrites docs/BENCHMARKS.md
 #   bench/run-all.sh --smoke   ~2-3 s per scenario with few connections, for CI: checks every
 #                              scenario answers the expected status codes and that wrk saw
 #                              requests; writes bench/.run/BENCHMARKS.smoke.md, not the doc.
 # Installs what it needs: apt-get (wrk nginx apache2 libapache2-mod-auth-openidc jq curl
-# openssl), npm (oidc-provider into bench/.node). Every server listens on 127.0.0.1 only.
+# openssl valgrind), npm (oidc-provider into bench/.node). Every server listens on 127.0.0.1 only.
 set -euo pipefail
 START=$(date +%s)
 # shellcheck source=bench/lib.sh
 source "$(dirname "$0")/lib.sh"
 
 # --- peers -------------------------------------------------------------------------------
-APT_PACKAGES=(wrk nginx apache2 libapache2-mod-auth-openidc jq curl openssl)
+APT_PACKAGES=(wrk nginx apache2 libapache2-mod-auth-openidc jq curl openssl valgrind)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -41,7 +42,7 @@ ensure_keygate
 export KG_BENCH_NO_BUILD=1
 
 # --- machine ---------------------------------------------------------------------------
-rm -f "$RESULTS" "$RUN"/raw/*
+rm -rf "$RESULTS" "$RUN"/raw/* "$RUN/callgrind"
 M="$RUN/machine.tsv"
 {
   printf 'mode\t%s\n' "$([ "$SMOKE" = 1 ] && echo smoke || echo full)"
@@ -64,6 +65,8 @@ M="$RUN/machine.tsv"
   printf 'openssl\t%s\n' "$(openssl version)"
   printf 'threads\t%s\nconns\t%s\nduration\t%s\n' "$THREADS" "$CONNS" "$DURATION"
   printf 'rate_conns\t%s\nrate_duration\t%s\nsidecar_rate\t%s\n' "$RATE_CONNS" "$RATE_DURATION" "$SIDECAR_RATE"
+  printf 'runs\t%s\npairs\t%s\ncg_requests\t%s\n' "$RUNS" "$PAIRS" "$CG_REQUESTS"
+  printf 'valgrind\t%s\n' "$(valgrind --version 2>/dev/null || echo '?')"
   printf 'load_before\t%s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
 } >"$M"
 

@@ -7,7 +7,9 @@
 #   uncached   through the keygate sidecar, a different ES256 token per request
 #   refused    through the keygate sidecar, a token with a bad signature (401)
 # For each: req/s at saturation (wrk -t2 -c64 -d10s), p50/p99 at a paced 1,000 req/s, the
-# proxy's CPU per 1,000 req/s and peak RSS. Needs what bench/run-all.sh installs.
+# proxy's CPU per 1,000 req/s and peak RSS, and the latency the proxy adds (paired requests,
+# bench/httpload.py); all of it RUNS times, interleaved. Then instructions per request of the
+# sidecar (cached) and of the nginx proxy under valgrind --tool=callgrind. Needs what bench/run-all.sh installs.
 #   bench/sidecar.sh [--smoke]
 set -euo pipefail
 # shellcheck source=bench/lib.sh
@@ -50,7 +52,7 @@ jq -n --arg issuer "$ISSUER" --arg resource "$RESOURCE" --arg client "$CLIENT_ID
 start_bg keygate-sidecar "$KEYGATE_SIDECAR" --policy "$RUN/policy.json" \
   --listen "127.0.0.1:$P_SIDECAR" --upstream "127.0.0.1:$P_UPSTREAM" \
   --admin "127.0.0.1:$P_SIDECAR_ADMIN"
-wait_http "http://127.0.0.1:$P_SIDECAR_ADMIN/readyz"
+wait_http "http://127.0.0.1:$P_SIDECAR_ADMIN/readyz" 30 keygate-sidecar
 SIDECAR_PID="$(cat "$RUN/keygate-sidecar.pid")"
 
 # --- nginx as a plain reverse proxy ------------------------------------------------------
@@ -89,7 +91,7 @@ http {
 }
 EOF
 start_bg nginx-proxy nginx -c "$NGX/nginx.conf" -p "$NGX"
-wait_http "http://127.0.0.1:$P_NGINX_PROXY/"
+wait_http "http://127.0.0.1:$P_NGINX_PROXY/" 30 nginx-proxy
 NGINX_PID="$(cat "$RUN/nginx-proxy.pid")"
 
 # --- Apache httpd + mod_auth_openidc in resource-server mode ------------------------------
@@ -137,7 +139,7 @@ OIDCOAuthRemoteUserClaim sub
 ProxyPass / http://127.0.0.1:$P_UPSTREAM/ keepalive=On
 EOF
 start_bg apache apache2 -f "$APA/httpd.conf" -DFOREGROUND
-wait_http "http://127.0.0.1:$P_APACHE/"
+wait_http "http://127.0.0.1:$P_APACHE/" 30 apache
 APACHE_PID="$(cat "$RUN/apache.pid")"
 
 # --- every scenario answers as expected -------------------------------------------------
@@ -185,31 +187,32 @@ cache_hits() {
     awk '/^keygate_sidecar_verify_cache_hits/ {s += $NF} END {printf "%d\n", s}'
 }
 
-# measure SCENARIO PORT EXPECT PIDS ENV...: saturation, paced run with CPU, peak RSS.
+# measure ROUND SCENARIO PORT EXPECT PIDS ENV...: saturation, paced run with CPU, peak RSS,
+# and (proxies only) the paired added latency against the direct path.
 # PIDS: a space-separated list of the proxy's process ids ("" for the direct scenario).
 measure() {
-  local name="$1" port="$2" expect="$3" pids="$4"; shift 4
-  local url="http://127.0.0.1:$port$URL_PATH"
+  local round="$1" name="$2" port="$3" expect="$4" pids="$5"; shift 5
+  local url="http://127.0.0.1:$port$URL_PATH" raw="sidecar-$name-r$round"
   if [ "$WARMUP" = 1 ]; then
     env "$@" KG_THREADS="$THREADS" wrk "-t$THREADS" "-c$CONNS" -d2s -s "$LOAD_LUA" "$url" >/dev/null 2>&1 || true
   fi
   local hits0; hits0="$(cache_hits)"
-  run_wrk "sidecar-$name-max" "$url" "$@" >/dev/null
-  check_wrk "sidecar-$name-max" "$expect"
+  run_wrk "$raw-max" "$url" "$@" >/dev/null
+  check_wrk "$raw-max" "$expect"
   local hits1; hits1="$(cache_hits)"
-  result "$name" rps "$(wrk_rps "sidecar-$name-max")"
-  result "$name" errors "$(wrk_errors "sidecar-$name-max")"
+  result "$name" rps "$(wrk_rps "$raw-max")"
+  result "$name" errors "$(wrk_errors "$raw-max")"
   # shellcheck disable=SC2086
   local t0 c0 t1 c1
   t0="$(date +%s.%N)"; c0="$(proc_cpu_ticks $pids)"
-  run_wrk_rate "sidecar-$name-rate" "$SIDECAR_RATE" "$url" "$@" >/dev/null
+  run_wrk_rate "$raw-rate" "$SIDECAR_RATE" "$url" "$@" >/dev/null
   # shellcheck disable=SC2086
   t1="$(date +%s.%N)"; c1="$(proc_cpu_ticks $pids)"
-  check_wrk "sidecar-$name-rate" "$expect"
-  local rate; rate="$(wrk_rps "sidecar-$name-rate")"
+  check_wrk "$raw-rate" "$expect"
+  local rate; rate="$(wrk_rps "$raw-rate")"
   result "$name" rate_rps "$rate"
-  result "$name" p50_us "$(wrk_pct "sidecar-$name-rate" 50)"
-  result "$name" p99_us "$(wrk_pct "sidecar-$name-rate" 99)"
+  result "$name" p50_us "$(wrk_pct "$raw-rate" 50)"
+  result "$name" p99_us "$(wrk_pct "$raw-rate" 99)"
   if [ -n "$pids" ]; then
     # cores used per 1,000 req/s = (cpu seconds / wall seconds) / (req/s / 1000)
     result "$name" cpu_per_krps "$(awk -v c="$((c1 - c0))" -v hz="$(getconf CLK_TCK)" \
@@ -217,21 +220,75 @@ measure() {
     # shellcheck disable=SC2086
     result "$name" rss_kib "$(proc_kib VmHWM $pids)"
   fi
+  # Added latency: the same upstream request timed direct and through the proxy, in pairs
+  # (proxies that forward only: a refused request never reaches the upstream).
+  if [ -n "$pids" ] && [ "$expect" = 2xx ]; then
+    local pair_args=()
+    case "$name" in
+      uncached) pair_args=(--tokens "$TOKENS") ;;
+      openidc | cached) pair_args=(--header "Authorization: Bearer $TOKEN") ;;
+    esac
+    run_paired "$raw-paired" "http://127.0.0.1:$P_UPSTREAM$URL_PATH" "$url" 200 "${pair_args[@]}"
+    result "$name" added_p50_us "$(paired_pct "$raw-paired" 50)"
+    result "$name" added_p99_us "$(paired_pct "$raw-paired" 99)"
+  fi
   if [ "$port" = "$P_SIDECAR" ]; then
-    local total; total="$(wrk_requests "sidecar-$name-max")"
+    local total; total="$(wrk_requests "$raw-max")"
     result "$name" cache_hit_pct "$(awk -v h="$((hits1 - hits0))" -v n="$total" 'BEGIN {printf "%.1f\n", 100 * h / n}')"
   fi
 }
 
-BEARER="Authorization: Bearer $TOKEN"
-# shellcheck disable=SC2046
-measure direct "$P_UPSTREAM" 2xx ""
-measure nginx "$P_NGINX_PROXY" 2xx "$(proc_tree "$NGINX_PID" | xargs)"
-measure openidc "$P_APACHE" 2xx "$(proc_tree "$APACHE_PID" | xargs)" KG_AUTH="Bearer $TOKEN"
-measure cached "$P_SIDECAR" 2xx "$SIDECAR_PID" KG_AUTH="Bearer $TOKEN"
-measure uncached "$P_SIDECAR" 2xx "$SIDECAR_PID" KG_TOKENS_FILE="$TOKENS"
-measure refused "$P_SIDECAR" non2xx "$SIDECAR_PID" KG_AUTH="Bearer $BAD_TOKEN"
+# Interleaved rounds: every scenario once per round, so slow drift (other load, thermal,
+# caches) hits them all alike instead of one whole block of runs.
+for round in $(seq 1 "$RUNS"); do
+  log "round $round of $RUNS"
+  measure "$round" direct "$P_UPSTREAM" 2xx ""
+  measure "$round" nginx "$P_NGINX_PROXY" 2xx "$(proc_tree "$NGINX_PID" | xargs)"
+  measure "$round" openidc "$P_APACHE" 2xx "$(proc_tree "$APACHE_PID" | xargs)" KG_AUTH="Bearer $TOKEN"
+  measure "$round" cached "$P_SIDECAR" 2xx "$SIDECAR_PID" KG_AUTH="Bearer $TOKEN"
+  measure "$round" uncached "$P_SIDECAR" 2xx "$SIDECAR_PID" KG_TOKENS_FILE="$TOKENS"
+  measure "$round" refused "$P_SIDECAR" non2xx "$SIDECAR_PID" KG_AUTH="Bearer $BAD_TOKEN"
+done
 result sidecar tokens "$(wc -l <"$TOKENS")"
 result sidecar rss_final_kib "$(proc_kib VmHWM "$SIDECAR_PID")"
-: "$BEARER"
+
+# --- instructions per request under callgrind (cached token; nginx proxy as the peer) -----
+# Instruction counts do not depend on other load or on the clock, unlike req/s and CPU time.
+if command -v valgrind >/dev/null; then
+  instructions_per_request cached "http://127.0.0.1:$P_CG_SIDECAR$URL_PATH" \
+    "http://127.0.0.1:$P_CG_SIDECAR_ADMIN/readyz" "Authorization: Bearer $TOKEN" \
+    "$KEYGATE_SIDECAR" --policy "$RUN/policy.json" --listen "127.0.0.1:$P_CG_SIDECAR" \
+    --upstream "127.0.0.1:$P_UPSTREAM" --admin "127.0.0.1:$P_CG_SIDECAR_ADMIN"
+  CGN="$RUN/nginx-callgrind"
+  mkdir -p "$CGN/tmp"
+  # The proxy config above in one process (no master, one worker), so callgrind sees it all.
+  cat >"$CGN/nginx.conf" <<EOF
+master_process off;
+worker_processes 1;
+daemon off;
+pid $CGN/nginx.pid;
+error_log $CGN/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $CGN/tmp; proxy_temp_path $CGN/tmp; fastcgi_temp_path $CGN/tmp;
+  uwsgi_temp_path $CGN/tmp; scgi_temp_path $CGN/tmp;
+  upstream app { server 127.0.0.1:$P_UPSTREAM; keepalive 128; }
+  server {
+    listen 127.0.0.1:$P_CG_NGINX;
+    location / {
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+EOF
+  instructions_per_request nginx "http://127.0.0.1:$P_CG_NGINX$URL_PATH" \
+    "http://127.0.0.1:$P_CG_NGINX/" "Authorization: Bearer $TOKEN" \
+    nginx -c "$CGN/nginx.conf" -p "$CGN"
+else
+  log "valgrind is missing: no instructions per request (run bench/run-all.sh: it installs it)"
+fi
 log "sidecar benchmark done"

@@ -2,7 +2,7 @@
 # Token endpoint benchmark: client credentials grants per second over keep-alive (wrk, POST
 # with client_secret_basic) against keygate's token server signing with ES256, EdDSA and
 # RS256 (2048), and against the npm oidc-provider package (ES256 JWT access tokens); then
-# p50/p99 at a paced 50% of each one's saturation rate.
+# p50/p99 at a paced 50% of each one's saturation rate; RUNS rounds, interleaved.
 #   bench/token.sh [--smoke]
 set -euo pipefail
 # shellcheck source=bench/lib.sh
@@ -19,9 +19,9 @@ start_upstream
 
 BODY="grant_type=client_credentials&resource=$(urlencode "$RESOURCE")"
 
-# bench_endpoint NAME URL ID SECRET: saturation run, then a paced run at half that rate.
+# bench_endpoint ROUND NAME URL ID SECRET: saturation run, then a paced run at half that rate.
 bench_endpoint() {
-  local name="$1" url="$2" id="$3" secret="$4"
+  local round="$1" name="$2" url="$3" id="$4" secret="$5" raw="token-$2-r$1"
   expect_status 200 "$url" -u "$id:$secret" -d "$BODY"
   expect_status 401 "$url" -u "$id:wrong-$secret" -d "$BODY"
   local env=(KG_METHOD=POST "KG_BODY=$BODY"
@@ -29,17 +29,17 @@ bench_endpoint() {
   if [ "$WARMUP" = 1 ]; then
     env "${env[@]}" KG_THREADS="$THREADS" wrk "-t$THREADS" "-c$CONNS" -d2s -s "$LOAD_LUA" "$url" >/dev/null 2>&1 || true
   fi
-  run_wrk "token-$name-max" "$url" "${env[@]}" >/dev/null
-  check_wrk "token-$name-max" 2xx
-  local rps; rps="$(wrk_rps "token-$name-max")"
+  run_wrk "$raw-max" "$url" "${env[@]}" >/dev/null
+  check_wrk "$raw-max" 2xx
+  local rps; rps="$(wrk_rps "$raw-max")"
   result "token-$name" rps "$rps"
-  result "token-$name" errors "$(wrk_errors "token-$name-max")"
+  result "token-$name" errors "$(wrk_errors "$raw-max")"
   local half=$(((rps + 1) / 2))
-  run_wrk_rate "token-$name-rate" "$half" "$url" "${env[@]}" >/dev/null
-  check_wrk "token-$name-rate" 2xx
-  result "token-$name" rate_rps "$(wrk_rps "token-$name-rate")"
-  result "token-$name" p50_us "$(wrk_pct "token-$name-rate" 50)"
-  result "token-$name" p99_us "$(wrk_pct "token-$name-rate" 99)"
+  run_wrk_rate "$raw-rate" "$half" "$url" "${env[@]}" >/dev/null
+  check_wrk "$raw-rate" 2xx
+  result "token-$name" rate_rps "$(wrk_rps "$raw-rate")"
+  result "token-$name" p50_us "$(wrk_pct "$raw-rate" 50)"
+  result "token-$name" p99_us "$(wrk_pct "$raw-rate" 99)"
 }
 
 # A signing key set whose current and next keys are of one algorithm (PKCS#8 PEM), in the
@@ -56,7 +56,11 @@ write_signing_keys() { # STATE openssl-genpkey-args...
   rm -f "$state/current.pem" "$state/next.pem"
 }
 
-for alg in ES256 EdDSA RS256; do
+# Every server runs at once, each on its own port, so the rounds can interleave them.
+ALGS=(ES256 EdDSA RS256)
+ENDPOINTS=()   # NAME URL ID SECRET PIDFILE-NAME, five words each
+i=0
+for alg in "${ALGS[@]}"; do
   state="$RUN/token-state-$alg"
   rm -rf "$state"
   case "$alg" in
@@ -64,25 +68,35 @@ for alg in ES256 EdDSA RS256; do
     EdDSA) write_signing_keys "$state" -algorithm ED25519 ;;
     RS256) write_signing_keys "$state" -algorithm RSA -pkeyopt rsa_keygen_bits:2048 ;;
   esac
-  start_dev "token-dev-$alg" "$state" "$P_TOKEN" "$P_DEV_SIDECAR"
+  port=$((P_TOKEN + 1 + i)) sport=$((P_DEV_SIDECAR + 1 + i))
+  i=$((i + 1))
+  start_dev "token-dev-$alg" "$state" "$port" "$sport"
   id="$(client_field "$state" shop/reporting client_id)"
   secret="$(client_field "$state" shop/reporting client_secret)"
-  token="$(get_token "$P_TOKEN" "$id" "$secret")"
+  token="$(get_token "$port" "$id" "$secret")"
   got="$(jwt_alg "$token")"
   [ "$got" = "$alg" ] || die "keygate signed with '$got', expected $alg"
-  bench_endpoint "keygate-$alg" "http://127.0.0.1:$P_TOKEN/oauth2/token" "$id" "$secret"
-  result "token-keygate-$alg" rss_kib "$(proc_kib VmHWM "$(cat "$RUN/token-dev-$alg.pid")")"
-  stop_bg "token-dev-$alg"
+  ENDPOINTS+=("keygate-$alg" "http://127.0.0.1:$port/oauth2/token" "$id" "$secret" "token-dev-$alg")
 done
 
 # oidc-provider: one node process (single-threaded), ES256 JWT access tokens.
 OP_ID=bench-client OP_SECRET=bench-secret-0123456789abcdef
 start_bg oidc-provider node "$BENCH_DIR/oidc-provider/server.mjs" "$P_OIDC_PROVIDER" "$OP_ID" "$OP_SECRET" "$RESOURCE"
-wait_http "http://127.0.0.1:$P_OIDC_PROVIDER/.well-known/openid-configuration"
+wait_http "http://127.0.0.1:$P_OIDC_PROVIDER/.well-known/openid-configuration" 30 oidc-provider
 token="$(curl -sf -u "$OP_ID:$OP_SECRET" -d "$BODY" "http://127.0.0.1:$P_OIDC_PROVIDER/token" | jq -r .access_token)"
 got="$(jwt_alg "$token")"
 [ "$got" = ES256 ] || die "oidc-provider signed with '$got', expected ES256"
-bench_endpoint oidc-provider "http://127.0.0.1:$P_OIDC_PROVIDER/token" "$OP_ID" "$OP_SECRET"
-result token-oidc-provider rss_kib "$(proc_kib VmHWM "$(cat "$RUN/oidc-provider.pid")")"
-stop_bg oidc-provider
+ENDPOINTS+=(oidc-provider "http://127.0.0.1:$P_OIDC_PROVIDER/token" "$OP_ID" "$OP_SECRET" oidc-provider)
+
+# Interleaved rounds: each server once per round (A B C D A B C D ...).
+for round in $(seq 1 "$RUNS"); do
+  log "round $round of $RUNS"
+  for ((e = 0; e < ${#ENDPOINTS[@]}; e += 5)); do
+    bench_endpoint "$round" "${ENDPOINTS[@]:e:4}"
+  done
+done
+for ((e = 0; e < ${#ENDPOINTS[@]}; e += 5)); do
+  result "token-${ENDPOINTS[e]}" rss_kib "$(proc_kib VmHWM "$(cat "$RUN/${ENDPOINTS[e + 4]}.pid")")"
+  stop_bg "${ENDPOINTS[e + 4]}"
+done
 log "token benchmark done"
