@@ -308,7 +308,9 @@ w("- **keygate sidecar**: the `keygate-sidecar` executable the webhook injects (
   "CPU and RSS are the sidecar's alone. Its policy file is written by `bench/sidecar.sh` in "
   "the documented format (`docs/policy-file.md`): the quickstart `shop/orders` spec "
   "(`bench/policy-spec.json`), the token server's issuer and live JWKS, and the reporting "
-  "client's grant.")
+  "client's grant. Every keygate process runs with `KEYGATE_AUDIT_ALLOWED_SAMPLE=0`: no audit "
+  "event for allowed requests or issued tokens (refusals are still audited), as the peers "
+  "write no access log.")
 w("- **Uncached**: tokens pre-fetched from the token server (wrk, saving each "
   "`access_token`), then each request takes the next one round robin. The sidecar's verify "
   "cache holds 10,000 entries and is cleared when full, so with ≥ 20,000 tokens in rotation "
