@@ -290,13 +290,15 @@ urlencode() { jq -rn --arg v "$1" '$v|@uri'; }
 
 # --- nginx upstream ------------------------------------------------------------------
 
-# The upstream every proxy forwards to: nginx answering GET with a fixed 1 KiB body.
-start_upstream() {
-  local dir="$RUN/nginx-upstream"
-  mkdir -p "$dir"
-  local body; body="$(head -c 1024 /dev/zero | tr '\0' 'x')"
+# nginx_conf DIR PROCESSES HTTP: writes DIR/nginx.conf for an nginx in the foreground with
+# its files in DIR, no access log and unlimited keep-alive requests. PROCESSES are the
+# top-level process directives (e.g. `worker_processes auto;`), HTTP the rest of the http
+# block (upstreams and servers).
+nginx_conf() {
+  local dir="$1" processes="$2" http="$3"
+  mkdir -p "$dir/tmp"
   cat >"$dir/nginx.conf" <<EOF
-worker_processes 1;
+$processes
 daemon off;
 pid $dir/nginx.pid;
 error_log $dir/error.log warn;
@@ -306,14 +308,20 @@ http {
   keepalive_requests 1000000;
   client_body_temp_path $dir/tmp; proxy_temp_path $dir/tmp; fastcgi_temp_path $dir/tmp;
   uwsgi_temp_path $dir/tmp; scgi_temp_path $dir/tmp;
-  server {
-    listen 127.0.0.1:$P_UPSTREAM;
-    default_type text/plain;
-    location / { return 200 "$body"; }
-  }
+$http
 }
 EOF
-  mkdir -p "$dir/tmp"
+}
+
+# The upstream every proxy forwards to: nginx answering GET with a fixed 1 KiB body.
+start_upstream() {
+  local dir="$RUN/nginx-upstream"
+  local body; body="$(head -c 1024 /dev/zero | tr '\0' 'x')"
+  nginx_conf "$dir" "worker_processes 1;" "  server {
+    listen 127.0.0.1:$P_UPSTREAM;
+    default_type text/plain;
+    location / { return 200 \"$body\"; }
+  }"
   start_bg nginx-upstream nginx -c "$dir/nginx.conf" -p "$dir"
   wait_http "http://127.0.0.1:$P_UPSTREAM/" 30 nginx-upstream
 }

@@ -59,37 +59,28 @@ SIDECAR_PID="$(cat "$RUN/keygate-sidecar.pid")"
 # It also serves keygate's JWKS over https on $P_JWKS_TLS (self-signed) for mod_auth_openidc,
 # which accepts only an https JWKS URI; it fetches the JWKS once and caches it.
 NGX="$RUN/nginx-proxy"
-mkdir -p "$NGX/tmp"
+mkdir -p "$NGX"
 [ -f "$NGX/tls.key" ] || openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
   -subj /CN=127.0.0.1 -days 30 -keyout "$NGX/tls.key" -out "$NGX/tls.crt" 2>/dev/null
-cat >"$NGX/nginx.conf" <<EOF
-worker_processes auto;
-daemon off;
-pid $NGX/nginx.pid;
-error_log $NGX/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path $NGX/tmp; proxy_temp_path $NGX/tmp; fastcgi_temp_path $NGX/tmp;
-  uwsgi_temp_path $NGX/tmp; scgi_temp_path $NGX/tmp;
-  upstream app { server 127.0.0.1:$P_UPSTREAM; keepalive 128; }
+# A reverse proxy to the upstream with a keep-alive pool, listening on 127.0.0.1:PORT.
+proxy_server() {
+  echo "  upstream app { server 127.0.0.1:$P_UPSTREAM; keepalive 128; }
   server {
-    listen 127.0.0.1:$P_NGINX_PROXY;
+    listen 127.0.0.1:$1;
     location / {
       proxy_pass http://app;
       proxy_http_version 1.1;
-      proxy_set_header Connection "";
+      proxy_set_header Connection \"\";
     }
-  }
+  }"
+}
+nginx_conf "$NGX" "worker_processes auto;" "$(proxy_server "$P_NGINX_PROXY")
   server {
     listen 127.0.0.1:$P_JWKS_TLS ssl;
     ssl_certificate $NGX/tls.crt;
     ssl_certificate_key $NGX/tls.key;
     location = /.well-known/jwks.json { proxy_pass http://127.0.0.1:$P_TOKEN; }
-  }
-}
-EOF
+  }"
 start_bg nginx-proxy nginx -c "$NGX/nginx.conf" -p "$NGX"
 wait_http "http://127.0.0.1:$P_NGINX_PROXY/" 30 nginx-proxy
 NGINX_PID="$(cat "$RUN/nginx-proxy.pid")"
@@ -260,31 +251,9 @@ if command -v valgrind >/dev/null; then
     "$KEYGATE_SIDECAR" --policy "$RUN/policy.json" --listen "127.0.0.1:$P_CG_SIDECAR" \
     --upstream "127.0.0.1:$P_UPSTREAM" --admin "127.0.0.1:$P_CG_SIDECAR_ADMIN"
   CGN="$RUN/nginx-callgrind"
-  mkdir -p "$CGN/tmp"
   # The proxy config above in one process (no master, one worker), so callgrind sees it all.
-  cat >"$CGN/nginx.conf" <<EOF
-master_process off;
-worker_processes 1;
-daemon off;
-pid $CGN/nginx.pid;
-error_log $CGN/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  client_body_temp_path $CGN/tmp; proxy_temp_path $CGN/tmp; fastcgi_temp_path $CGN/tmp;
-  uwsgi_temp_path $CGN/tmp; scgi_temp_path $CGN/tmp;
-  upstream app { server 127.0.0.1:$P_UPSTREAM; keepalive 128; }
-  server {
-    listen 127.0.0.1:$P_CG_NGINX;
-    location / {
-      proxy_pass http://app;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-    }
-  }
-}
-EOF
+  nginx_conf "$CGN" "master_process off;
+worker_processes 1;" "$(proxy_server "$P_CG_NGINX")"
   instructions_per_request nginx "http://127.0.0.1:$P_CG_NGINX$URL_PATH" \
     "http://127.0.0.1:$P_CG_NGINX/" "Authorization: Bearer $TOKEN" \
     nginx -c "$CGN/nginx.conf" -p "$CGN"

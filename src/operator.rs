@@ -594,13 +594,7 @@ fn controller_config(concurrency: u16) -> kube::runtime::controller::Config {
 /// `concurrency` reconciles at once.
 fn controller_for<K>(api: Api<K>, concurrency: u16) -> Controller<K>
 where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: controller::Watched,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + std::fmt::Debug + Unpin,
 {
     let (reader, writer) = reflector::store();

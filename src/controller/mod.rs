@@ -431,6 +431,24 @@ pub fn error_policy(controller: &'static str, error: &Error, ctx: &Context) -> A
     }
 }
 
+/// A kind of object the operator watches and caches: decoded from the API, cloned and shared
+/// between tasks.
+pub trait Watched:
+    kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static
+{
+}
+
+impl<K> Watched for K where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// Drops what keygate never reads from a watched object before it is cached: managed fields
 /// and `kubectl apply`'s copy of the whole object. They are most of a small object's size.
 pub fn lean<K: kube::Resource>(object: &mut K) {

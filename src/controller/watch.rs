@@ -16,7 +16,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::broadcast;
 
-use super::{CLIENT_LABEL, MANAGED_BY, OperatorConfig, apis};
+use super::{CLIENT_LABEL, MANAGED_BY, OperatorConfig, Watched, apis};
 use crate::api::{ApiClient, M2MRole, ScopePolicy};
 use crate::registry::{
     ClientInput, Credentials, Inputs, ObjectKey, PolicyInput, Registry, read_credentials,
@@ -105,13 +105,7 @@ fn watch<K>(
     config: watcher::Config,
 ) -> impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send + 'static
 where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     watcher(api, config).default_backoff().modify(super::lean)
 }
@@ -123,13 +117,7 @@ async fn feed<K>(
     synced: Arc<Synced>,
     apply: impl Fn(&mut Inputs, Change<K>) + Send + Sync + 'static,
 ) where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     let mut buffer: Vec<K> = Vec::new();
     let mut events = events.boxed();
