@@ -10,6 +10,7 @@ use http::HeaderMap;
 use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 
+use super::forward::{ForwardError, Identity};
 use super::clients::ClientStore;
 use super::jwks::JwksCache;
 use crate::api::ScopeMatching;
@@ -58,12 +59,31 @@ pub struct Caller {
     jti: Option<Arc<str>>,
     iat: u64,
     exp: Option<u64>,
+    /// The `X-Keygate-*` header values for it, made once with the caller (and cached with
+    /// it); an error if its id or scopes cannot be carried in a header.
+    identity: Result<Identity, ForwardError>,
 }
 
 impl Caller {
-    /// The scopes space-delimited.
-    pub fn scope_string(&self) -> String {
-        self.scopes.join(" ")
+    /// `client_id` holding `scopes`, verified by `method`, with no fingerprint, `jti`, `iat`
+    /// or expiry: the verification sets those it knows.
+    fn new(client_id: Arc<str>, scopes: Arc<[String]>, method: Method) -> Self {
+        let identity = Identity::new(&client_id, &scopes.join(" "), method.as_str());
+        Self {
+            client_id,
+            scopes,
+            method,
+            key_fingerprint: None,
+            jti: None,
+            iat: 0,
+            exp: None,
+            identity,
+        }
+    }
+
+    /// What the workload is told of the caller.
+    pub fn identity(&self) -> Result<&Identity, ForwardError> {
+        self.identity.as_ref().map_err(|e| *e)
     }
 
     /// The `jti` of the token presented, if it has one.
@@ -87,7 +107,7 @@ pub enum AuthFailure {
     /// A genuine credential that no longer counts (its client disabled, the token revoked):
     /// the caller it names, for the audit trail, and the reason.
     Withdrawn {
-        caller: Caller,
+        caller: Arc<Caller>,
         reason: &'static str,
     },
 }
@@ -105,7 +125,7 @@ impl AuthFailure {
     /// The verified caller of a withdrawn credential.
     pub fn caller(&self) -> Option<&Caller> {
         match self {
-            Self::Withdrawn { caller, .. } => Some(caller),
+            Self::Withdrawn { caller, .. } => Some(caller.as_ref()),
             _ => None,
         }
     }
@@ -166,7 +186,20 @@ impl Rules {
     }
 }
 
-/// Verified callers by credential digest. Their scopes and expiry were computed against the
+/// Where a credential is kept in the [`VerifiedCache`]: its BLAKE3 hash. Nobody can make up a
+/// credential that lands on another's entry without a second preimage of BLAKE3, as with the
+/// SHA-256 that API keys are looked up by; BLAKE3 costs less on CPUs without SHA
+/// instructions, and a cached bearer token, hundreds of bytes, is hashed on every request.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct CacheKey([u8; 32]);
+
+impl CacheKey {
+    fn of(credential: &str) -> Self {
+        Self(*blake3::hash(credential.as_bytes()).as_bytes())
+    }
+}
+
+/// Verified callers by credential hash. Their scopes and expiry were computed against the
 /// policy's rules, keys and clients: a policy with other rules or keys starts an empty cache,
 /// and a change to some clients forgets their callers. Revocations and disabled clients are
 /// checked on every request, cached or not.
@@ -180,16 +213,16 @@ struct CacheInner {
     /// Bumped whenever clients change, so that a verification that read a client before the
     /// change does not cache what it found after it.
     generation: u64,
-    callers: HashMap<SecretDigest, Caller>,
+    callers: HashMap<CacheKey, Arc<Caller>>,
 }
 
 impl VerifiedCache {
-    fn get(&self, digest: &SecretDigest) -> (Option<Caller>, u64) {
+    fn get(&self, key: &CacheKey) -> (Option<Arc<Caller>>, u64) {
         let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        (inner.callers.get(digest).cloned(), inner.generation)
+        (inner.callers.get(key).cloned(), inner.generation)
     }
 
-    fn remember(&self, generation: u64, digest: SecretDigest, caller: &Caller) {
+    fn remember(&self, generation: u64, key: CacheKey, caller: &Arc<Caller>) {
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
         if inner.generation != generation {
             return;
@@ -198,7 +231,7 @@ impl VerifiedCache {
             // Bounded memory beats perfect hit rates; the next requests refill it.
             inner.callers.clear();
         }
-        inner.callers.insert(digest, caller.clone());
+        inner.callers.insert(key, caller.clone());
     }
 
     fn forget_clients(&self, ids: &HashSet<&str>) {
@@ -363,13 +396,13 @@ impl LoadedPolicy {
         headers: &HeaderMap,
         leeway: Duration,
         now: u64,
-    ) -> Result<(Caller, bool), AuthFailure> {
+    ) -> Result<(Arc<Caller>, bool), AuthFailure> {
         let credential = credential(headers)?;
         if credential.len() > MAX_CREDENTIAL_BYTES {
             return Err(AuthFailure::Invalid("credential too large".into()));
         }
-        let digest = SecretDigest::of(credential);
-        let (cached, generation) = self.cache.get(&digest);
+        let key = CacheKey::of(credential);
+        let (cached, generation) = self.cache.get(&key);
         let (caller, hit) = match cached {
             Some(caller) if caller.exp.is_none_or(|exp| exp + leeway.as_secs() > now) => {
                 (caller, true)
@@ -377,8 +410,8 @@ impl LoadedPolicy {
             _ => {
                 // Boxed: the verification's state (a JWKS fetch included) would otherwise be
                 // part of every request's future, and moved with it, cache hits included.
-                let caller = Box::pin(self.verify(credential, &digest, leeway, now)).await?;
-                self.cache.remember(generation, digest, &caller);
+                let caller = Arc::new(Box::pin(self.verify(credential, leeway, now)).await?);
+                self.cache.remember(generation, key, &caller);
                 (caller, false)
             }
         };
@@ -403,7 +436,6 @@ impl LoadedPolicy {
     async fn verify(
         &self,
         credential: &str,
-        digest: &SecretDigest,
         leeway: Duration,
         now: u64,
     ) -> Result<Caller, AuthFailure> {
@@ -411,21 +443,17 @@ impl LoadedPolicy {
         if credential.bytes().filter(|b| *b == b'.').count() != 2 {
             let (entry, not_after) = self
                 .clients()
-                .api_key(digest)
+                .api_key(&SecretDigest::of(credential))
                 .ok_or_else(|| invalid("unknown API key"))?;
             if not_after.is_some_and(|t| now >= t) {
                 return Err(invalid("API key expired"));
             }
             return Ok(Caller {
-                client_id: entry.client_id.clone(),
-                scopes: entry.scopes.clone(),
-                method: Method::ApiKey,
-                key_fingerprint: None,
-                jti: None,
                 // "Revoke every token" concerns tokens, not API keys: an API key is withdrawn
                 // by rotating it or disabling the client, both of which change the policy.
                 iat: u64::MAX,
                 exp: not_after,
+                ..Caller::new(entry.client_id.clone(), entry.scopes.clone(), Method::ApiKey)
             });
         }
         #[derive(Deserialize)]
@@ -464,13 +492,10 @@ impl LoadedPolicy {
                 scopes.into()
             };
             return Ok(Caller {
-                client_id: entry.client_id.clone(),
-                scopes,
-                method: Method::AccessToken,
-                key_fingerprint: None,
                 jti: Some(claims.jti.as_str().into()),
                 iat: claims.iat,
                 exp: Some(claims.exp),
+                ..Caller::new(entry.client_id.clone(), scopes, Method::AccessToken)
             });
         }
         if let Some((client_id, fingerprint)) = split_keypair_issuer(&iss) {
@@ -502,14 +527,15 @@ impl LoadedPolicy {
                         )
                     })?;
             return Ok(Caller {
-                client_id: entry.client_id.clone(),
-                scopes: entry.scopes.clone(),
-                method: Method::KeyPairJwt,
                 key_fingerprint: Some(fingerprint.into()),
-                jti: None,
                 iat: claims.iat,
                 // A previous key in its overlap stops working at its end, cached or not.
                 exp: Some(not_after.map_or(claims.exp, |t| claims.exp.min(t))),
+                ..Caller::new(
+                    entry.client_id.clone(),
+                    entry.scopes.clone(),
+                    Method::KeyPairJwt,
+                )
             });
         }
         if let Some(external) = self.rules.external.iter().find(|e| e.issuer == iss) {
@@ -645,13 +671,10 @@ async fn verify_external(
         (None, None) => Vec::new(),
     };
     Ok(Caller {
-        client_id: client_id.into(),
-        scopes: scopes.into(),
-        method: Method::ExternalToken,
-        key_fingerprint: None,
         jti: claims.jti.map(Into::into),
         iat: claims.iat.unwrap_or(0),
         exp: Some(claims.exp),
+        ..Caller::new(client_id.into(), scopes.into(), Method::ExternalToken)
     })
 }
 

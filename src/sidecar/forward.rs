@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::{BoxBody, UnsyncBoxBody};
 use http_body_util::{BodyExt, Full};
@@ -84,7 +85,8 @@ const GUARDED_HEADERS: [&str; 4] = [
 pub const CLIENT_ID_HEADER: HeaderName = HeaderName::from_static("x-keygate-client-id");
 /// Header carrying the granted scopes, space-delimited as in OAuth 2.0.
 pub const SCOPES_HEADER: HeaderName = HeaderName::from_static("x-keygate-scopes");
-/// Header carrying how the client authenticated (e.g. `jwt`, `keypair_jwt`, `api_key`).
+/// Header carrying how the client authenticated (`access_token`, `external_token`,
+/// `keypair_jwt`, `api_key`).
 pub const AUTH_METHOD_HEADER: HeaderName = HeaderName::from_static("x-keygate-auth-method");
 
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
@@ -181,15 +183,32 @@ impl UpgradeRequest {
     }
 }
 
-/// Verified caller identity, written to the `X-Keygate-*` headers.
+/// Verified caller identity, as the values of the `X-Keygate-*` headers written for it.
+/// Made once per verified credential (the sidecar keeps it with the cached caller), so that
+/// a forwarded request only clones the values.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
-    /// ApiClient id.
-    pub client_id: String,
-    /// Granted scopes, space-delimited.
-    pub scopes: String,
-    /// Credential kind the caller used, e.g. `jwt`, `keypair_jwt`, `api_key`.
-    pub auth_method: &'static str,
+    client_id: HeaderValue,
+    scopes: HeaderValue,
+    auth_method: HeaderValue,
+}
+
+impl Identity {
+    /// The header values of an ApiClient id, its granted scopes space-delimited, and the
+    /// credential kind it used (e.g. `access_token`, `keypair_jwt`, `api_key`);
+    /// [`ForwardError::InvalidIdentity`] when one cannot be carried in an HTTP header.
+    pub fn new(
+        client_id: &str,
+        scopes: &str,
+        auth_method: &'static str,
+    ) -> Result<Self, ForwardError> {
+        let value = |s: &str| HeaderValue::from_str(s).map_err(|_| ForwardError::InvalidIdentity);
+        Ok(Self {
+            client_id: value(client_id)?,
+            scopes: value(scopes)?,
+            auth_method: HeaderValue::from_static(auth_method),
+        })
+    }
 }
 
 /// Why a request could not be forwarded; `as_label` gives a stable metrics label.
@@ -318,7 +337,7 @@ impl Forwarder {
     pub async fn forward<B>(
         &self,
         req: Request<B>,
-        path_and_query: &str,
+        target: PathAndQuery,
         identity: Option<&Identity>,
         client_addr: SocketAddr,
         forward_authorization: bool,
@@ -331,7 +350,7 @@ impl Forwarder {
         match self
             .try_forward(
                 req,
-                path_and_query,
+                target,
                 identity,
                 client_addr,
                 forward_authorization,
@@ -346,9 +365,10 @@ impl Forwarder {
 
     /// Forwards `req` to the workload.
     ///
-    /// - `path_and_query`: the normalized origin-form target (`/a/b?x=1`) that the policy
-    ///   was evaluated against; it replaces the request's own URI so that the workload
-    ///   sees exactly what was authorized.
+    /// - `target`: the normalized origin-form target (`/a/b?x=1`) that the policy was
+    ///   evaluated against; it replaces the request's own URI so that the workload sees
+    ///   exactly what was authorized (the request's own, shared, when it was already
+    ///   normal).
     /// - `identity`: the verified caller, `None` on public routes.
     /// - `client_addr`: the TCP peer, appended to `X-Forwarded-For`.
     /// - `forward_authorization`: keep `Authorization` and `X-API-Key`.
@@ -370,7 +390,7 @@ impl Forwarder {
     pub async fn try_forward<B>(
         &self,
         req: Request<B>,
-        path_and_query: &str,
+        target: PathAndQuery,
         identity: Option<&Identity>,
         client_addr: SocketAddr,
         forward_authorization: bool,
@@ -380,7 +400,7 @@ impl Forwarder {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        if !path_and_query.starts_with('/') {
+        if !target.path().starts_with('/') {
             return Err(ForwardError::InvalidTarget);
         }
         let (mut parts, body) = req.into_parts();
@@ -389,11 +409,12 @@ impl Forwarder {
                 == UpgradeRequest::WebSocket;
         let lane = lane.filter(|_| !upgrade && !self.http2 && parts.version <= Version::HTTP_11);
         // A connection of its own takes the origin form; the pooled client an absolute URI.
-        let uri: Uri = match lane {
-            Some(_) => path_and_query.parse(),
-            None => format!("http://{}{}", self.authority, path_and_query).parse(),
-        }
-        .map_err(|_| ForwardError::InvalidTarget)?;
+        let uri = match lane {
+            Some(_) => Uri::from(target),
+            None => format!("http://{}{target}", self.authority)
+                .parse()
+                .map_err(|_| ForwardError::InvalidTarget)?,
+        };
         let inbound_upgrade: Option<OnUpgrade> = if upgrade {
             parts.extensions.remove::<OnUpgrade>()
         } else {
@@ -420,7 +441,7 @@ impl Forwarder {
             identity,
             client_addr.ip(),
             forward_authorization,
-        )?;
+        );
 
         let (client, version) = if upgrade {
             (&self.upgrade_client, Version::HTTP_11)
@@ -623,6 +644,12 @@ fn is_spoofable_header(name: &HeaderName) -> bool {
 /// `Upgrade: websocket` are written back so that a WebSocket handshake (already checked to be
 /// one) can pass through.
 fn remove_hop_by_hop(headers: &mut HeaderMap, websocket: bool) {
+    // Most messages carry none of them: one pass over the names costs less than a lookup of
+    // each.
+    let is_hop_by_hop = |name: &HeaderName| *name == header::TE || HOP_BY_HOP.contains(name);
+    if !websocket && !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Read what survives before removing anything: compliant senders list `TE` in
     // `Connection`, which would otherwise delete it first. `TE: trailers` announces that the
     // caller accepts trailers (gRPC needs this); any transfer coding it lists only applies to
@@ -668,7 +695,7 @@ fn prepare_request_headers(
     identity: Option<&Identity>,
     client_ip: IpAddr,
     forward_authorization: bool,
-) -> Result<(), ForwardError> {
+) {
     remove_hop_by_hop(headers, upgrade);
 
     // Spoofed identity headers, and their look-alikes, are dropped on every route, public
@@ -699,13 +726,10 @@ fn prepare_request_headers(
     }
 
     if let Some(identity) = identity {
-        let header_value =
-            |s: &str| HeaderValue::from_str(s).map_err(|_| ForwardError::InvalidIdentity);
-        headers.insert(CLIENT_ID_HEADER, header_value(&identity.client_id)?);
-        headers.insert(SCOPES_HEADER, header_value(&identity.scopes)?);
-        headers.insert(AUTH_METHOD_HEADER, header_value(identity.auth_method)?);
+        headers.insert(CLIENT_ID_HEADER, identity.client_id.clone());
+        headers.insert(SCOPES_HEADER, identity.scopes.clone());
+        headers.insert(AUTH_METHOD_HEADER, identity.auth_method.clone());
     }
-    Ok(())
 }
 
 /// Appends the peer to `X-Forwarded-For`, folding repeated header lines into one list.
@@ -888,12 +912,12 @@ mod tests {
                         let target = req
                             .uri()
                             .path_and_query()
-                            .map_or("/", |pq| pq.as_str())
-                            .to_owned();
+                            .cloned()
+                            .unwrap_or_else(|| target("/"));
                         let response = forwarder
                             .forward(
                                 req,
-                                &target,
+                                target,
                                 identity.as_ref(),
                                 peer,
                                 forward_authorization,
@@ -927,11 +951,16 @@ mod tests {
     }
 
     fn identity() -> Identity {
-        Identity {
-            client_id: "billing-batch".into(),
-            scopes: "invoices:read invoices:write".into(),
-            auth_method: "jwt",
-        }
+        Identity::new(
+            "billing-batch",
+            "invoices:read invoices:write",
+            "access_token",
+        )
+        .expect("identity")
+    }
+
+    fn target(text: &'static str) -> PathAndQuery {
+        PathAndQuery::from_static(text)
     }
 
     type TestBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -1113,7 +1142,7 @@ mod tests {
             Some("invoices:read invoices:write")
         );
         assert_eq!(h.get_all("x-keygate-client-id").iter().count(), 1);
-        assert_eq!(get(h, "x-keygate-auth-method").as_deref(), Some("jwt"));
+        assert_eq!(get(h, "x-keygate-auth-method").as_deref(), Some("access_token"));
         assert!(!h.contains_key(header::AUTHORIZATION));
         assert!(!h.contains_key("x-api-key"));
         for hop in [
@@ -1263,7 +1292,7 @@ mod tests {
             .body(Empty::<Bytes>::new())
             .expect("request");
         let result =
-            bounded(forwarder.try_forward(req, "/x", None, client_addr, false, None)).await;
+            bounded(forwarder.try_forward(req, target("/x"), None, client_addr, false, None)).await;
         assert_eq!(result.err(), Some(ForwardError::Connect));
 
         let front = spawn_front(forwarder, None, false).await;
@@ -1300,14 +1329,14 @@ mod tests {
             .body(Empty::<Bytes>::new())
             .expect("request");
         let result =
-            bounded(forwarder.try_forward(req, "/slow", None, client_addr, false, None)).await;
+            bounded(forwarder.try_forward(req, target("/slow"), None, client_addr, false, None)).await;
         assert_eq!(result.err(), Some(ForwardError::Timeout));
 
         let req = Request::get("/")
             .body(Empty::<Bytes>::new())
             .expect("request");
         let response =
-            bounded(forwarder.forward(req, "/slow", None, client_addr, false, None)).await;
+            bounded(forwarder.forward(req, target("/slow"), None, client_addr, false, None)).await;
         assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
         let json: serde_json::Value =
             serde_json::from_slice(&body_bytes(response.into_body()).await).expect("json");
@@ -1330,7 +1359,7 @@ mod tests {
         let req = Request::get("/")
             .body(Empty::<Bytes>::new())
             .expect("request");
-        let result = bounded(forwarder.try_forward(req, "/", None, client_addr, false, None)).await;
+        let result = bounded(forwarder.try_forward(req, target("/"), None, client_addr, false, None)).await;
         assert_eq!(result.err(), Some(ForwardError::Protocol));
     }
 
@@ -1429,7 +1458,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn rejects_bad_target_and_identity_without_contacting_upstream() {
+    async fn rejects_a_bad_target_without_contacting_upstream() {
         let upstream = spawn_upstream(false).await;
         let forwarder = Forwarder::new(config(upstream.addr));
         let client_addr: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
@@ -1438,22 +1467,22 @@ mod tests {
             .body(Empty::<Bytes>::new())
             .expect("request");
         let result = forwarder
-            .try_forward(req, "no-slash", None, client_addr, false, None)
+            .try_forward(req, target("*"), None, client_addr, false, None)
             .await;
         assert_eq!(result.err(), Some(ForwardError::InvalidTarget));
-
-        let bad = Identity {
-            client_id: "evil\r\nx-injected: 1".into(),
-            ..identity()
-        };
-        let req = Request::get("/")
-            .body(Empty::<Bytes>::new())
-            .expect("request");
-        let response = forwarder
-            .forward(req, "/", Some(&bad), client_addr, false, None)
-            .await;
-        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(upstream.accepted.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn an_identity_that_is_no_header_value_is_refused() {
+        let bad = Identity::new("evil\r\nx-injected: 1", "a", "api_key");
+        assert_eq!(bad, Err(ForwardError::InvalidIdentity));
+        let bad_scopes = Identity::new("billing", "a\0b", "api_key");
+        assert_eq!(bad_scopes, Err(ForwardError::InvalidIdentity));
+        assert_eq!(
+            ForwardError::InvalidIdentity.into_response().status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 
     #[test]

@@ -5,10 +5,12 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -22,14 +24,14 @@ use tokio::sync::watch;
 
 use super::auth::{AuthFailure, Caller, LoadedPolicy, header_safe};
 use super::clients::ClientStore;
-use super::forward::{Forwarder, Identity, ProxyBody, UpgradeRequest};
+use super::forward::{ForwardError, Forwarder, Identity, ProxyBody, UpgradeRequest};
 use super::jwks::JwksCache;
 use super::lane::UpstreamLane;
 use crate::audit::{self, AuditConfig, AuditTrail, Scopes};
 use crate::connections::{ConnectionLimits, http_builder, serve_connections};
 use crate::credentials::unix_now;
 use crate::policy::stream::PolicyDelta;
-use crate::policy::{Access, PolicyDocument, normalize};
+use crate::policy::{Access, PolicyDocument, RuleRef, normalize};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
@@ -124,9 +126,28 @@ impl Metrics {
     }
 }
 
+/// The policy in force, with the `decisions` series of the requests it forwards.
+struct InForce {
+    policy: LoadedPolicy,
+    /// Per rule (by index, the default action last) and outcome (allowed, public): the
+    /// series, looked up at the first such request instead of at every one.
+    forwarded: Box<[[OnceLock<Counter>; 2]]>,
+}
+
+impl InForce {
+    fn new(policy: LoadedPolicy) -> Self {
+        let slots = policy.compiled().len() + 1;
+        let forwarded = (0..slots).map(|_| Default::default()).collect();
+        Self { policy, forwarded }
+    }
+}
+
+/// The name a metric or audit event gives the default action.
+const DEFAULT_RULE: &str = "(default)";
+
 /// One sidecar: the current policy, the forwarder, shared JWKS caches and metrics.
 pub struct Sidecar {
-    policy: ArcSwapOption<LoadedPolicy>,
+    policy: ArcSwapOption<InForce>,
     forwarder: Forwarder,
     jwks: Mutex<HashMap<String, Arc<JwksCache>>>,
     http: reqwest::Client,
@@ -189,15 +210,17 @@ impl Sidecar {
         let current = self
             .policy
             .load_full()
-            .filter(|current| current.document.policy == document.policy);
+            .filter(|current| current.policy.document.policy == document.policy);
         if let Some(current) = &current {
-            document.revocations.absorb(&current.document.revocations);
+            document
+                .revocations
+                .absorb(&current.policy.document.revocations);
             document.revocations.prune(crate::credentials::unix_now());
         }
         let loaded = match current {
-            Some(current) if document.clients_omitted => {
-                current.keeping_clients(document, |uri| self.jwks_cache(uri))
-            }
+            Some(current) if document.clients_omitted => current
+                .policy
+                .keeping_clients(document, |uri| self.jwks_cache(uri)),
             _ => LoadedPolicy::load(document, |uri| self.jwks_cache(uri)),
         };
         self.put(loaded).map(|()| true)
@@ -239,7 +262,7 @@ impl Sidecar {
             .policy
             .load_full()
             .ok_or("a change with no policy in force")?;
-        self.put(current.apply(delta, |uri| self.jwks_cache(uri)))
+        self.put(current.policy.apply(delta, |uri| self.jwks_cache(uri)))
     }
 
     fn jwks_cache(&self, uri: &str) -> Arc<JwksCache> {
@@ -254,7 +277,7 @@ impl Sidecar {
         match loaded {
             Ok(loaded) => {
                 let clients = loaded.client_count();
-                self.policy.store(Some(Arc::new(loaded)));
+                self.policy.store(Some(Arc::new(InForce::new(loaded))));
                 self.metrics.policy_generation.inc();
                 self.metrics
                     .policy_clients
@@ -293,7 +316,7 @@ impl Sidecar {
             policy: None,
             caller: None,
         };
-        let Some(policy) = self.policy.load_full() else {
+        let Some(in_force) = self.policy.load_full() else {
             return self.refuse(
                 &seen,
                 "no_policy",
@@ -303,9 +326,10 @@ impl Sidecar {
                 None,
             );
         };
-        seen.policy = Some(&*policy);
+        let policy = &in_force.policy;
+        seen.policy = Some(policy);
         let path = match normalize(req.uri().path()) {
-            Ok(path) => path.into_owned(),
+            Ok(path) => path,
             Err(e) => {
                 return self.refuse(
                     &seen,
@@ -317,7 +341,7 @@ impl Sidecar {
                 );
             }
         };
-        seen.path = Some(path.as_str());
+        seen.path = Some(&path);
         // Only WebSocket upgrades are ever forwarded; `h2c` is ignored (UpgradeRequest::None,
         // its headers are removed on the way), anything else is refused here.
         let upgrade = UpgradeRequest::of(req.method(), req.version(), req.headers());
@@ -331,17 +355,27 @@ impl Sidecar {
                 None,
             );
         }
-        let target = match req.uri().query() {
-            Some(query) => format!("{path}?{query}"),
-            None => path.clone(),
+        // What the workload is asked for: the request's own target (shared, not copied) when
+        // its path was normal already.
+        let target = match (&path, req.uri().path_and_query()) {
+            (Cow::Borrowed(_), Some(target)) => Ok(target.clone()),
+            _ => match req.uri().query() {
+                Some(query) => PathAndQuery::try_from(format!("{path}?{query}")),
+                None => PathAndQuery::try_from(path.as_ref()),
+            },
+        };
+        let Ok(target) = target else {
+            return self.refuse(
+                &seen,
+                "bad_request",
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "the request target is invalid",
+                None,
+            );
         };
         let decision = policy.compiled().decide(req.method(), &path);
-        let rule = decision
-            .rule
-            .map(|r| r.name)
-            .unwrap_or("(default)")
-            .to_owned();
-        seen.rule = &rule;
+        seen.rule = decision.rule.map_or(DEFAULT_RULE, |r| r.name);
         let requirement = match decision.access {
             // A tunnel is bound to a verified caller: public rules never open one.
             Access::Public if upgrade == UpgradeRequest::WebSocket => {
@@ -356,8 +390,9 @@ impl Sidecar {
             }
             Access::Public => {
                 self.audit(&seen, "public", None);
+                let counter = self.forwarded(&in_force, decision.rule, Forwarded::Public);
                 return self
-                    .forward(req, &target, None, (peer, lane), &policy, "public", rule)
+                    .forward(req, target, Ok(None), (peer, lane), policy, counter)
                     .await;
             }
             Access::Deny => {
@@ -415,7 +450,7 @@ impl Sidecar {
                 );
             }
         };
-        seen.caller = Some(&caller);
+        seen.caller = Some(&*caller);
         if let Some(requirement) = requirement
             && !requirement.is_satisfied_by(&caller.scopes)
         {
@@ -434,40 +469,51 @@ impl Sidecar {
             );
         }
         self.audit(&seen, "allowed", None);
-        let identity = Identity {
-            client_id: caller.client_id.to_string(),
-            scopes: caller.scope_string(),
-            auth_method: caller.method.as_str(),
-        };
-        self.forward(
-            req,
-            &target,
-            Some(&identity),
-            (peer, lane),
-            &policy,
-            "allowed",
-            rule,
-        )
-        .await
+        let counter = self.forwarded(&in_force, decision.rule, Forwarded::Allowed);
+        let identity = caller.identity().map(Some);
+        self.forward(req, target, identity, (peer, lane), policy, counter)
+            .await
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// The `decisions` series of requests `rule` forwards as `outcome`.
+    fn forwarded<'a>(
+        &self,
+        in_force: &'a InForce,
+        rule: Option<RuleRef<'_>>,
+        outcome: Forwarded,
+    ) -> Option<&'a Counter> {
+        let index = rule.map_or(in_force.policy.compiled().len(), |r| r.index);
+        let slot = &in_force.forwarded.get(index)?[outcome as usize];
+        Some(slot.get_or_init(|| {
+            let labels = DecisionLabels {
+                outcome: outcome.label(),
+                rule: rule.map_or(DEFAULT_RULE, |r| r.name).to_owned(),
+            };
+            self.metrics.decisions.get_or_create(&labels).clone()
+        }))
+    }
+
+    /// Forwards an authorised request (`identity`, `Ok(None)` on a public route) and counts
+    /// it in `counter`.
     async fn forward(
         &self,
         req: Request<Incoming>,
-        target: &str,
-        identity: Option<&Identity>,
+        target: PathAndQuery,
+        identity: Result<Option<&Identity>, ForwardError>,
         (peer, lane): (SocketAddr, Option<&UpstreamLane>),
         policy: &LoadedPolicy,
-        outcome: &'static str,
-        rule: String,
+        counter: Option<&Counter>,
     ) -> Response<ProxyBody> {
         let forward_authorization = policy.document.spec.upstream.forward_authorization;
-        let response = match self
-            .forwarder
-            .try_forward(req, target, identity, peer, forward_authorization, lane)
-            .await
-        {
+        let forwarded = match identity {
+            Ok(identity) => {
+                self.forwarder
+                    .try_forward(req, target, identity, peer, forward_authorization, lane)
+                    .await
+            }
+            Err(error) => Err(error),
+        };
+        let response = match forwarded {
             Ok(response) => response,
             Err(e) => {
                 self.metrics
@@ -477,10 +523,9 @@ impl Sidecar {
                 e.into_response()
             }
         };
-        self.metrics
-            .decisions
-            .get_or_create(&DecisionLabels { outcome, rule })
-            .inc();
+        if let Some(counter) = counter {
+            counter.inc();
+        }
         response
     }
 
@@ -537,6 +582,22 @@ impl Sidecar {
             resource = seen.policy.map(|p| p.document.resource.as_str()),
             suppressed = (suppressed > 0).then_some(suppressed),
         );
+    }
+}
+
+/// How a forwarded request was authorised, the index of its series in [`InForce`].
+#[derive(Clone, Copy)]
+enum Forwarded {
+    Allowed = 0,
+    Public = 1,
+}
+
+impl Forwarded {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::Public => "public",
+        }
     }
 }
 
