@@ -10,8 +10,8 @@ use http::HeaderMap;
 use jsonwebtoken::{Algorithm, Validation};
 use serde::Deserialize;
 
-use super::forward::{ForwardError, Identity};
 use super::clients::ClientStore;
+use super::forward::{ForwardError, Identity};
 use super::jwks::JwksCache;
 use crate::api::ScopeMatching;
 use crate::credentials::{
@@ -453,7 +453,11 @@ impl LoadedPolicy {
                 // by rotating it or disabling the client, both of which change the policy.
                 iat: u64::MAX,
                 exp: not_after,
-                ..Caller::new(entry.client_id.clone(), entry.scopes.clone(), Method::ApiKey)
+                ..Caller::new(
+                    entry.client_id.clone(),
+                    entry.scopes.clone(),
+                    Method::ApiKey,
+                )
             });
         }
         #[derive(Deserialize)]

@@ -1142,7 +1142,10 @@ mod tests {
             Some("invoices:read invoices:write")
         );
         assert_eq!(h.get_all("x-keygate-client-id").iter().count(), 1);
-        assert_eq!(get(h, "x-keygate-auth-method").as_deref(), Some("access_token"));
+        assert_eq!(
+            get(h, "x-keygate-auth-method").as_deref(),
+            Some("access_token")
+        );
         assert!(!h.contains_key(header::AUTHORIZATION));
         assert!(!h.contains_key("x-api-key"));
         for hop in [
@@ -1329,7 +1332,8 @@ mod tests {
             .body(Empty::<Bytes>::new())
             .expect("request");
         let result =
-            bounded(forwarder.try_forward(req, target("/slow"), None, client_addr, false, None)).await;
+            bounded(forwarder.try_forward(req, target("/slow"), None, client_addr, false, None))
+                .await;
         assert_eq!(result.err(), Some(ForwardError::Timeout));
 
         let req = Request::get("/")
@@ -1359,7 +1363,8 @@ mod tests {
         let req = Request::get("/")
             .body(Empty::<Bytes>::new())
             .expect("request");
-        let result = bounded(forwarder.try_forward(req, target("/"), None, client_addr, false, None)).await;
+        let result =
+            bounded(forwarder.try_forward(req, target("/"), None, client_addr, false, None)).await;
         assert_eq!(result.err(), Some(ForwardError::Protocol));
     }
 

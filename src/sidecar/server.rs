@@ -1,11 +1,11 @@
 //! The sidecar's request path: normalise the path, find the rule, check the credential,
 //! answer 401/403 or forward. Policies are swapped atomically; without one it fails closed.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::borrow::Cow;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
