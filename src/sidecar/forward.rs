@@ -22,7 +22,7 @@
 //! failure becomes a short JSON 502/504 and never echoes request contents.
 
 use std::error::Error as StdError;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -339,7 +339,7 @@ impl Forwarder {
         req: Request<B>,
         target: PathAndQuery,
         identity: Option<&Identity>,
-        client_addr: SocketAddr,
+        peer: &Peer,
         forward_authorization: bool,
         lane: Option<&UpstreamLane>,
     ) -> Response<ProxyBody>
@@ -348,14 +348,7 @@ impl Forwarder {
         B::Error: Into<BoxError>,
     {
         match self
-            .try_forward(
-                req,
-                target,
-                identity,
-                client_addr,
-                forward_authorization,
-                lane,
-            )
+            .try_forward(req, target, identity, peer, forward_authorization, lane)
             .await
         {
             Ok(response) => response,
@@ -370,7 +363,7 @@ impl Forwarder {
     ///   exactly what was authorized (the request's own, shared, when it was already
     ///   normal).
     /// - `identity`: the verified caller, `None` on public routes.
-    /// - `client_addr`: the TCP peer, appended to `X-Forwarded-For`.
+    /// - `peer`: the caller connection's TCP peer, appended to `X-Forwarded-For`.
     /// - `forward_authorization`: keep `Authorization` and `X-API-Key`.
     /// - `lane`: the caller connection's own upstream connection ([`Forwarder::lane`]),
     ///   used for its HTTP/1 requests to an HTTP/1 workload; `None`, or an HTTP/2 caller, an
@@ -392,7 +385,7 @@ impl Forwarder {
         req: Request<B>,
         target: PathAndQuery,
         identity: Option<&Identity>,
-        client_addr: SocketAddr,
+        peer: &Peer,
         forward_authorization: bool,
         lane: Option<&UpstreamLane>,
     ) -> Result<Response<ProxyBody>, ForwardError>
@@ -435,13 +428,7 @@ impl Forwarder {
         {
             headers.insert(header::HOST, value);
         }
-        prepare_request_headers(
-            &mut headers,
-            upgrade,
-            identity,
-            client_addr.ip(),
-            forward_authorization,
-        );
+        prepare_request_headers(&mut headers, upgrade, identity, peer, forward_authorization);
 
         let (client, version) = if upgrade {
             (&self.upgrade_client, Version::HTTP_11)
@@ -666,18 +653,27 @@ fn remove_hop_by_hop(headers: &mut HeaderMap, websocket: bool) {
                 .is_some_and(|c| c.trim().eq_ignore_ascii_case("trailers"))
         });
 
+    // The names `Connection` nominates beyond the fixed ones (`Connection: keep-alive`, which
+    // most HTTP/1.1 servers send, nominates none).
     let nominated: Vec<HeaderName> = connection_tokens(headers)
+        .filter(|token| {
+            !HOP_BY_HOP
+                .iter()
+                .any(|name| token.eq_ignore_ascii_case(name.as_str()))
+        })
         .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
         // `Connection: host` would otherwise let a caller hide the original host.
         .filter(|name| *name != header::HOST)
         .collect();
-    for name in &nominated {
+    // Each name present is removed once (with all its values); absent ones cost nothing.
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name) || nominated.contains(name))
+        .cloned()
+        .collect();
+    for name in &present {
         headers.remove(name);
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove(header::TE);
     if accepts_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
@@ -693,7 +689,7 @@ fn prepare_request_headers(
     headers: &mut HeaderMap,
     upgrade: bool,
     identity: Option<&Identity>,
-    client_ip: IpAddr,
+    peer: &Peer,
     forward_authorization: bool,
 ) {
     remove_hop_by_hop(headers, upgrade);
@@ -714,7 +710,7 @@ fn prepare_request_headers(
         headers.remove(X_API_KEY);
     }
 
-    append_forwarded_for(headers, client_ip);
+    append_forwarded_for(headers, peer);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     match headers.get(header::HOST).cloned() {
         Some(host) => {
@@ -732,10 +728,32 @@ fn prepare_request_headers(
     }
 }
 
+/// The TCP peer of a caller connection, with the address `X-Forwarded-For` gives for it,
+/// written once per connection instead of once per request.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// The peer's IP address as text; `None` never happens for an IP address.
+    forwarded_for: Option<HeaderValue>,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr) -> Self {
+        // Dual-stack listeners report IPv4 peers as `::ffff:a.b.c.d`.
+        let ip = addr.ip().to_canonical();
+        Self {
+            addr,
+            forwarded_for: HeaderValue::from_str(&ip.to_string()).ok(),
+        }
+    }
+}
+
 /// Appends the peer to `X-Forwarded-For`, folding repeated header lines into one list.
-fn append_forwarded_for(headers: &mut HeaderMap, client_ip: IpAddr) {
-    // Dual-stack listeners report IPv4 peers as `::ffff:a.b.c.d`.
-    let client_ip = client_ip.to_canonical();
+fn append_forwarded_for(headers: &mut HeaderMap, peer: &Peer) {
+    let Some(client_ip) = &peer.forwarded_for else {
+        headers.remove(X_FORWARDED_FOR);
+        return;
+    };
     let previous: Vec<&str> = headers
         .get_all(X_FORWARDED_FOR)
         .iter()
@@ -743,19 +761,15 @@ fn append_forwarded_for(headers: &mut HeaderMap, client_ip: IpAddr) {
         .map(str::trim)
         .filter(|value| !value.is_empty())
         .collect();
-    let combined = if previous.is_empty() {
-        client_ip.to_string()
+    let value = if previous.is_empty() {
+        client_ip.clone()
     } else {
-        format!("{}, {client_ip}", previous.join(", "))
+        // Both parts are visible ASCII, so this only fails if that invariant breaks; then
+        // the peer alone is still better than a list we cannot vouch for.
+        let combined = format!("{}, {}", previous.join(", "), peer.addr.ip().to_canonical());
+        HeaderValue::from_str(&combined).unwrap_or_else(|_| client_ip.clone())
     };
-    // Both parts are visible ASCII, so this only fails if that invariant breaks; then
-    // the peer alone is still better than a list we cannot vouch for.
-    let value =
-        HeaderValue::from_str(&combined).or_else(|_| HeaderValue::from_str(&client_ip.to_string()));
-    headers.remove(X_FORWARDED_FOR);
-    if let Ok(value) = value {
-        headers.insert(X_FORWARDED_FOR, value);
-    }
+    headers.insert(X_FORWARDED_FOR, value);
 }
 
 #[cfg(test)]
@@ -901,13 +915,14 @@ mod tests {
                 let Ok((stream, peer)) = listener.accept().await else {
                     return;
                 };
+                let peer = Peer::new(peer);
                 let forwarder = forwarder.clone();
                 let identity = identity.clone();
                 // As the sidecar's server does: a lane per caller connection.
                 let (lane, driver) = forwarder.lane();
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let (forwarder, lane) = (forwarder.clone(), lane.clone());
-                    let identity = identity.clone();
+                    let (identity, peer) = (identity.clone(), peer.clone());
                     async move {
                         let target = req
                             .uri()
@@ -919,7 +934,7 @@ mod tests {
                                 req,
                                 target,
                                 identity.as_ref(),
-                                peer,
+                                &peer,
                                 forward_authorization,
                                 Some(&lane),
                             )
@@ -1289,13 +1304,13 @@ mod tests {
             listener.local_addr().expect("addr")
         };
         let forwarder = Forwarder::new(config(addr));
-        let client_addr: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+        let peer = Peer::new("127.0.0.1:40000".parse().expect("addr"));
 
         let req = Request::get("/")
             .body(Empty::<Bytes>::new())
             .expect("request");
         let result =
-            bounded(forwarder.try_forward(req, target("/x"), None, client_addr, false, None)).await;
+            bounded(forwarder.try_forward(req, target("/x"), None, &peer, false, None)).await;
         assert_eq!(result.err(), Some(ForwardError::Connect));
 
         let front = spawn_front(forwarder, None, false).await;
@@ -1326,21 +1341,20 @@ mod tests {
             }
         });
         let forwarder = Forwarder::new(config(addr));
-        let client_addr: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+        let peer = Peer::new("127.0.0.1:40000".parse().expect("addr"));
 
         let req = Request::get("/")
             .body(Empty::<Bytes>::new())
             .expect("request");
         let result =
-            bounded(forwarder.try_forward(req, target("/slow"), None, client_addr, false, None))
-                .await;
+            bounded(forwarder.try_forward(req, target("/slow"), None, &peer, false, None)).await;
         assert_eq!(result.err(), Some(ForwardError::Timeout));
 
         let req = Request::get("/")
             .body(Empty::<Bytes>::new())
             .expect("request");
         let response =
-            bounded(forwarder.forward(req, target("/slow"), None, client_addr, false, None)).await;
+            bounded(forwarder.forward(req, target("/slow"), None, &peer, false, None)).await;
         assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
         let json: serde_json::Value =
             serde_json::from_slice(&body_bytes(response.into_body()).await).expect("json");
@@ -1359,12 +1373,12 @@ mod tests {
             }
         });
         let forwarder = Forwarder::new(config(addr));
-        let client_addr: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+        let peer = Peer::new("127.0.0.1:40000".parse().expect("addr"));
         let req = Request::get("/")
             .body(Empty::<Bytes>::new())
             .expect("request");
         let result =
-            bounded(forwarder.try_forward(req, target("/"), None, client_addr, false, None)).await;
+            bounded(forwarder.try_forward(req, target("/"), None, &peer, false, None)).await;
         assert_eq!(result.err(), Some(ForwardError::Protocol));
     }
 
@@ -1466,13 +1480,13 @@ mod tests {
     async fn rejects_a_bad_target_without_contacting_upstream() {
         let upstream = spawn_upstream(false).await;
         let forwarder = Forwarder::new(config(upstream.addr));
-        let client_addr: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+        let peer = Peer::new("127.0.0.1:40000".parse().expect("addr"));
 
         let req = Request::get("/")
             .body(Empty::<Bytes>::new())
             .expect("request");
         let result = forwarder
-            .try_forward(req, target("*"), None, client_addr, false, None)
+            .try_forward(req, target("*"), None, &peer, false, None)
             .await;
         assert_eq!(result.err(), Some(ForwardError::InvalidTarget));
         assert_eq!(upstream.accepted.load(Ordering::SeqCst), 0);
@@ -1503,6 +1517,19 @@ mod tests {
         assert!(!h.contains_key(header::CONNECTION));
         assert!(!h.contains_key(header::TE));
         assert_eq!(get(&h, "host").as_deref(), Some("a.test"));
+
+        // What most HTTP/1.1 servers answer with: only the hop-by-hop pair goes.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        h.append(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(get(&h, "content-type").as_deref(), Some("text/plain"));
 
         // RFC 9110 requires `Connection: TE` next to `TE`; `trailers` must still survive.
         let mut h = HeaderMap::new();
@@ -1680,10 +1707,10 @@ mod tests {
     #[test]
     fn forwarded_for_uses_canonical_ip() {
         let mut h = HeaderMap::new();
-        let mapped: IpAddr = "::ffff:10.1.2.3".parse().expect("ip");
-        append_forwarded_for(&mut h, mapped);
+        let peer = |addr: &str| Peer::new(addr.parse().expect("socket address"));
+        append_forwarded_for(&mut h, &peer("[::ffff:10.1.2.3]:5000"));
         assert_eq!(get(&h, "x-forwarded-for").as_deref(), Some("10.1.2.3"));
-        append_forwarded_for(&mut h, "2001:db8::1".parse().expect("ip"));
+        append_forwarded_for(&mut h, &peer("[2001:db8::1]:5000"));
         assert_eq!(
             get(&h, "x-forwarded-for").as_deref(),
             Some("10.1.2.3, 2001:db8::1")

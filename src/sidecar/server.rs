@@ -24,7 +24,7 @@ use tokio::sync::watch;
 
 use super::auth::{AuthFailure, Caller, LoadedPolicy, header_safe};
 use super::clients::ClientStore;
-use super::forward::{ForwardError, Forwarder, Identity, ProxyBody, UpgradeRequest};
+use super::forward::{ForwardError, Forwarder, Identity, Peer, ProxyBody, UpgradeRequest};
 use super::jwks::JwksCache;
 use super::lane::UpstreamLane;
 use crate::audit::{self, AuditConfig, AuditTrail, Scopes};
@@ -305,14 +305,14 @@ impl Sidecar {
     pub async fn handle(
         &self,
         req: Request<Incoming>,
-        peer: SocketAddr,
+        peer: &Peer,
         lane: Option<&UpstreamLane>,
     ) -> Response<ProxyBody> {
         let mut seen = Seen {
             method: req.method(),
             path: None,
             rule: "",
-            peer,
+            peer: peer.addr,
             policy: None,
             caller: None,
         };
@@ -500,7 +500,7 @@ impl Sidecar {
         req: Request<Incoming>,
         target: PathAndQuery,
         identity: Result<Option<&Identity>, ForwardError>,
-        (peer, lane): (SocketAddr, Option<&UpstreamLane>),
+        (peer, lane): (&Peer, Option<&UpstreamLane>),
         policy: &LoadedPolicy,
         counter: Option<&Counter>,
     ) -> Response<ProxyBody> {
@@ -663,12 +663,13 @@ pub async fn serve_with_limits(
     let builder = http_builder(&limits);
     serve_connections(listener, shutdown, limits, |stream, peer, watcher| {
         let sidecar = sidecar.clone();
+        let peer = Peer::new(peer);
         // This connection's own way to the workload, driven below in its task.
         let (lane, lane_driver) = sidecar.forwarder.lane();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let (sidecar, lane) = (sidecar.clone(), lane.clone());
+            let (sidecar, lane, peer) = (sidecar.clone(), lane.clone(), peer.clone());
             async move {
-                Ok::<_, std::convert::Infallible>(sidecar.handle(req, peer, Some(&lane)).await)
+                Ok::<_, std::convert::Infallible>(sidecar.handle(req, &peer, Some(&lane)).await)
             }
         });
         let connection = builder
