@@ -60,15 +60,16 @@ pub struct Caller {
     iat: u64,
     exp: Option<u64>,
     /// The `X-Keygate-*` header values for it, made once with the caller (and cached with
-    /// it); an error if its id or scopes cannot be carried in a header.
-    identity: Result<Identity, ForwardError>,
+    /// it, shared with the cached callers of the same identity); an error if its id or
+    /// scopes cannot be carried in a header.
+    identity: Result<Arc<Identity>, ForwardError>,
 }
 
 impl Caller {
     /// `client_id` holding `scopes`, verified by `method`, with no fingerprint, `jti`, `iat`
     /// or expiry: the verification sets those it knows.
     fn new(client_id: Arc<str>, scopes: Arc<[String]>, method: Method) -> Self {
-        let identity = Identity::new(&client_id, &scopes.join(" "), method.as_str());
+        let identity = Identity::new(&client_id, &scopes.join(" "), method.as_str()).map(Arc::new);
         Self {
             client_id,
             scopes,
@@ -83,7 +84,7 @@ impl Caller {
 
     /// What the workload is told of the caller.
     pub fn identity(&self) -> Result<&Identity, ForwardError> {
-        self.identity.as_ref().map_err(|e| *e)
+        self.identity.as_deref().map_err(|e| *e)
     }
 
     /// The `jti` of the token presented, if it has one.
@@ -214,6 +215,10 @@ struct CacheInner {
     /// change does not cache what it found after it.
     generation: u64,
     callers: HashMap<CacheKey, Arc<Caller>>,
+    /// The identities of the cached callers, each once: the tokens of one client usually
+    /// carry the same one, and a cached caller then keeps a pointer instead of three header
+    /// values of its own.
+    identities: HashSet<Arc<Identity>>,
 }
 
 impl VerifiedCache {
@@ -222,16 +227,29 @@ impl VerifiedCache {
         (inner.callers.get(key).cloned(), inner.generation)
     }
 
-    fn remember(&self, generation: u64, key: CacheKey, caller: &Arc<Caller>) {
+    /// Caches `caller` under `key` unless clients changed since `generation`, sharing an
+    /// identity already cached; returns it ready to use either way.
+    fn remember(&self, generation: u64, key: CacheKey, mut caller: Caller) -> Arc<Caller> {
         let mut inner = self.inner.write().unwrap_or_else(|p| p.into_inner());
         if inner.generation != generation {
-            return;
+            return Arc::new(caller);
         }
         if inner.callers.len() >= MAX_CACHED {
             // Bounded memory beats perfect hit rates; the next requests refill it.
             inner.callers.clear();
+            inner.identities.clear();
         }
+        if let Ok(identity) = &mut caller.identity {
+            match inner.identities.get(&**identity) {
+                Some(shared) => *identity = shared.clone(),
+                None => {
+                    inner.identities.insert(identity.clone());
+                }
+            }
+        }
+        let caller = Arc::new(caller);
         inner.callers.insert(key, caller.clone());
+        caller
     }
 
     fn forget_clients(&self, ids: &HashSet<&str>) {
@@ -240,6 +258,10 @@ impl VerifiedCache {
         inner
             .callers
             .retain(|_, caller| !ids.contains(&*caller.client_id));
+        // Those no cached caller holds any more (a caller in flight may still hold one).
+        inner
+            .identities
+            .retain(|identity| Arc::strong_count(identity) > 1);
     }
 }
 
@@ -410,9 +432,8 @@ impl LoadedPolicy {
             _ => {
                 // Boxed: the verification's state (a JWKS fetch included) would otherwise be
                 // part of every request's future, and moved with it, cache hits included.
-                let caller = Arc::new(Box::pin(self.verify(credential, leeway, now)).await?);
-                self.cache.remember(generation, key, &caller);
-                (caller, false)
+                let caller = Box::pin(self.verify(credential, leeway, now)).await?;
+                (self.cache.remember(generation, key, caller), false)
             }
         };
         match self.withdrawn(&caller) {
@@ -689,6 +710,35 @@ mod tests {
     fn effective(token: &str, current: &[&str], matching: ScopeMatching) -> Vec<String> {
         let current: Vec<String> = current.iter().map(|s| (*s).to_owned()).collect();
         effective_scopes(token.split(' '), &current, matching)
+    }
+
+    #[test]
+    fn cached_callers_of_one_identity_share_it() {
+        let cache = VerifiedCache::default();
+        let scopes: Arc<[String]> = vec!["orders.read".to_owned()].into();
+        let caller = |scopes: &Arc<[String]>| {
+            Caller::new("kg_reporting".into(), scopes.clone(), Method::AccessToken)
+        };
+        let shared = |a: &Caller, b: &Caller| {
+            Arc::ptr_eq(
+                a.identity.as_ref().expect("identity"),
+                b.identity.as_ref().expect("identity"),
+            )
+        };
+        let first = cache.remember(0, CacheKey::of("token-1"), caller(&scopes));
+        let second = cache.remember(0, CacheKey::of("token-2"), caller(&scopes));
+        assert!(shared(&first, &second));
+        assert_eq!(first.identity(), second.identity());
+        // Other scopes are another identity.
+        let other: Arc<[String]> = vec!["orders.write".to_owned()].into();
+        let third = cache.remember(0, CacheKey::of("token-3"), caller(&other));
+        assert!(!shared(&first, &third));
+        // Forgetting the client forgets its identities with its callers.
+        drop((first, second, third));
+        cache.forget_clients(&HashSet::from(["kg_reporting"]));
+        let inner = cache.inner.read().expect("lock");
+        assert!(inner.callers.is_empty());
+        assert!(inner.identities.is_empty());
     }
 
     #[test]

@@ -186,7 +186,7 @@ impl UpgradeRequest {
 /// Verified caller identity, as the values of the `X-Keygate-*` headers written for it.
 /// Made once per verified credential (the sidecar keeps it with the cached caller), so that
 /// a forwarded request only clones the values.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Identity {
     client_id: HeaderValue,
     scopes: HeaderValue,
