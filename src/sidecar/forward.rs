@@ -766,8 +766,10 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: &Peer) {
     } else {
         // Both parts are visible ASCII, so this only fails if that invariant breaks; then
         // the peer alone is still better than a list we cannot vouch for.
-        let combined = format!("{}, {}", previous.join(", "), peer.addr.ip().to_canonical());
-        HeaderValue::from_str(&combined).unwrap_or_else(|_| client_ip.clone())
+        let mut combined = previous.join(", ").into_bytes();
+        combined.extend_from_slice(b", ");
+        combined.extend_from_slice(client_ip.as_bytes());
+        HeaderValue::from_bytes(&combined).unwrap_or_else(|_| client_ip.clone())
     };
     headers.insert(X_FORWARDED_FOR, value);
 }
