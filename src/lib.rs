@@ -12,6 +12,7 @@ pub mod controller;
 pub mod credentials;
 pub mod dev;
 pub mod grants;
+pub mod kubernetes;
 pub mod operator;
 pub mod policy;
 pub mod registry;

@@ -432,7 +432,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Dev(args) => run_dev(args).await?,
         Command::Token(args) => fetch_token(args).await?,
         Command::Check(args) => {
-            let client = kube::Client::try_default()
+            let client = keygate::kubernetes::client()
                 .await
                 .context("connecting to the Kubernetes API")?;
             keygate::check::run(client, &args).await?;
@@ -538,9 +538,7 @@ fn listener_limits(args: &OperatorArgs) -> keygate::operator::ListenerLimits {
 }
 
 async fn run_operator(args: OperatorArgs) -> anyhow::Result<()> {
-    let client = kube::Client::try_default()
-        .await
-        .context("no Kubernetes configuration (in-cluster service account or KUBECONFIG)")?;
+    let client = keygate::kubernetes::client().await?;
     let webhook = webhook_options(&args);
     let limits = listener_limits(&args);
     let token_tls = token_tls(&args);

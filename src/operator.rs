@@ -189,17 +189,6 @@ pub fn changed_clients(
         .collect()
 }
 
-/// ApiClients in `before` that `after` no longer has: deleted (or no longer watched).
-pub fn removed_clients<'a>(
-    before: &'a Snapshot,
-    after: &'a Snapshot,
-) -> impl Iterator<Item = &'a crate::registry::ObjectKey> {
-    before
-        .clients_by_key
-        .keys()
-        .filter(|key| !after.clients_by_key.contains_key(*key))
-}
-
 /// Runs the operator until `shutdown` resolves or a critical task fails, with the default
 /// [`ListenerLimits`].
 pub async fn run(
@@ -399,6 +388,11 @@ pub async fn run_with_limits(
 
     let ctx = {
         let mut m = metrics.write().unwrap_or_else(|p| p.into_inner());
+        controller::clients::ClientStatusMetrics {
+            clients: clients.iter().map(|c| c.store.clone()).collect(),
+            leading: leading.clone(),
+        }
+        .register(&mut m);
         Context::new(
             client.clone(),
             registry.clone(),
@@ -622,14 +616,12 @@ async fn run_controllers_when_leading(
     let client = ctx.client.clone();
     let secret_selector = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
 
-    // ApiClients are reconciled again when their resolved grants change in the registry; the
-    // metrics of deleted ones go with them.
+    // ApiClients are reconciled again when their resolved grants change in the registry.
     let (refs_tx, _) =
         tokio::sync::broadcast::channel::<ObjectRef<DeserializeGuard<ApiClient>>>(4096);
     {
         let refs_tx = refs_tx.clone();
         let mut snapshots = ctx.registry.subscribe();
-        let ctx = ctx.clone();
         tokio::spawn(async move {
             let mut before = snapshots.borrow_and_update().clone();
             while snapshots.changed().await.is_ok() {
@@ -637,9 +629,6 @@ async fn run_controllers_when_leading(
                 let after = snapshots.borrow_and_update().clone();
                 for r in changed_clients(&before, &after) {
                     let _ = refs_tx.send(r);
-                }
-                for key in removed_clients(&before, &after) {
-                    ctx.metrics.clients.forget(&key.namespace, &key.name);
                 }
                 before = after;
             }

@@ -24,7 +24,8 @@ async fn cluster() -> Option<Client> {
         );
         return None;
     }
-    let client = Client::try_default()
+    // The operator's own client (keygate::kubernetes), as `keygate operator` makes it.
+    let client = keygate::kubernetes::client()
         .await
         .expect("a client from KUBECONFIG");
     install_crds(&client).await;
@@ -723,7 +724,7 @@ async fn chart_scenario(client: Client, ns: String, python: String) {
     let service_account = service_account.expect("the chart's Deployment names its ServiceAccount");
     let mut config = kube::Config::infer().await.expect("kubeconfig");
     config.auth_info.impersonate = Some(format!("system:serviceaccount:{ns}:{service_account}"));
-    let operator_client = Client::try_from(config).expect("impersonating client");
+    let operator_client = keygate::kubernetes::from_config(config).expect("impersonating client");
     operator::scenario_lifecycle_as(client.clone(), operator_client.clone(), &ns).await;
     // The chart's RBAC lets the operator keep the token server's certificate and publish its
     // CA (self mode, the chart's default).

@@ -187,8 +187,6 @@ pub struct Metrics {
     pub duration: Family<ReconcileLabels, Histogram>,
     pub writes: Family<ReconcileLabels, Counter>,
     pub managed: Family<ReconcileLabels, Gauge>,
-    /// Readiness and next rotation of each ApiClient (`keygate_apiclient_*`).
-    pub clients: clients::ClientMetrics,
 }
 
 impl Metrics {
@@ -201,7 +199,6 @@ impl Metrics {
             }),
             writes: Family::default(),
             managed: Family::default(),
-            clients: clients::ClientMetrics::register(registry),
         };
         let r = registry.sub_registry_with_prefix("keygate_controller");
         r.register(

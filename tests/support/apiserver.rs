@@ -353,7 +353,7 @@ impl FakeApiServer {
     }
 
     pub fn client(&self) -> kube::Client {
-        kube::Client::try_from(self.config()).expect("client for the fake API server")
+        keygate::kubernetes::from_config(self.config()).expect("client for the fake API server")
     }
 
     /// Mutating requests (POST, PUT, PATCH, DELETE) received, including rejected ones.
