@@ -63,6 +63,16 @@ def exported_metrics() -> dict[str, str]:
                         out[base + suffix] = kind
                 else:
                     out[base] = kind
+        # Collectors that write their series at scrape time: `encode_descriptor("name", "help",
+        # unit, MetricType::Gauge)` under the prefix their sub-registry was made with.
+        for block in re.finditer(r'sub_registry_with_prefix\("(\w+)"\)\s*\.register_collector', text):
+            prefix = block.group(1)
+            descriptors = re.findall(r'encode_descriptor\(\s*"(\w+)",\s*"[^"]*",\s*\w+,\s*MetricType::(\w+)',
+                                     text)
+            assert descriptors, f"{path}: a collector under {prefix} with no descriptors"
+            for name, kind in descriptors:
+                assert kind == "Gauge", f"{path}: collector metric {name} is a {kind}"
+                out[f"{prefix}_{name}"] = kind
     return out
 
 
