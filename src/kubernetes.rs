@@ -27,7 +27,8 @@ pub enum Error {
     Config(#[from] kube::config::InferConfigError),
     #[error("Kubernetes client: {0}")]
     Client(#[from] kube::Error),
-    #[error("the kubeconfig names a proxy ({0}); keygate talks to the API server directly")]
+    /// Holds the proxy's host only: a proxy URL can carry a user and password.
+    #[error("the kubeconfig names a proxy (host {0}); keygate talks to the API server directly")]
     Proxy(String),
 }
 
@@ -39,7 +40,7 @@ pub async fn client() -> Result<Client, Error> {
 /// A client for `config` with kube's layers over a hyper client with [`MAX_READ_BUFFER`].
 pub fn from_config(config: Config) -> Result<Client, Error> {
     if let Some(proxy) = &config.proxy_url {
-        return Err(Error::Proxy(proxy.to_string()));
+        return Err(Error::Proxy(proxy.host().unwrap_or_default().to_owned()));
     }
     if rustls::crypto::CryptoProvider::get_default().is_none() {
         // Only fails when another thread installed one in between, which is as good.
@@ -67,4 +68,24 @@ pub fn from_config(config: Config) -> Result<Client, Error> {
         .map_err(tower::BoxError::from)
         .service(hyper);
     Ok(ClientBuilder::new(service, config.default_namespace).build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_proxy_is_refused_without_its_credentials() {
+        let mut config = Config::new("https://127.0.0.1:6443".parse().unwrap());
+        config.proxy_url = Some("http://user:hunter2@proxy.example:3128".parse().unwrap());
+        let Err(error) = from_config(config) else {
+            panic!("a client through a proxy");
+        };
+        let error = error.to_string();
+        assert!(error.contains("proxy.example"), "{error}");
+        assert!(
+            !error.contains("hunter2") && !error.contains("user"),
+            "{error}"
+        );
+    }
 }
