@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use crate::api::{ApiClient, M2MRole, ScopePolicy};
 use crate::connections::ConnectionLimits;
+use crate::controller::cached::CachedClient;
 use crate::controller::token_tls;
 use crate::controller::webhook_tls::{self, WebhookConfigurations};
 use crate::controller::{self, Context, MANAGED_BY, OperatorConfig, apis, error_policy};
@@ -175,7 +176,7 @@ fn changes<T: Send + Sync + 'static>(
 pub fn changed_clients(
     before: &Snapshot,
     after: &Snapshot,
-) -> Vec<ObjectRef<DeserializeGuard<ApiClient>>> {
+) -> Vec<ObjectRef<DeserializeGuard<CachedClient>>> {
     after
         .clients_by_key
         .iter()
@@ -618,7 +619,7 @@ async fn run_controllers_when_leading(
 
     // ApiClients are reconciled again when their resolved grants change in the registry.
     let (refs_tx, _) =
-        tokio::sync::broadcast::channel::<ObjectRef<DeserializeGuard<ApiClient>>>(4096);
+        tokio::sync::broadcast::channel::<ObjectRef<DeserializeGuard<CachedClient>>>(4096);
     {
         let refs_tx = refs_tx.clone();
         let mut snapshots = ctx.registry.subscribe();

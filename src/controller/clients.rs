@@ -23,6 +23,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::gauge::ConstGauge;
 
+use super::cached::{CachedClient, StatusSummary};
 use super::{
     CLIENT_LABEL, Context, Error, MANAGED_BY, MANAGER, REVOKE_ANNOTATION, ROTATE_ANNOTATION,
     ReconcileLabels, Result, timed,
@@ -50,7 +51,7 @@ const CONDITION_VALUES: [&str; 3] = ["True", "False", "Unknown"];
 /// it. Only the leader, which writes the status, exports them, so a sum over replicas counts
 /// each ApiClient once.
 pub struct ClientStatusMetrics {
-    pub clients: Vec<Store<DeserializeGuard<ApiClient>>>,
+    pub clients: Vec<Store<DeserializeGuard<CachedClient>>>,
     pub leading: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -76,14 +77,14 @@ impl Collector for ClientStatusMetrics {
             return Ok(());
         }
         let cached: Vec<_> = self.clients.iter().flat_map(Store::state).collect();
-        let mut clients: Vec<(&str, &str, Option<&ApiClientStatus>)> = cached
+        let mut clients: Vec<(&str, &str, &StatusSummary)> = cached
             .iter()
             .filter_map(|guarded| {
                 let client = guarded.0.as_ref().ok()?;
                 Some((
                     client.metadata.namespace.as_deref().unwrap_or_default(),
                     client.metadata.name.as_deref().unwrap_or_default(),
-                    client.status.as_ref(),
+                    &client.status,
                 ))
             })
             .collect();
@@ -96,9 +97,7 @@ impl Collector for ClientStatusMetrics {
             MetricType::Gauge,
         )?;
         for &(namespace, name, status) in &clients {
-            let value = status
-                .and_then(|s| s.conditions.iter().find(|c| c.type_ == crate::api::READY))
-                .map_or("Unknown", |c| c.status.as_str());
+            let value = status.ready.unwrap_or("Unknown");
             for condition in CONDITION_VALUES {
                 let labels = [
                     ("namespace", namespace),
@@ -117,10 +116,9 @@ impl Collector for ClientStatusMetrics {
             MetricType::Gauge,
         )?;
         for &(namespace, name, status) in &clients {
-            if let Some(time) = status.and_then(|s| s.next_rotation_time.as_ref()) {
+            if let Some(time) = status.next_rotation {
                 let labels = [("namespace", namespace), ("name", name)];
-                ConstGauge::new(time.0.as_second())
-                    .encode(next_rotation.encode_family(&labels)?)?;
+                ConstGauge::new(time).encode(next_rotation.encode_family(&labels)?)?;
             }
         }
         Ok(())
@@ -128,7 +126,7 @@ impl Collector for ClientStatusMetrics {
 }
 
 /// The Secret name of an ApiClient.
-pub fn secret_name(client: &ApiClient) -> String {
+pub fn secret_name(client: &CachedClient) -> String {
     client
         .spec
         .secret_name
@@ -242,7 +240,7 @@ fn time(unix: u64) -> Option<Time> {
 
 /// Reconciles one ApiClient.
 pub async fn reconcile(
-    object: Arc<DeserializeGuard<ApiClient>>,
+    object: Arc<DeserializeGuard<CachedClient>>,
     ctx: Arc<Context>,
 ) -> Result<Action> {
     let client = match &object.0 {
@@ -266,7 +264,7 @@ pub async fn reconcile(
 }
 
 #[tracing::instrument(skip(client, ctx), fields(ns = %client.namespace().unwrap_or_default(), name = %client.name_any()))]
-async fn reconcile_client(client: &ApiClient, ctx: &Context) -> Result<Action> {
+async fn reconcile_client(client: &CachedClient, ctx: &Context) -> Result<Action> {
     let namespace = client
         .namespace()
         .ok_or_else(|| Error::Invalid("ApiClient without namespace".into()))?;
@@ -287,12 +285,18 @@ async fn reconcile_client(client: &ApiClient, ctx: &Context) -> Result<Action> {
         );
         ctx.publish(&reference, EventType::Warning, "SecretConflict", &message)
             .await;
-        write_status(
-            ctx,
+        // The status keeps the client id and Secret it names (the cache does not hold them).
+        let stored = stored_status(ctx, client).await?;
+        let status = status_with(
             client,
-            status_with(client, ctx, None, false, "SecretConflict", &message),
-        )
-        .await?;
+            ctx,
+            stored.as_ref(),
+            None,
+            false,
+            "SecretConflict",
+            &message,
+        );
+        write_status(ctx, client, status).await?;
         return Ok(Action::await_change());
     }
 
@@ -358,12 +362,7 @@ async fn reconcile_client(client: &ApiClient, ctx: &Context) -> Result<Action> {
         let params = PatchParams::apply(MANAGER).force();
         timed(secrets.patch(&name, &params, &Patch::Apply(&desired))).await?;
         ctx.wrote("apiclient");
-        let had_credentials = client
-            .status
-            .as_ref()
-            .and_then(|s| s.client_id.as_ref())
-            .is_some();
-        match (&existing, had_credentials) {
+        match (&existing, client.status.has_client_id) {
             (None, true) => {
                 ctx.publish(&reference, EventType::Warning, "CredentialsRegenerated",
                     &format!("Secret {name} was missing; new credentials were generated (the client id is unchanged)")).await;
@@ -395,7 +394,8 @@ async fn reconcile_client(client: &ApiClient, ctx: &Context) -> Result<Action> {
         .await;
     }
 
-    let mut status = status_with(client, ctx, Some((&client_id, &name, &plan)), true, "", "");
+    let credentials = Some((client_id.as_str(), name.as_str(), &plan));
+    let mut status = status_with(client, ctx, None, credentials, true, "", "");
     let missing_role = status
         .ineffective_grants
         .iter()
@@ -405,7 +405,8 @@ async fn reconcile_client(client: &ApiClient, ctx: &Context) -> Result<Action> {
         status = status_with(
             client,
             ctx,
-            Some((&client_id, &name, &plan)),
+            None,
+            credentials,
             false,
             "RoleNotFound",
             reason,
@@ -425,10 +426,12 @@ async fn reconcile_client(client: &ApiClient, ctx: &Context) -> Result<Action> {
     })
 }
 
-/// The status for `client`, with grants resolved from the registry snapshot.
+/// The status for `client`, with grants resolved from the registry snapshot; what
+/// `credentials` do not say comes from `previous` (the stored status).
 fn status_with(
-    client: &ApiClient,
+    client: &CachedClient,
     ctx: &Context,
+    previous: Option<&ApiClientStatus>,
     credentials: Option<(&str, &str, &SecretPlan)>,
     ready: bool,
     reason: &str,
@@ -437,7 +440,7 @@ fn status_with(
     let snapshot = ctx.registry.snapshot();
     let namespace = client.namespace().unwrap_or_default();
     let (grants, ineffective) = snapshot.resolve(&namespace, &client.spec.roles);
-    let previous = client.status.clone().unwrap_or_default();
+    let previous = previous.cloned().unwrap_or_default();
     let (reason, message) = if ready {
         let note = if ineffective.is_empty() {
             String::new()
@@ -487,28 +490,37 @@ fn status_with(
     }
 }
 
+/// The status stored in the API server (the cache keeps only its digest).
+async fn stored_status(ctx: &Context, client: &CachedClient) -> Result<Option<ApiClientStatus>> {
+    let api: Api<ApiClient> =
+        Api::namespaced(ctx.client.clone(), &client.namespace().unwrap_or_default());
+    Ok(timed(api.get_opt(&client.name_any()))
+        .await?
+        .and_then(|c| c.status))
+}
+
 /// Writes `status` when it differs from the stored one.
 async fn write_status(
     ctx: &Context,
-    client: &ApiClient,
+    client: &CachedClient,
     mut status: ApiClientStatus,
 ) -> Result<()> {
-    if client.status.as_ref() == Some(&status) {
+    // Equal to the cached status but for transition times, which are carried over: nothing
+    // to write.
+    if client.status.matches(&status) {
         return Ok(());
     }
-    let api: Api<ApiClient> =
-        Api::namespaced(ctx.client.clone(), &client.namespace().unwrap_or_default());
     // The cached object may predate our last status write: compare with the stored status,
     // so a stale cache never rewrites an equal status with a new transition time.
-    let stored = timed(api.get_opt(&client.name_any()))
-        .await?
-        .and_then(|c| c.status);
+    let stored = stored_status(ctx, client).await?;
     if let Some(stored) = &stored {
         crate::api::keep_transition_times(&mut status.conditions, &stored.conditions);
     }
     if stored.as_ref() == Some(&status) {
         return Ok(());
     }
+    let api: Api<ApiClient> =
+        Api::namespaced(ctx.client.clone(), &client.namespace().unwrap_or_default());
     let patch = serde_json::json!({
         "apiVersion": "keygate.dev/v1alpha1",
         "kind": "ApiClient",
@@ -629,7 +641,8 @@ mod tests {
     #[test]
     fn client_metrics_follow_the_cached_status_and_go_with_the_client() {
         use kube::runtime::watcher::Event;
-        let (store, mut writer) = kube::runtime::reflector::store::<DeserializeGuard<ApiClient>>();
+        let (store, mut writer) =
+            kube::runtime::reflector::store::<DeserializeGuard<CachedClient>>();
         let (leading_tx, leading) = tokio::sync::watch::channel(false);
         let mut registry = prometheus_client::registry::Registry::default();
         ClientStatusMetrics {
@@ -658,8 +671,8 @@ mod tests {
         });
         let mut unready = ApiClient::new("b", mk_spec(None));
         unready.metadata.namespace = Some("shop".into());
-        writer.apply_watcher_event(&Event::Apply(DeserializeGuard(Ok(client.clone()))));
-        writer.apply_watcher_event(&Event::Apply(DeserializeGuard(Ok(unready))));
+        writer.apply_watcher_event(&Event::Apply(DeserializeGuard(Ok(client.clone().into()))));
+        writer.apply_watcher_event(&Event::Apply(DeserializeGuard(Ok(unready.into()))));
 
         // A follower does not write the status, so it does not export it either.
         assert!(!text(&registry).contains("name=\"a\""));
@@ -686,9 +699,9 @@ mod tests {
         );
 
         client.status.as_mut().unwrap().next_rotation_time = None;
-        writer.apply_watcher_event(&Event::Apply(DeserializeGuard(Ok(client.clone()))));
+        writer.apply_watcher_event(&Event::Apply(DeserializeGuard(Ok(client.clone().into()))));
         assert!(!text(&registry).contains("keygate_apiclient_next_rotation_timestamp_seconds{"));
-        writer.apply_watcher_event(&Event::Delete(DeserializeGuard(Ok(client))));
+        writer.apply_watcher_event(&Event::Delete(DeserializeGuard(Ok(client.into()))));
         assert!(!text(&registry).contains("name=\"a\""));
         assert!(text(&registry).contains("name=\"b\""));
     }

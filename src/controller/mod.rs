@@ -14,6 +14,7 @@
 //! reconcilers read the registry snapshot and the existing child, and write only when the
 //! desired object differs, with server-side apply under one field manager.
 
+pub mod cached;
 pub mod certs;
 pub mod clients;
 pub mod leader;

@@ -16,8 +16,9 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::broadcast;
 
+use super::cached::CachedClient;
 use super::{CLIENT_LABEL, MANAGED_BY, OperatorConfig, Watched, apis};
-use crate::api::{ApiClient, M2MRole, ScopePolicy};
+use crate::api::{M2MRole, ScopePolicy};
 use crate::registry::{
     ClientInput, Credentials, Inputs, ObjectKey, PolicyInput, Registry, read_credentials,
 };
@@ -47,18 +48,21 @@ enum Change<K> {
 }
 
 /// The ApiClients of one watched API, cached by the registry's watch for the ApiClient
-/// controller: the operator keeps one copy of each ApiClient, not one per reader.
+/// controller: the operator keeps one copy of each ApiClient, not one per reader, and only
+/// what it reads of it ([`CachedClient`]), with the spec shared with the registry's inputs.
 #[derive(Clone)]
 pub struct ClientCache {
-    pub store: Store<DeserializeGuard<ApiClient>>,
+    pub store: Store<DeserializeGuard<CachedClient>>,
     /// Each ApiClient applied to the store; `None`: all of them (after a relist).
-    changes: broadcast::Sender<Option<Arc<DeserializeGuard<ApiClient>>>>,
+    changes: broadcast::Sender<Option<Arc<DeserializeGuard<CachedClient>>>>,
 }
 
 impl ClientCache {
     /// Every cached ApiClient, then each one applied from now on (all of them again after a
     /// relist, or when the receiver fell behind): what the controller reconciles.
-    pub fn triggers(&self) -> impl Stream<Item = Arc<DeserializeGuard<ApiClient>>> + Send + use<> {
+    pub fn triggers(
+        &self,
+    ) -> impl Stream<Item = Arc<DeserializeGuard<CachedClient>>> + Send + use<> {
         // Subscribe first: an ApiClient applied in between comes twice, never not at all.
         let changes = self.changes.subscribe();
         let cached = self.store.state();
@@ -81,7 +85,7 @@ impl ClientCache {
 
     /// Tells the subscribed controller (if any, on the leader) about a watch event the
     /// store has applied.
-    fn announce(&self, event: &watcher::Event<DeserializeGuard<ApiClient>>) {
+    fn announce(&self, event: &watcher::Event<DeserializeGuard<CachedClient>>) {
         let change = match event {
             watcher::Event::Apply(client) => match self.store.get(&ObjectRef::from_obj(client)) {
                 Some(cached) => Some(cached),
@@ -242,7 +246,7 @@ pub fn spawn_feeds(client: &Client, config: &OperatorConfig, registry: &Arc<Regi
         done,
     });
     let mut clients = Vec::new();
-    for (api, ns) in namespaced_apis::<DeserializeGuard<ApiClient>>(client, config) {
+    for (api, ns) in namespaced_apis::<DeserializeGuard<CachedClient>>(client, config) {
         let (store, writer) = reflector::store();
         let cache = ClientCache {
             store,
@@ -266,8 +270,8 @@ pub fn spawn_feeds(client: &Client, config: &OperatorConfig, registry: &Arc<Regi
                     &mut inputs.clients,
                     ns.as_deref(),
                     change,
-                    |c: &ApiClient| ClientInput {
-                        spec: c.spec.clone().into(),
+                    |c: &CachedClient| ClientInput {
+                        spec: c.spec.clone(),
                         credentials: None,
                     },
                     "ApiClient",

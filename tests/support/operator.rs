@@ -333,7 +333,8 @@ pub async fn policy_document(client: &Client, ns: &str) -> Option<serde_json::Va
 }
 
 /// create → Secret and status, policy ConfigMap with the client; restart → the Secret is
-/// byte-for-byte unchanged; delete the Secret → regenerated with an Event.
+/// byte-for-byte unchanged; delete the Secret → regenerated with an Event; another ApiClient
+/// naming the Secret → refused (`SecretConflict`), the Secret untouched.
 pub async fn scenario_lifecycle(client: Client, ns: &str) {
     scenario_lifecycle_as(client.clone(), client, ns).await;
 }
@@ -456,6 +457,38 @@ pub async fn scenario_lifecycle_as(client: Client, operator_client: Client, ns: 
         (events_with_reason(&client, ns, "CredentialsRegenerated").await > 0).then_some(())
     })
     .await;
+
+    // Another ApiClient pointed at this Secret: refused, the Secret untouched, and its status
+    // keeps the client id and Secret it had.
+    apply_client(&client, ns, "squatter", json!({"roles": ["reader"]})).await;
+    let own = ready_secret(&client, ns, "squatter").await;
+    let squatter_id = secret_data(&own)["client_id"].clone();
+    let before = secrets.get("reporting-credentials").await.expect("secret");
+    apply_client(
+        &client,
+        ns,
+        "squatter",
+        json!({"roles": ["reader"], "secretName": "reporting-credentials"}),
+    )
+    .await;
+    let status = eventually("squatter refused with SecretConflict", WAIT, || async {
+        let status = clients.get_opt("squatter").await.ok()??.status?;
+        let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
+        (ready.status == "False" && ready.reason == "SecretConflict").then_some(status)
+    })
+    .await;
+    assert_eq!(status.client_id.as_deref(), Some(squatter_id.as_str()));
+    assert_eq!(
+        status.secret_name.as_deref(),
+        Some("squatter-credentials"),
+        "the status names the Secret the credentials are in"
+    );
+    assert!(events_with_reason(&client, ns, "SecretConflict").await > 0);
+    let after = secrets.get("reporting-credentials").await.expect("secret");
+    assert_eq!(
+        after.metadata.resource_version, before.metadata.resource_version,
+        "a conflicting ApiClient wrote another's Secret"
+    );
     operator.kill();
 }
 
