@@ -26,7 +26,8 @@ const OWN_ANNOTATIONS: &str = "keygate.dev/";
 #[derive(Clone, Debug, Deserialize)]
 #[serde(from = "ApiClient")]
 pub struct CachedClient {
-    /// Name, namespace, uid, resource version, generation and keygate's annotations.
+    /// Name, namespace, uid, resource version (a watch resumes from the last object's),
+    /// generation and keygate's annotations.
     pub metadata: ObjectMeta,
     pub spec: Arc<ApiClientSpec>,
     pub status: StatusSummary,
