@@ -15,6 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::Resource;
 use serde::Deserialize;
 
+use super::clients::CONDITION_VALUES;
 use crate::api::{ApiClient, ApiClientSpec, ApiClientStatus, READY};
 
 /// The prefix of the ApiClient annotations keygate reads (`keygate.dev/rotate`,
@@ -58,7 +59,7 @@ impl StatusSummary {
             .iter()
             .find(|c| c.type_ == READY)
             .and_then(|c| {
-                ["True", "False", "Unknown"]
+                CONDITION_VALUES
                     .into_iter()
                     .find(|value| *value == c.status)
             });

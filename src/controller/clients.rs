@@ -43,7 +43,7 @@ pub const REVOKED_FOR: &str = "keygate.dev/revoked-for";
 
 /// The values of a condition's status, one series each (as cert-manager's
 /// `certmanager_certificate_ready_status`).
-const CONDITION_VALUES: [&str; 3] = ["True", "False", "Unknown"];
+pub(super) const CONDITION_VALUES: [&str; 3] = ["True", "False", "Unknown"];
 
 /// The per-ApiClient series (`keygate_apiclient_*`), read from the cached ApiClients'
 /// status at each scrape, as kube-state-metrics does: nothing is kept per ApiClient (kept
@@ -296,7 +296,7 @@ async fn reconcile_client(client: &CachedClient, ctx: &Context) -> Result<Action
             "SecretConflict",
             &message,
         );
-        write_status(ctx, client, status).await?;
+        write_status_over(ctx, client, status, stored).await?;
         return Ok(Action::await_change());
     }
 
@@ -490,21 +490,20 @@ fn status_with(
     }
 }
 
+/// The API of `client`'s namespace, to read and write its status.
+fn api_of(ctx: &Context, client: &CachedClient) -> Api<ApiClient> {
+    Api::namespaced(ctx.client.clone(), &client.namespace().unwrap_or_default())
+}
+
 /// The status stored in the API server (the cache keeps only its digest).
 async fn stored_status(ctx: &Context, client: &CachedClient) -> Result<Option<ApiClientStatus>> {
-    let api: Api<ApiClient> =
-        Api::namespaced(ctx.client.clone(), &client.namespace().unwrap_or_default());
-    Ok(timed(api.get_opt(&client.name_any()))
+    Ok(timed(api_of(ctx, client).get_opt(&client.name_any()))
         .await?
         .and_then(|c| c.status))
 }
 
 /// Writes `status` when it differs from the stored one.
-async fn write_status(
-    ctx: &Context,
-    client: &CachedClient,
-    mut status: ApiClientStatus,
-) -> Result<()> {
+async fn write_status(ctx: &Context, client: &CachedClient, status: ApiClientStatus) -> Result<()> {
     // Equal to the cached status but for transition times, which are carried over: nothing
     // to write.
     if client.status.matches(&status) {
@@ -513,20 +512,29 @@ async fn write_status(
     // The cached object may predate our last status write: compare with the stored status,
     // so a stale cache never rewrites an equal status with a new transition time.
     let stored = stored_status(ctx, client).await?;
+    write_status_over(ctx, client, status, stored).await
+}
+
+/// Writes `status` when it differs from `stored`, the status just read from the API server,
+/// keeping the transition times of conditions whose status is unchanged.
+async fn write_status_over(
+    ctx: &Context,
+    client: &CachedClient,
+    mut status: ApiClientStatus,
+    stored: Option<ApiClientStatus>,
+) -> Result<()> {
     if let Some(stored) = &stored {
         crate::api::keep_transition_times(&mut status.conditions, &stored.conditions);
     }
     if stored.as_ref() == Some(&status) {
         return Ok(());
     }
-    let api: Api<ApiClient> =
-        Api::namespaced(ctx.client.clone(), &client.namespace().unwrap_or_default());
     let patch = serde_json::json!({
         "apiVersion": "keygate.dev/v1alpha1",
         "kind": "ApiClient",
         "status": status,
     });
-    timed(api.patch_status(
+    timed(api_of(ctx, client).patch_status(
         &client.name_any(),
         &PatchParams::apply(MANAGER).force(),
         &Patch::Apply(&patch),
