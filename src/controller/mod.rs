@@ -305,6 +305,9 @@ pub struct Context {
     pub token_ca: channel::Receiver<Option<String>>,
     pub config: OperatorConfig,
     pub metrics: Metrics,
+    /// The policy ConfigMaps this replica wrote or found up to date (see
+    /// [`policies::PublishedPolicies`]).
+    pub published_policies: policies::PublishedPolicies,
 }
 
 impl Context {
@@ -332,6 +335,7 @@ impl Context {
             token_ca,
             config,
             metrics: Metrics::register(metrics),
+            published_policies: policies::PublishedPolicies::default(),
         })
     }
 

@@ -403,6 +403,27 @@ pub async fn scenario_lifecycle_as(client: Client, operator_client: Client, ns: 
         "no secret in the policy"
     );
 
+    // The policy ConfigMap edited by someone else (a weaker policy for the sidecars' next
+    // start): the operator notices the change and writes its policy back.
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    config_maps
+        .patch(
+            "orders-keygate-policy",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"policy.json": "{}"}})),
+        )
+        .await
+        .expect("edit the policy ConfigMap");
+    let restored = eventually("the policy ConfigMap restored", WAIT, || async {
+        let doc = policy_document(&client, ns).await?;
+        (doc["clients"].as_array()?.len() == 1).then_some(doc)
+    })
+    .await;
+    assert_eq!(
+        restored["clients"], document["clients"],
+        "the policy written back"
+    );
+
     // Capture mode network-policy: the ScopePolicy's NetworkPolicy admits only the
     // sidecar's named ports on Pods the webhook labelled for it, and the ScopePolicy owns it.
     let network_policies: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
