@@ -218,6 +218,23 @@ fn apply_guarded<K, V>(
     }
 }
 
+/// Gives an ApiClient the spec of its cached copy when the spec did not change (most
+/// updates are status writes), so the cache, the registry's inputs and the snapshot's view
+/// share one spec per ApiClient instead of keeping one per version seen.
+fn share_spec(
+    store: &Store<DeserializeGuard<CachedClient>>,
+    client: &mut DeserializeGuard<CachedClient>,
+) {
+    let Some(cached) = store.get(&ObjectRef::from_obj(client)) else {
+        return;
+    };
+    if let (Ok(cached), Ok(client)) = (&cached.0, &mut client.0)
+        && cached.spec == client.spec
+    {
+        client.spec = cached.spec.clone();
+    }
+}
+
 /// The credentials of a keygate Secret, keyed by its ApiClient.
 fn secret_entry(secret: &Secret) -> Option<(ObjectKey, Credentials)> {
     let client = secret.labels().get(CLIENT_LABEL)?;
@@ -253,7 +270,9 @@ pub fn spawn_feeds(client: &Client, config: &OperatorConfig, registry: &Arc<Regi
             changes: broadcast::channel(CLIENT_CHANGES).0,
         };
         clients.push(cache.clone());
+        let store = cache.store.clone();
         let events = watch(api, watcher::Config::default())
+            .modify(move |client| share_spec(&store, client))
             .reflect(writer)
             .inspect(move |event| {
                 if let Ok(event) = event {
@@ -385,5 +404,43 @@ where
         apis.into_iter()
             .zip(config.watch_namespaces.iter().cloned().map(Some))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ApiClient, ApiClientSpec};
+
+    fn guarded(spec: ApiClientSpec, resource_version: &str) -> DeserializeGuard<CachedClient> {
+        let mut client = ApiClient::new("billing", spec);
+        client.metadata.namespace = Some("shop".into());
+        client.metadata.resource_version = Some(resource_version.into());
+        DeserializeGuard(Ok(CachedClient::from(client)))
+    }
+
+    fn spec_of(client: &DeserializeGuard<CachedClient>) -> &Arc<ApiClientSpec> {
+        &client.0.as_ref().expect("valid").spec
+    }
+
+    #[test]
+    fn an_update_that_keeps_the_spec_shares_the_cached_one() {
+        let (store, mut writer) = reflector::store();
+        let first = guarded(ApiClientSpec::default(), "1");
+        writer.apply_watcher_event(&watcher::Event::Apply(first));
+        let cached = store.state().pop().expect("cached");
+
+        let mut status_update = guarded(ApiClientSpec::default(), "2");
+        share_spec(&store, &mut status_update);
+        assert!(Arc::ptr_eq(spec_of(&status_update), spec_of(&cached)));
+
+        let changed = ApiClientSpec {
+            disabled: true,
+            ..ApiClientSpec::default()
+        };
+        let mut spec_update = guarded(changed.clone(), "3");
+        share_spec(&store, &mut spec_update);
+        assert_eq!(**spec_of(&spec_update), changed);
+        assert!(!Arc::ptr_eq(spec_of(&spec_update), spec_of(&cached)));
     }
 }
