@@ -165,7 +165,7 @@ struct OperatorArgs {
     #[arg(long, env = "KEYGATE_SIGNING_KEY_ROTATION", default_value = "720h", value_parser = keygate::connections::positive_duration)]
     signing_key_rotation: Duration,
     /// Reconciles of one kind that may run at once (each holds an API connection).
-    #[arg(long, env = "KEYGATE_CONCURRENCY", default_value_t = 16)]
+    #[arg(long, env = "KEYGATE_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
     concurrency: u16,
     /// Address of the HTTPS admission webhook.
     #[arg(long, env = "KEYGATE_WEBHOOK_LISTEN", default_value = "0.0.0.0:9443")]

@@ -8,17 +8,18 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::ListParams;
+use kube::api::{ListParams, PartialObjectMeta};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Controller;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
 
 use crate::api::{ApiClient, M2MRole, ScopePolicy};
 use crate::connections::ConnectionLimits;
 use crate::controller::cached::CachedClient;
+use crate::controller::pacing::{Pacer, Trigger};
 use crate::controller::token_tls;
 use crate::controller::webhook_tls::{self, WebhookConfigurations};
 use crate::controller::{self, Context, MANAGED_BY, OperatorConfig, apis, error_policy};
@@ -187,6 +188,21 @@ pub fn changed_clients(
             })
         })
         .map(|(key, _)| ObjectRef::new(&key.name).within(&key.namespace))
+        .collect()
+}
+
+/// How many rounds of `--concurrency` reconciles the ApiClient controller is fed ahead.
+const PACE_ROUNDS: usize = 8;
+
+/// A trigger for each ApiClient owning `secret`.
+fn secret_owners(
+    secret: &PartialObjectMeta<Secret>,
+) -> Vec<Trigger<DeserializeGuard<CachedClient>>> {
+    secret
+        .owner_references()
+        .iter()
+        .filter_map(|owner| ObjectRef::from_owner_ref(secret.namespace().as_deref(), owner, ()))
+        .map(Trigger::One)
         .collect()
 }
 
@@ -637,33 +653,73 @@ async fn run_controllers_when_leading(
     }
     let mut tasks = Vec::new();
     for cache in clients {
+        // A registry change that fell behind stands for every ApiClient.
         let refs = futures::stream::unfold(refs_tx.subscribe(), |mut rx| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(r) => return Some((r, rx)),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
-                }
-            }
+            let trigger = match rx.recv().await {
+                Ok(r) => Trigger::One(r),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Trigger::All,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            };
+            Some((trigger, rx))
         });
-        let secrets: Vec<Api<Secret>> = apis::<Secret>(&client, &config);
-        let mut controller = Controller::for_shared_stream(cache.triggers(), cache.store)
+        // The owners of each Secret keygate manages that changes or goes; after a relist of
+        // the Secrets, every ApiClient (the first list is covered by the first replay).
+        let secrets = apis::<PartialObjectMeta<Secret>>(&client, &config);
+        let owners = futures::stream::select_all(secrets.into_iter().map(|secrets| {
+            let mut listed = false;
+            watcher(secrets, watcher::Config::default().labels(&secret_selector))
+                .default_backoff()
+                .filter_map(move |event| {
+                    let triggers = match event {
+                        Ok(watcher::Event::Apply(secret) | watcher::Event::Delete(secret)) => {
+                            secret_owners(&secret)
+                        }
+                        Ok(watcher::Event::InitDone) if std::mem::replace(&mut listed, true) => {
+                            vec![Trigger::All]
+                        }
+                        Ok(_) => Vec::new(),
+                        Err(error) => {
+                            tracing::warn!(%error, "Secret watch failed; retrying with backoff");
+                            Vec::new()
+                        }
+                    };
+                    std::future::ready(Some(futures::stream::iter(triggers)))
+                })
+                .flatten()
+                .boxed()
+        }));
+        let resync = futures::stream::unfold((), |()| async {
+            tokio::time::sleep(controller::clients::RESYNC).await;
+            Some((Trigger::All, ()))
+        });
+        let triggers = futures::stream::select(
+            futures::stream::select(cache.triggers(), resync),
+            futures::stream::select(refs, owners),
+        );
+        let pacer = Pacer::new(usize::from(config.concurrency) * PACE_ROUNDS);
+        let paced = pacer.clone().pace(triggers, cache.store.clone());
+        let controller = Controller::for_shared_stream(futures::stream::pending(), cache.store)
             .with_config(controller_config(config.concurrency))
-            .reconcile_on(refs)
+            .reconcile_on(paced)
             .graceful_shutdown_on(stop.clone());
-        for secrets in secrets {
-            controller =
-                controller.owns(secrets, watcher::Config::default().labels(&secret_selector));
-        }
         let ctx = ctx.clone();
         tasks.push(tokio::spawn(
             controller
                 .run(
-                    controller::clients::reconcile,
+                    {
+                        let pacer = pacer.clone();
+                        move |client, ctx| {
+                            pacer.started(&controller::pacing::object_ref(&*client));
+                            controller::clients::reconcile(client, ctx)
+                        }
+                    },
                     |_, e, c| error_policy("apiclient", e, &c),
                     ctx,
                 )
-                .for_each(|_| async {}),
+                .for_each(move |result| {
+                    pacer.settled(&result);
+                    async {}
+                }),
         ));
     }
     for api in apis::<DeserializeGuard<ScopePolicy>>(&client, &config) {

@@ -239,6 +239,10 @@ fn time(unix: u64) -> Option<Time> {
 }
 
 /// Reconciles one ApiClient.
+/// How often every ApiClient is reconciled again, whatever triggered it (one replay of the
+/// cache, paced: see [`super::pacing`]).
+pub const RESYNC: Duration = Duration::from_secs(3600);
+
 pub async fn reconcile(
     object: Arc<DeserializeGuard<CachedClient>>,
     ctx: Arc<Context>,
@@ -420,9 +424,10 @@ async fn reconcile_client(client: &CachedClient, ctx: &Context) -> Result<Action
         })
         .set(ctx.registry.snapshot().clients_by_key.len() as i64);
 
-    Ok(match plan.wake_at {
-        Some(at) => Action::requeue(Duration::from_secs(at.saturating_sub(now).clamp(1, 3600))),
-        None => Action::requeue(Duration::from_secs(3600)),
+    // A rotation or the end of an overlap later than the next resync is scheduled then.
+    Ok(match plan.wake_at.map(|at| at.saturating_sub(now)) {
+        Some(wait) if wait < RESYNC.as_secs() => Action::requeue(Duration::from_secs(wait.max(1))),
+        _ => Action::await_change(),
     })
 }
 

@@ -18,6 +18,7 @@ pub mod cached;
 pub mod certs;
 pub mod clients;
 pub mod leader;
+pub mod pacing;
 pub mod policies;
 pub mod policy_stream;
 pub mod revocations;

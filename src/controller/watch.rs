@@ -17,6 +17,7 @@ use kube::{Api, Client, ResourceExt};
 use tokio::sync::broadcast;
 
 use super::cached::CachedClient;
+use super::pacing::{Trigger, object_ref};
 use super::{CLIENT_LABEL, MANAGED_BY, OperatorConfig, Watched, apis};
 use crate::api::{M2MRole, ScopePolicy};
 use crate::registry::{
@@ -54,7 +55,7 @@ enum Change<K> {
 pub struct ClientCache {
     pub store: Store<DeserializeGuard<CachedClient>>,
     /// Each ApiClient applied to the store; `None`: all of them (after a relist).
-    changes: broadcast::Sender<Option<Arc<DeserializeGuard<CachedClient>>>>,
+    changes: broadcast::Sender<Option<ObjectRef<DeserializeGuard<CachedClient>>>>,
 }
 
 impl ClientCache {
@@ -62,35 +63,25 @@ impl ClientCache {
     /// relist, or when the receiver fell behind): what the controller reconciles.
     pub fn triggers(
         &self,
-    ) -> impl Stream<Item = Arc<DeserializeGuard<CachedClient>>> + Send + use<> {
+    ) -> impl Stream<Item = Trigger<DeserializeGuard<CachedClient>>> + Send + use<> {
         // Subscribe first: an ApiClient applied in between comes twice, never not at all.
         let changes = self.changes.subscribe();
-        let cached = self.store.state();
-        let store = self.store.clone();
-        let updates = futures::stream::unfold(changes, move |mut changes| {
-            let store = store.clone();
-            async move {
-                let batch = match changes.recv().await {
-                    Ok(Some(client)) => vec![client],
-                    Ok(None) | Err(broadcast::error::RecvError::Lagged(_)) => store.state(),
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                };
-                Some((batch, changes))
-            }
+        let updates = futures::stream::unfold(changes, |mut changes| async move {
+            let trigger = match changes.recv().await {
+                Ok(Some(client)) => Trigger::One(client),
+                Ok(None) | Err(broadcast::error::RecvError::Lagged(_)) => Trigger::All,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            };
+            Some((trigger, changes))
         });
-        futures::stream::once(std::future::ready(cached))
-            .chain(updates)
-            .flat_map(futures::stream::iter)
+        futures::stream::once(std::future::ready(Trigger::All)).chain(updates)
     }
 
     /// Tells the subscribed controller (if any, on the leader) about a watch event the
     /// store has applied.
     fn announce(&self, event: &watcher::Event<DeserializeGuard<CachedClient>>) {
         let change = match event {
-            watcher::Event::Apply(client) => match self.store.get(&ObjectRef::from_obj(client)) {
-                Some(cached) => Some(cached),
-                None => return,
-            },
+            watcher::Event::Apply(client) => Some(object_ref(client)),
             watcher::Event::InitDone => None,
             _ => return,
         };
