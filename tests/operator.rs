@@ -176,6 +176,10 @@ async fn replicas_starting_together_share_one_token_server_ca() {
     for port in ports {
         let url = format!("https://127.0.0.1:{port}/.well-known/jwks.json");
         operator::eventually(&format!("{url} over HTTPS"), operator::WAIT, || async {
+            let stopped = replicas
+                .iter()
+                .position(tokio::task::JoinHandle::is_finished);
+            assert!(stopped.is_none(), "replica {stopped:?} stopped");
             let response = https.get(&url).send().await.ok()?;
             (response.status() == 200).then_some(())
         })
