@@ -11,6 +11,7 @@
 //! followers (default 1,000) each hold a stream of the ScopePolicy, as sidecars would; the
 //! bench creates ApiClients one at a time and measures, for every follower, the time from the
 //! API write to the line that brings the new client, and the bytes of that line.
+//! `KEYGATE_FOLLOWERS=0` skips this part (to profile the operator's convergence alone).
 
 #[path = "../tests/support/apiserver.rs"]
 mod apiserver;
@@ -410,6 +411,9 @@ async fn follow_stream(
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
+    if followers == 0 {
+        return format!("| {n} | 0 | not measured (`KEYGATE_FOLLOWERS=0`) | | | | |");
+    }
     let token = server.service_account_token(NS, "bench", &["keygate"]);
     let ca = loop {
         if let Some(ca) = server
